@@ -1,0 +1,100 @@
+"""Engine factory: one place that knows how to talk to SQLite and PostgreSQL."""
+from __future__ import annotations
+
+import os
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+from sqlalchemy.pool import NullPool
+
+DEFAULT_STORAGE = "sqlite:///batchlab.db"
+SQLITE_BUSY_TIMEOUT_MS = 60_000
+
+
+class StorageError(Exception):
+    """A storage URL that cannot be used (malformed, unsupported, unreachable)."""
+
+
+def storage_url(explicit: str | None = None) -> str:
+    """`--storage`, else $BATCHLAB_STORAGE, else a SQLite file in the working directory."""
+    return explicit or os.environ.get("BATCHLAB_STORAGE") or DEFAULT_STORAGE
+
+
+def redact(url: str) -> str:
+    """The URL with its password hidden, for logs and the UI."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<unparseable storage URL>"
+
+
+def make_engine(url: str, *, read_only: bool = False) -> Engine:
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise StorageError(f"storage URL {redact(url)!r} is not a database URL "
+                           f"(expected e.g. sqlite:///batchlab.db or postgresql+psycopg://...)") from exc
+    if parsed.get_backend_name() == "sqlite":
+        return _sqlite_engine(parsed, read_only)
+    if parsed.get_backend_name() == "postgresql":
+        return _postgres_engine(parsed, read_only)
+    raise StorageError(f"storage URL {redact(url)!r}: only sqlite and postgresql are supported")
+
+
+def _sqlite_engine(parsed, read_only: bool) -> Engine:
+    database = parsed.database or ""
+    if read_only:
+        if not database or database == ":memory:" or not os.path.exists(database):
+            raise StorageError(f"{database or ':memory:'}: no such database file")
+        # SQLite itself refuses writes on a read-only connection (mode=ro).
+        engine = create_engine(f"sqlite:///file:{database}?mode=ro&uri=true", poolclass=NullPool)
+    else:
+        if database and database != ":memory:":
+            directory = os.path.dirname(os.path.abspath(database))
+            if not os.path.isdir(directory):
+                raise StorageError(f"{database}: directory {directory} does not exist")
+        # NullPool: each worker process opens its own connections; nothing is shared
+        # across fork, and SQLite connections are cheap.
+        engine = create_engine(parsed, poolclass=NullPool)
+
+    configure_sqlite(engine, read_only=read_only)
+    return engine
+
+
+def configure_sqlite(engine: Engine, *, read_only: bool = False) -> None:
+    """WAL, a busy timeout and write-locking transactions on every new connection.
+
+    Applied to batchlab's engines and to Optuna's, so both wait for the lock instead of
+    failing with "database is locked" when several workers share one file."""
+
+    @event.listens_for(engine, "connect")
+    def _configure(dbapi_connection, _record):
+        # pysqlite's own transaction handling steps aside for the explicit BEGIN below.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+        if not read_only:
+            cursor.execute("PRAGMA journal_mode = WAL")  # readers run beside one writer
+            cursor.execute("PRAGMA synchronous = NORMAL")
+        cursor.execute("PRAGMA foreign_keys = ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection):
+        # Writers take the lock when the transaction starts, not on its first write: two
+        # deferred transactions that both read then write would deadlock, and SQLite
+        # answers that with an immediate "database is locked" instead of waiting.
+        connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+
+
+def _postgres_engine(parsed, read_only: bool) -> Engine:
+    # Many workers on many machines: a small pool per process, connections checked
+    # before use so a database restart costs a reconnect, not a crash.
+    engine = create_engine(parsed, pool_size=2, max_overflow=2, pool_pre_ping=True,
+                           pool_recycle=1800)
+    if read_only:
+        @event.listens_for(engine, "begin")
+        def _read_only(connection):
+            connection.exec_driver_sql("SET TRANSACTION READ ONLY")
+    return engine

@@ -1,0 +1,125 @@
+"""batchlab's tables: the public, documented SQL interface (docs/sql.md).
+
+They live in the same database as Optuna's own tables, prefixed `bl_` so that names
+such as `trials` never collide with Optuna's.
+"""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import (JSON, BigInteger, DateTime, Float, ForeignKey, Index, Integer,
+                        String, Text, UniqueConstraint)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+SCHEMA_VERSION = 1
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class SchemaVersion(Base):
+    __tablename__ = "bl_schema_version"
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    applied_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Campaign(Base):
+    __tablename__ = "bl_campaigns"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    workload: Mapped[str] = mapped_column(String(100))
+    target_metric: Mapped[str] = mapped_column(String(50))
+    target_threshold: Mapped[float] = mapped_column(Float)
+    target_mode: Mapped[str] = mapped_column(String(3))  # "min" ("<") or "max" (">")
+    eval_every: Mapped[int] = mapped_column(Integer)  # evaluation interval in steps
+    max_steps: Mapped[int] = mapped_column(Integer)
+    trials_per_cell: Mapped[int] = mapped_column(Integer)
+    sampler: Mapped[str] = mapped_column(String(50))
+    spec: Mapped[dict] = mapped_column(JSON)  # the validated spec, as JSON
+    spec_text: Mapped[str] = mapped_column(Text)  # the TOML file as written
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    cells: Mapped[list["Cell"]] = relationship(back_populates="campaign", order_by="Cell.id")
+
+
+class Cell(Base):
+    """One (batch size, optimizer, schedule) point; it owns one Optuna study."""
+
+    __tablename__ = "bl_cells"
+    __table_args__ = (UniqueConstraint("campaign_id", "batch_size", "optimizer", "schedule"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    campaign_id: Mapped[int] = mapped_column(ForeignKey("bl_campaigns.id", ondelete="CASCADE"))
+    batch_size: Mapped[int] = mapped_column(Integer)
+    optimizer: Mapped[str] = mapped_column(String(50))
+    schedule: Mapped[str] = mapped_column(String(50))
+    study_name: Mapped[str] = mapped_column(String(300), unique=True)
+    trials_planned: Mapped[int] = mapped_column(Integer)
+    # Slots taken by running or finished trials; a worker claims one with a conditional
+    # UPDATE (claimed < trials_planned), which is atomic on SQLite and PostgreSQL alike.
+    trials_claimed: Mapped[int] = mapped_column(Integer, default=0)
+    campaign: Mapped[Campaign] = relationship(back_populates="cells")
+
+
+class Trial(Base):
+    __tablename__ = "bl_trials"
+    __table_args__ = (Index("ix_bl_trials_cell_outcome", "cell_id", "outcome"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    cell_id: Mapped[int] = mapped_column(ForeignKey("bl_cells.id", ondelete="CASCADE"))
+    optuna_trial_id: Mapped[int] = mapped_column(Integer)
+    trial_number: Mapped[int] = mapped_column(Integer)  # Optuna's number within the cell's study
+    outcome: Mapped[str] = mapped_column(String(20), default="running")
+    hparams: Mapped[dict] = mapped_column(JSON)
+    config: Mapped[dict] = mapped_column(JSON)  # the resolved, frozen trial config
+    seed: Mapped[int] = mapped_column(BigInteger)
+    steps: Mapped[int | None] = mapped_column(Integer, nullable=True)  # steps taken
+    examples: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    wall_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    steps_to_result: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    examples_to_result: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    seconds_to_result: Mapped[float | None] = mapped_column(Float, nullable=True)
+    best_metric: Mapped[float | None] = mapped_column(Float, nullable=True)
+    message: Mapped[str] = mapped_column(Text, default="")
+    worker_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    device: Mapped[str] = mapped_column(String(100), default="")
+    host: Mapped[str] = mapped_column(String(200), default="")
+    code_version: Mapped[str] = mapped_column(String(100), default="")
+    package_versions: Mapped[dict] = mapped_column(JSON, default=dict)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class Measurement(Base):
+    __tablename__ = "bl_measurements"
+    __table_args__ = (UniqueConstraint("trial_id", "step"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    trial_id: Mapped[int] = mapped_column(ForeignKey("bl_trials.id", ondelete="CASCADE"))
+    step: Mapped[int] = mapped_column(Integer)
+    examples: Mapped[int] = mapped_column(BigInteger)
+    epoch: Mapped[float] = mapped_column(Float)
+    wall_seconds: Mapped[float] = mapped_column(Float)  # training time only
+    eval_seconds: Mapped[float] = mapped_column(Float)  # cumulative evaluation time
+    learning_rate: Mapped[float] = mapped_column(Float)
+    batch_size: Mapped[int] = mapped_column(Integer)
+    train_loss: Mapped[float | None] = mapped_column(Float, nullable=True)
+    val_loss: Mapped[float | None] = mapped_column(Float, nullable=True)
+    val_error: Mapped[float | None] = mapped_column(Float, nullable=True)
+    extra: Mapped[dict] = mapped_column(JSON, default=dict)  # probes: noise scale, norms, ...
+
+
+class Worker(Base):
+    __tablename__ = "bl_workers"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    campaign_id: Mapped[int | None] = mapped_column(ForeignKey("bl_campaigns.id", ondelete="CASCADE"),
+                                                    nullable=True)
+    host: Mapped[str] = mapped_column(String(200))
+    pid: Mapped[int] = mapped_column(Integer)
+    device: Mapped[str] = mapped_column(String(100))
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    status: Mapped[str] = mapped_column(String(20), default="running")  # running | finished | stopped
+    current_trial_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    trials_done: Mapped[int] = mapped_column(Integer, default=0)

@@ -1,0 +1,73 @@
+"""Read queries shared by the CLI, the analysis and the dashboard, as pandas frames."""
+from __future__ import annotations
+
+import pandas as pd
+from sqlalchemy import Engine, select, text
+from sqlalchemy.orm import Session
+
+from db.models import Campaign, Cell, Measurement, Trial, Worker
+
+
+def campaigns(engine: Engine) -> pd.DataFrame:
+    columns = [Campaign.id, Campaign.name, Campaign.workload, Campaign.target_metric,
+               Campaign.target_threshold, Campaign.target_mode, Campaign.eval_every,
+               Campaign.max_steps, Campaign.trials_per_cell, Campaign.sampler, Campaign.created_at]
+    return _frame(engine, select(*columns).order_by(Campaign.id))
+
+
+def campaign_by_name(engine: Engine, name: str) -> dict | None:
+    frame = campaigns(engine)
+    rows = frame.loc[frame["name"] == name]
+    return None if rows.empty else rows.iloc[0].to_dict()
+
+
+def cell_results(engine: Engine, campaign_id: int) -> pd.DataFrame:
+    """The `bl_cell_results` view: progress and steps-to-result per cell."""
+    query = text("SELECT * FROM bl_cell_results WHERE campaign_id = :cid ORDER BY optimizer, "
+                 "schedule, batch_size")
+    with engine.connect() as connection:
+        return pd.read_sql(query, connection, params={"cid": campaign_id})
+
+
+def cells(engine: Engine, campaign_id: int) -> pd.DataFrame:
+    query = (select(Cell.id.label("cell_id"), Cell.batch_size, Cell.optimizer, Cell.schedule,
+                    Cell.trials_planned, Cell.study_name)
+             .where(Cell.campaign_id == campaign_id).order_by(Cell.id))
+    return _frame(engine, query)
+
+
+def trials(engine: Engine, campaign_id: int) -> pd.DataFrame:
+    query = (select(Trial.id.label("trial_id"), Trial.cell_id, Trial.trial_number, Trial.outcome,
+                    Trial.hparams, Trial.seed, Trial.steps, Trial.examples, Trial.wall_seconds,
+                    Trial.steps_to_result, Trial.examples_to_result, Trial.seconds_to_result,
+                    Trial.best_metric, Trial.message, Trial.worker_id, Trial.device, Trial.host,
+                    Trial.started_at, Trial.finished_at, Cell.batch_size, Cell.optimizer,
+                    Cell.schedule)
+             .join(Cell, Cell.id == Trial.cell_id)
+             .where(Cell.campaign_id == campaign_id).order_by(Trial.cell_id, Trial.trial_number))
+    return _frame(engine, query)
+
+
+def measurements(engine: Engine, campaign_id: int) -> pd.DataFrame:
+    query = (select(Measurement.trial_id, Measurement.step, Measurement.examples,
+                    Measurement.epoch, Measurement.wall_seconds, Measurement.eval_seconds,
+                    Measurement.learning_rate, Measurement.batch_size, Measurement.train_loss,
+                    Measurement.val_loss, Measurement.val_error)
+             .join(Trial, Trial.id == Measurement.trial_id).join(Cell, Cell.id == Trial.cell_id)
+             .where(Cell.campaign_id == campaign_id).order_by(Measurement.trial_id, Measurement.step))
+    frame = _frame(engine, query)
+    frame["val_accuracy"] = 1.0 - frame["val_error"]
+    return frame
+
+
+def workers(engine: Engine, campaign_id: int) -> pd.DataFrame:
+    query = (select(Worker.id, Worker.host, Worker.pid, Worker.device, Worker.status,
+                    Worker.started_at, Worker.heartbeat_at, Worker.trials_done, Worker.current_trial_id)
+             .where(Worker.campaign_id == campaign_id).order_by(Worker.started_at))
+    return _frame(engine, query)
+
+
+def _frame(engine: Engine, query) -> pd.DataFrame:
+    with Session(engine) as session:
+        result = session.execute(query)
+        return pd.DataFrame(result.all(), columns=list(result.keys()))

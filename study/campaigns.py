@@ -1,0 +1,77 @@
+"""Creating campaigns: the campaign row, its cells, and one Optuna study per cell."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import optuna
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+
+from db.models import Campaign, Cell
+from db.schema import ensure_schema
+from study.spec import CampaignSpec
+from study.tuning import distributions, optuna_storage, quasi_random_points, random_points
+
+
+class CampaignConflict(Exception):
+    """A campaign of that name exists with a different spec."""
+
+
+@dataclass(frozen=True)
+class CreateResult:
+    campaign_id: int
+    created: bool
+    cells: int
+
+
+def study_name(campaign: str, batch_size: int, optimizer: str, schedule: str) -> str:
+    return f"{campaign}/bs={batch_size}/opt={optimizer}/sched={schedule}"
+
+
+def create_campaign(engine: Engine, storage_url: str, spec: CampaignSpec) -> CreateResult:
+    """Create the campaign, its cells and their studies, once.
+
+    Running it again with the same spec changes nothing. The Optuna studies are made
+    (and their quasi-random points enqueued) before the campaign row is committed, in one
+    transaction with its cells: an interrupted create leaves no campaign behind, and
+    running it again finishes the studies it had started."""
+    ensure_schema(engine)
+    with Session(engine) as session:
+        existing = session.scalar(select(Campaign).where(Campaign.name == spec.name))
+        if existing is not None:
+            if existing.spec != spec.to_json():
+                raise CampaignConflict(
+                    f"campaign {spec.name!r} already exists with a different spec; "
+                    f"give the new campaign another name")
+            return CreateResult(existing.id, False, len(existing.cells))
+    storage = optuna_storage(storage_url)
+    for batch_size, optimizer, schedule in spec.cells():
+        _create_study(storage, spec, study_name(spec.name, batch_size, optimizer, schedule),
+                      spec.cell_space(optimizer, schedule))
+    with Session(engine) as session, session.begin():
+        campaign = Campaign(
+            name=spec.name, workload=spec.workload, target_metric=spec.target.metric,
+            target_threshold=spec.target.threshold, target_mode=spec.target.mode,
+            eval_every=spec.eval_every, max_steps=spec.max_steps,
+            trials_per_cell=spec.trials_per_cell, sampler=spec.sampler,
+            spec=spec.to_json(), spec_text=spec.text)
+        campaign.cells = [
+            Cell(batch_size=b, optimizer=o, schedule=s, study_name=study_name(spec.name, b, o, s),
+                 trials_planned=spec.trials_per_cell, trials_claimed=0)
+            for b, o, s in spec.cells()]
+        session.add(campaign)
+        session.flush()
+        return CreateResult(campaign.id, True, len(campaign.cells))
+
+
+def _create_study(storage, spec: CampaignSpec, name: str, space) -> None:
+    study = optuna.create_study(study_name=name, storage=storage, direction="minimize",
+                                load_if_exists=True)
+    if spec.sampler == "tpe":
+        return  # TPE proposes live, from the trials finished so far
+    make_points = quasi_random_points if spec.sampler == "quasi_random" else random_points
+    points = make_points(distributions(space), spec.trials_per_cell, spec.seed)
+    # A create that was interrupted may have enqueued some points already.
+    already = len(study.get_trials(deepcopy=False))
+    for params in points[already:]:
+        study.enqueue_trial(params, skip_if_exists=False)

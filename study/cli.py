@@ -1,0 +1,298 @@
+"""`batchlab`: the command line.
+
+Errors a user can cause (spec, storage URL, data path, checksum) end the command with
+one line on stderr and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from db.engine import StorageError, make_engine, redact, storage_url
+
+USER_ERROR = 2
+
+
+class UserError(Exception):
+    pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_libraries()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "handler"):
+        parser.print_help()
+        return USER_ERROR
+    try:
+        return args.handler(args) or 0
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # user errors: one line, exit 2; anything else is a bug
+        if _is_user_error(exc):
+            print(f"error: {exc}", file=sys.stderr)
+            return USER_ERROR
+        raise
+
+
+def _quiet_libraries() -> None:
+    """batchlab prints its own progress; Optuna's per-study INFO lines would drown it."""
+    import warnings
+    import optuna
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+def _is_user_error(exc: Exception) -> bool:
+    from study.campaigns import CampaignConflict
+    from study.spec import SpecError
+    from study.worker import CampaignNotFound
+    from trainers.data.errors import DataError
+    return isinstance(exc, (UserError, SpecError, StorageError, CampaignConflict,
+                            CampaignNotFound, DataError))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="batchlab", description=(
+        "Study how training scales with batch size: tune every (batch size, optimizer, "
+        "schedule) cell independently and measure the steps to reach a target."))
+    commands = parser.add_subparsers(title="commands")
+
+    campaign = commands.add_parser("campaign", help="create campaigns").add_subparsers(title="campaign commands")
+    create = campaign.add_parser("create", help="validate SPEC and create its campaign, cells and studies (idempotent)")
+    create.add_argument("spec")
+    _storage_arg(create)
+    create.set_defaults(handler=cmd_create)
+
+    worker = commands.add_parser("worker", help="run trials of a campaign until every cell has its trials")
+    worker.add_argument("--campaign", required=True)
+    worker.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    worker.add_argument("--max-trials", type=int, default=None)
+    worker.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    worker.add_argument("--quiet", action="store_true")
+    _storage_arg(worker)
+    worker.set_defaults(handler=cmd_worker)
+
+    run = commands.add_parser("run", help="create SPEC's campaign and run N local workers to the end")
+    run.add_argument("spec")
+    run.add_argument("--workers", type=int, default=1)
+    run.add_argument("--device", default="auto")
+    run.add_argument("--figure", default=None, help="write the scaling figure here (.png or .svg)")
+    _storage_arg(run)
+    run.set_defaults(handler=cmd_run)
+
+    status = commands.add_parser("status", help="progress per cell")
+    status.add_argument("--campaign", default=None)
+    _storage_arg(status)
+    status.set_defaults(handler=cmd_status)
+
+    results = commands.add_parser("results", help="steps-to-result per cell")
+    results.add_argument("--campaign", required=True)
+    results.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    _storage_arg(results)
+    results.set_defaults(handler=cmd_results)
+
+    figure = commands.add_parser("figure", help="write the steps-vs-batch-size figure")
+    figure.add_argument("--campaign", required=True)
+    figure.add_argument("--output", required=True, help="a .png or .svg path")
+    figure.add_argument("--y", choices=("steps_to_result", "examples_to_result", "seconds_to_result"),
+                        default="steps_to_result")
+    _storage_arg(figure)
+    figure.set_defaults(handler=cmd_figure)
+
+    dashboard = commands.add_parser("dashboard", help="open the Streamlit dashboard on the storage")
+    dashboard.add_argument("--address", default="localhost",
+                           help="bind address (default localhost; the app has no login)")
+    dashboard.add_argument("--port", type=int, default=8501)
+    _storage_arg(dashboard)
+    dashboard.set_defaults(handler=cmd_dashboard)
+
+    workloads = commands.add_parser("workloads", help="list the registered workloads")
+    workloads.set_defaults(handler=cmd_workloads)
+    return parser
+
+
+def _storage_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--storage", default=None, help=(
+        "database URL (default: $BATCHLAB_STORAGE, else sqlite:///batchlab.db)"))
+
+
+def _engine(args, *, must_exist: bool = True):
+    url = storage_url(args.storage)
+    if must_exist and url.startswith("sqlite:///"):
+        path = url.removeprefix("sqlite:///")
+        if path and path != ":memory:" and not Path(path).exists():
+            raise UserError(f"{path}: no such database; create a campaign first "
+                            f"(batchlab campaign create SPEC --storage {url})")
+    return url, make_engine(url)
+
+
+def cmd_create(args) -> int:
+    from study.campaigns import create_campaign
+    from study.spec import load_spec
+    spec = load_spec(args.spec)
+    url, engine = _engine(args, must_exist=False)
+    result = create_campaign(engine, url, spec)
+    verb = "created" if result.created else "already exists (unchanged)"
+    print(f"campaign {spec.name!r} {verb}: {result.cells} cells x {spec.trials_per_cell} trials "
+          f"in {redact(url)}")
+    return 0
+
+
+def cmd_worker(args) -> int:
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    from study.worker import CampaignWorker
+    url, engine = _engine(args)
+    log = (lambda line: None) if args.quiet else (lambda line: print(line, flush=True))
+    worker = CampaignWorker(engine, url, args.campaign, device=args.device,
+                            max_trials=args.max_trials, log=log)
+    done = worker.run()
+    log(f"[worker {worker.worker_id}] finished {done} trials")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from study.campaigns import create_campaign
+    from study.spec import load_spec
+    spec = load_spec(args.spec)
+    if args.figure and Path(args.figure).suffix.lower() not in (".png", ".svg"):
+        raise UserError(f"--figure {args.figure}: must end in .png or .svg")
+    url, engine = _engine(args, must_exist=False)
+    result = create_campaign(engine, url, spec)
+    print(f"campaign {spec.name!r}: {result.cells} cells x {spec.trials_per_cell} trials, "
+          f"{args.workers} workers, storage {redact(url)}", flush=True)
+    threads = max(1, (os.cpu_count() or 1) // max(1, args.workers))
+    command = [sys.executable, "-m", "study.cli", "worker", "--campaign", spec.name,
+               "--storage", url, "--device", args.device, "--threads", str(threads), "--quiet"]
+    processes = [subprocess.Popen(command) for _ in range(args.workers)]
+    try:
+        _watch(engine, spec.name, processes)
+    except KeyboardInterrupt:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait()
+        raise
+    codes = [p.returncode for p in processes]
+    if any(codes):
+        print(f"error: worker exit codes {codes}", file=sys.stderr)
+        return codes[0] if codes[0] else 1
+    _print_results(engine, spec.name, "table")
+    if args.figure:
+        path = _write_figure(engine, spec.name, args.figure, "steps_to_result")
+        print(f"\nfigure: {path}")
+    print(f"\nOpen the dashboard on this database:\n  batchlab dashboard --storage {redact(url)}")
+    return 0
+
+
+def _watch(engine, name: str, processes) -> None:
+    """Print progress (cells complete, trials running, ETA) until every worker exits."""
+    from db import queries
+    from study.results import campaign_info
+    info = campaign_info(engine, name)
+    start, last_line, first_done = time.monotonic(), "", None
+    while True:
+        alive = any(p.poll() is None for p in processes)
+        cells = queries.cell_results(engine, info.id)
+        done, running = int(cells["trials_finished"].sum()), int(cells["trials_running"].sum())
+        planned = int(cells["trials_planned"].sum())
+        complete = int((cells["trials_finished"] >= cells["trials_planned"]).sum())
+        first_done = done if first_done is None else first_done
+        elapsed = time.monotonic() - start
+        rate = (done - first_done) / elapsed if elapsed > 0 else 0
+        eta = f"{(planned - done) / rate:.0f} s" if rate > 0 and done < planned else "-"
+        line = (f"cells {complete}/{len(cells)} complete | trials {done}/{planned} finished, "
+                f"{running} running | {elapsed:.0f} s elapsed, ETA {eta}")
+        if line != last_line:
+            print(line, flush=True)
+            last_line = line
+        if not alive:
+            return
+        time.sleep(2.0)
+
+
+def _print_results(engine, name: str, fmt: str) -> None:
+    from study.results import cell_table, format_table
+    info = _info(engine, name)
+    table = cell_table(engine, info)
+    if fmt == "table":
+        print(f"\n{info.name}: {info.workload}, target {info.target_text}, "
+              f"evaluated every {info.eval_every} steps")
+    print(format_table(table, fmt))
+
+
+def _info(engine, name: str):
+    from study.results import campaign_info
+    from study.worker import CampaignNotFound
+    from db.schema import ensure_schema
+    ensure_schema(engine)
+    info = campaign_info(engine, name)
+    if info is None:
+        raise CampaignNotFound(f"no campaign named {name!r}")
+    return info
+
+
+def _write_figure(engine, name: str, output: str, y: str) -> Path:
+    from study.figures import save_chart, scaling_chart
+    from study.results import cell_table
+    info = _info(engine, name)
+    chart = scaling_chart(cell_table(engine, info), workload=info.workload,
+                          target=info.target_text, eval_every=info.eval_every, y=y)
+    return save_chart(chart, output)
+
+
+def cmd_status(args) -> int:
+    from db import queries
+    _, engine = _engine(args)
+    names = [args.campaign] if args.campaign else list(queries.campaigns(engine)["name"])
+    for name in names:
+        info = _info(engine, name)
+        cells = queries.cell_results(engine, info.id)
+        done, planned = int(cells["trials_finished"].sum()), int(cells["trials_planned"].sum())
+        print(f"{name}: {done}/{planned} trials finished, {int(cells['trials_running'].sum())} running")
+        shown = cells[["batch_size", "optimizer", "schedule", "trials_finished", "trials_running",
+                       "trials_planned", "trials_reached", "steps_to_result"]]
+        print(shown.astype(object).where(shown.notna(), "-").to_string(index=False))
+    return 0
+
+
+def cmd_results(args) -> int:
+    _, engine = _engine(args)
+    _print_results(engine, args.campaign, args.format)
+    return 0
+
+
+def cmd_figure(args) -> int:
+    _, engine = _engine(args)
+    print(_write_figure(engine, args.campaign, args.output, args.y))
+    return 0
+
+
+def cmd_dashboard(args) -> int:
+    url, _ = _engine(args)
+    app = Path(__file__).resolve().parent.parent / "app" / "main.py"
+    env = {**os.environ, "BATCHLAB_STORAGE": url}
+    print(f"dashboard on http://{args.address}:{args.port} reading {redact(url)}", flush=True)
+    command = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", args.address,
+               "--server.port", str(args.port), "--server.headless", "true",
+               "--browser.gatherUsageStats", "false"]
+    return subprocess.call(command, env=env)
+
+
+def cmd_workloads(args) -> int:
+    from trainers.workloads import WORKLOADS
+    for name in sorted(WORKLOADS):
+        workload = WORKLOADS[name]
+        print(f"{name:28s} {workload.description} (default target {workload.default_target})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Per-cell results of a campaign: the `batchlab results` table and the figures' data."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from sqlalchemy import Engine
+
+from db import queries
+from study.analysis.steps import steps_to_result
+
+FINISHED = ("reached", "not_reached", "diverged", "failed", "pruned")
+TABLE_COLUMNS = ["batch_size", "optimizer", "schedule", "trials", "running", "planned", "reached",
+                 "diverged", "steps_to_result", "examples_to_result", "seconds_to_result",
+                 "winner_trial", "winner_hparams"]
+
+
+@dataclass(frozen=True)
+class CampaignInfo:
+    id: int
+    name: str
+    workload: str
+    metric: str
+    threshold: float
+    mode: str
+    eval_every: int
+
+    @property
+    def target_text(self) -> str:
+        return f"{self.metric} {'<' if self.mode == 'min' else '>'} {self.threshold:g}"
+
+
+def campaign_info(engine: Engine, name: str) -> CampaignInfo | None:
+    row = queries.campaign_by_name(engine, name)
+    if row is None:
+        return None
+    return CampaignInfo(int(row["id"]), row["name"], row["workload"], row["target_metric"],
+                        float(row["target_threshold"]), row["target_mode"], int(row["eval_every"]))
+
+
+def cell_table(engine: Engine, info: CampaignInfo) -> pd.DataFrame:
+    """One row per cell: progress, steps/examples/seconds to result (NaN where no trial
+    reached the target) and the winning trial with its hyperparameters."""
+    cells = queries.cells(engine, info.id)
+    trials = queries.trials(engine, info.id)
+    measurements = queries.measurements(engine, info.id)
+    finished = trials.loc[trials["outcome"].isin(FINISHED)]
+    results = steps_to_result(finished, measurements,
+                              metric=info.metric, threshold=info.threshold, mode=info.mode)
+    table = cells.merge(results, on="cell_id", how="left")
+    counts = _outcome_counts(trials)
+    table = table.merge(counts, left_on="cell_id", right_index=True, how="left")
+    table[list(counts.columns)] = table[list(counts.columns)].fillna(0).astype(int)
+    hparams = trials.set_index("trial_id")["hparams"]
+    table["winner_trial"] = table["winner_trial_number"].astype("Int64")
+    table["winner_hparams"] = [
+        json.dumps(hparams[t], sort_keys=True) if not pd.isna(t) else "" for t in table["winner_trial_id"]]
+    table = table.rename(columns={"trials_planned": "planned"})
+    for column in ("steps_to_result", "examples_to_result"):
+        table[column] = table[column].astype("Int64")  # integers, with <NA> for "no result"
+    return table[TABLE_COLUMNS + ["cell_id"]].sort_values(
+        ["optimizer", "schedule", "batch_size"]).reset_index(drop=True)
+
+
+def _outcome_counts(trials: pd.DataFrame) -> pd.DataFrame:
+    outcome = trials["outcome"]
+    frame = pd.DataFrame({
+        "cell_id": trials["cell_id"],
+        "trials": outcome.isin(FINISHED).astype(int),
+        "running": (outcome == "running").astype(int),
+        "reached": (outcome == "reached").astype(int),
+        "diverged": (outcome == "diverged").astype(int)})
+    return frame.groupby("cell_id").sum().astype(int)
+
+
+def format_table(table: pd.DataFrame, fmt: str) -> str:
+    shown = table.drop(columns=["cell_id"])
+    if fmt == "csv":
+        return shown.to_csv(index=False)
+    if fmt == "json":
+        records = json.loads(shown.to_json(orient="records"))
+        for record in records:
+            record["winner_hparams"] = json.loads(record["winner_hparams"] or "null")
+        return json.dumps(records, indent=2)
+    shown = shown.astype(object).where(shown.notna(), "-")
+    shown["seconds_to_result"] = [v if v == "-" else f"{v:.1f}" for v in shown["seconds_to_result"]]
+    return shown.to_string(index=False)
+
+
+def has_result(value) -> bool:
+    return value is not None and not pd.isna(value) and np.isfinite(float(value))

@@ -1,0 +1,118 @@
+"""Optuna glue: a cell's search space as Optuna distributions, quasi-random points,
+storages and samplers, and how a trial's outcome is told to its study."""
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import numpy as np
+import optuna
+from optuna.distributions import (BaseDistribution, CategoricalDistribution, FloatDistribution,
+                                  IntDistribution)
+from optuna.trial import TrialState
+from scipy.stats import qmc
+from sqlalchemy.pool import NullPool
+
+from db.engine import configure_sqlite, make_engine
+from study.spec import Param
+
+REVERSE_PREFIX = "one_minus_"
+
+
+def optuna_name(param: Param) -> str:
+    """reverse_log parameters live in Optuna as `one_minus_<name>`, sampled in log space."""
+    return REVERSE_PREFIX + param.name if param.scale == "reverse_log" else param.name
+
+
+def distribution(param: Param) -> BaseDistribution:
+    if param.choices is not None:
+        return CategoricalDistribution(param.choices)
+    if param.scale == "reverse_log":
+        return FloatDistribution(1.0 - param.high, 1.0 - param.low, log=True)
+    if param.integer:
+        return IntDistribution(int(param.low), int(param.high), log=param.scale == "log")
+    return FloatDistribution(param.low, param.high, log=param.scale == "log")
+
+
+def distributions(space: tuple[Param, ...]) -> dict[str, BaseDistribution]:
+    return {optuna_name(p): distribution(p) for p in space if not p.is_fixed}
+
+
+def hparams_from_optuna(space: tuple[Param, ...], params: Mapping[str, object]) -> dict:
+    """Optuna's sampled values (plus the fixed ones) as the trainer's hyperparameters."""
+    out = {}
+    for param in space:
+        if param.is_fixed:
+            out[param.name] = param.value
+        elif param.scale == "reverse_log":
+            out[param.name] = 1.0 - float(params[optuna_name(param)])
+        else:
+            out[param.name] = params[optuna_name(param)]
+    return out
+
+
+def from_unit(dist: BaseDistribution, u: float):
+    """Map u in [0, 1) to a value of `dist`, as Optuna's QMCSampler does."""
+    if isinstance(dist, CategoricalDistribution):
+        return dist.choices[min(int(u * len(dist.choices)), len(dist.choices) - 1)]
+    low, high = float(dist.low), float(dist.high)
+    if dist.log:
+        value = math.exp(math.log(low) + u * (math.log(high) - math.log(low)))
+    else:
+        value = low + u * (high - low)
+    if isinstance(dist, IntDistribution):
+        return int(min(max(round(value), dist.low), dist.high))
+    return min(max(value, low), high)
+
+
+def quasi_random_points(dists: Mapping[str, BaseDistribution], count: int, seed: int) -> list[dict]:
+    """The first `count` points of a scrambled Halton sequence (scipy's, which Optuna's
+    QMCSampler uses), mapped into the distributions. Precomputed once per cell and
+    enqueued, so concurrent workers never draw the same point twice."""
+    if not dists:
+        return [{} for _ in range(count)]
+    names = sorted(dists)
+    unit = qmc.Halton(d=len(names), scramble=True, seed=seed).random(count)
+    return [{name: from_unit(dists[name], float(u)) for name, u in zip(names, row)} for row in unit]
+
+
+def random_points(dists: Mapping[str, BaseDistribution], count: int, seed: int) -> list[dict]:
+    """Independent uniform points (in each parameter's scale), reproducible from the seed."""
+    names = sorted(dists)
+    unit = np.random.default_rng(seed).random((count, len(names)))
+    return [{name: from_unit(dists[name], float(u)) for name, u in zip(names, row)} for row in unit]
+
+
+def optuna_storage(url: str) -> optuna.storages.RDBStorage:
+    """Optuna's RDB storage on the same database as batchlab's tables."""
+    is_sqlite = url.startswith("sqlite")
+    engine_kwargs = {"poolclass": NullPool} if is_sqlite else {"pool_pre_ping": True, "pool_size": 2,
+                                                               "max_overflow": 2}
+    make_engine(url)  # validates the URL with batchlab's error messages
+    storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+    if is_sqlite:
+        configure_sqlite(storage.engine)
+    return storage
+
+
+def make_sampler(kind: str, seed: int) -> optuna.samplers.BaseSampler:
+    # quasi_random and random cells are fully enqueued at creation; their sampler only
+    # matters if a user asks more trials of the study by hand.
+    if kind == "tpe":
+        return optuna.samplers.TPESampler(seed=seed)
+    if kind == "quasi_random":
+        return optuna.samplers.QMCSampler(qmc_type="halton", scramble=True, seed=seed,
+                                          warn_independent_sampling=False)
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def tell(study: optuna.Study, trial: optuna.Trial, outcome: str, steps_to_result: int | None) -> None:
+    """Optuna minimises steps-to-result: a reached trial is COMPLETE with that value;
+    trials that stopped without reaching the target are PRUNED (censored); diverged and
+    crashed trials are FAIL."""
+    if outcome == "reached":
+        study.tell(trial, float(steps_to_result))
+    elif outcome in ("pruned", "not_reached"):
+        study.tell(trial, state=TrialState.PRUNED)
+    else:
+        study.tell(trial, state=TrialState.FAIL)

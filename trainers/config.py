@@ -1,0 +1,113 @@
+"""Typed, frozen descriptions of one trial and of what it produces.
+
+`trainers` knows nothing of the database: the worker in `study` builds a `TrialConfig`,
+hands it to `trainers.loop.run_trial`, and stores the `Measurement`s it streams back.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Literal, Mapping
+
+Outcome = Literal["reached", "not_reached", "diverged", "failed", "pruned"]
+OUTCOMES: tuple[str, ...] = ("reached", "not_reached", "diverged", "failed", "pruned")
+
+# Metrics every evaluation records; a target names one of them.
+METRICS: dict[str, Literal["min", "max"]] = {
+    "val_error": "min",
+    "val_loss": "min",
+    "val_accuracy": "max",
+    "train_loss": "min",
+}
+
+
+@dataclass(frozen=True)
+class Target:
+    """`metric` strictly better than `threshold` (`<` when minimising, `>` when maximising)."""
+
+    metric: str
+    threshold: float
+
+    @property
+    def mode(self) -> Literal["min", "max"]:
+        return METRICS[self.metric]
+
+    def is_beaten_by(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        return value < self.threshold if self.mode == "min" else value > self.threshold
+
+    def __str__(self) -> str:
+        return f"{self.metric} {'<' if self.mode == 'min' else '>'} {self.threshold:g}"
+
+
+def frozen_mapping(values: Mapping | None = None) -> Mapping:
+    return MappingProxyType(dict(values or {}))
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """Everything one training run needs, resolved: no defaults are looked up later."""
+
+    workload: str
+    batch_size: int
+    optimizer: str
+    schedule: str
+    hparams: Mapping[str, float] = field(default_factory=frozen_mapping)
+    max_steps: int = 1000
+    eval_every: int = 50
+    target: Target = Target("val_error", 0.05)
+    seed: int = 0
+    device: str = "cpu"
+    data_dir: str | None = None
+    download: bool = False
+    # A trial whose mean training loss over an interval exceeds this multiple of its
+    # first interval's loss (or is NaN/inf) has diverged.
+    divergence_factor: float = 10.0
+    eval_batch_size: int = 4096
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "hparams", frozen_mapping(self.hparams))
+
+    def to_json_dict(self) -> dict:
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        out["hparams"] = dict(self.hparams)
+        out["target"] = {"metric": self.target.metric, "threshold": self.target.threshold}
+        return out
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One evaluation of a trial. `wall_seconds` counts training time only; evaluation
+    time is `eval_seconds` (cumulative), so speed comparisons are not skewed by it."""
+
+    step: int
+    examples: int
+    epoch: float
+    wall_seconds: float
+    eval_seconds: float
+    learning_rate: float
+    batch_size: int
+    train_loss: float
+    val_loss: float
+    val_error: float
+    extra: Mapping[str, float] = field(default_factory=frozen_mapping)
+
+    def metric(self, name: str) -> float:
+        if name == "val_accuracy":
+            return 1.0 - self.val_error
+        return getattr(self, name)
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    outcome: Outcome
+    steps: int  # steps taken
+    examples: int
+    wall_seconds: float
+    steps_to_result: int | None = None
+    examples_to_result: int | None = None
+    seconds_to_result: float | None = None
+    best_metric: float | None = None
+    message: str = ""

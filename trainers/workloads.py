@@ -1,0 +1,135 @@
+"""Workloads: dataset + model + loss + evaluation, behind one small contract.
+
+A workload variant (another model, a data subset) is a new registry entry, not a flag.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainers.config import Target
+from trainers.data.splits import ArraySplits
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    data_dir: str | None = None
+    download: bool = False
+    split_seed: int = 0
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    # Batch-norm statistics per ghost batch of this many examples (Hoffer et al.);
+    # None means ordinary batch norm. Ignored by models without batch norm.
+    ghost_batch_size: int | None = None
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The contract every workload fulfils (after AlgoPerf's `Workload`).
+
+    `load_data` reads the dataset into memory as uint8 images; `preprocess` turns a
+    uint8 batch into the float input on the device; `augment`, when set, applies random
+    training augmentation (crop, flip) on the device with the trial's generator.
+    """
+
+    name: str
+    description: str
+    load_data: Callable[[DataOptions], ArraySplits]
+    build_model: Callable[[ModelOptions], nn.Module]
+    mean: float
+    std: float
+    scale: float  # uint8 value that maps to 1.0 before normalisation (255, or 16 for digits)
+    default_target: Target
+    default_max_steps: int
+    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
+    needs_data_dir: bool = True
+    default_search_space: Mapping[str, Mapping] = field(default_factory=dict)
+
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() / self.scale - self.mean) / self.std
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor):
+        """Summed cross-entropy, the example count and per-example losses: sum vs mean
+        matters across batch sizes, and per-example losses feed noise-scale probes."""
+        per_example = F.cross_entropy(logits.float(), labels, reduction="none")
+        return per_example.sum(), labels.numel(), per_example
+
+
+WorkloadRegistry = dict[str, Workload]
+
+
+def register(registry: WorkloadRegistry, workload: Workload) -> None:
+    if workload.name in registry:
+        raise ValueError(f"duplicate workload name {workload.name!r}")
+    registry[workload.name] = workload
+
+
+def _digits_data(options: DataOptions) -> ArraySplits:
+    from trainers.data.digits import load_digits_splits
+    return load_digits_splits(split_seed=options.split_seed)
+
+
+def _require_dir(options: DataOptions, workload: str) -> str:
+    from trainers.data.errors import DataError
+    if not options.data_dir:
+        raise DataError(f"workload {workload!r} reads files from disk: set data_dir in the campaign")
+    return options.data_dir
+
+
+def _mnist_data(options: DataOptions) -> ArraySplits:
+    from trainers.data.mnist import load_mnist_splits
+    return load_mnist_splits(_require_dir(options, "mnist_mlp"), split_seed=options.split_seed)
+
+
+def _mnist_t10k_data(options: DataOptions) -> ArraySplits:
+    from trainers.data.mnist import load_mnist_t10k_splits
+    return load_mnist_t10k_splits(_require_dir(options, "mnist10k_mlp"), split_seed=options.split_seed)
+
+
+def _mlp(in_features: int, hidden: tuple[int, ...]) -> Callable[[ModelOptions], nn.Module]:
+    from trainers.models.mlp import MLP
+    return lambda options: MLP(in_features, hidden, 10)
+
+
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+
+
+def _base_workloads() -> WorkloadRegistry:
+    registry: WorkloadRegistry = {}
+    register(registry, Workload(
+        name="digits_mlp",
+        description="scikit-learn 8x8 digits (1,197 train / 300 val / 300 test), MLP 64-128-10",
+        load_data=_digits_data, build_model=_mlp(64, (128,)),
+        mean=0.3, std=0.38, scale=16.0,
+        default_target=Target("val_error", 0.05), default_max_steps=2000,
+        needs_data_dir=False))
+    register(registry, Workload(
+        name="mnist_mlp",
+        description="MNIST (55,000 train / 5,000 val / 10,000 test), MLP 784-128-128-10",
+        load_data=_mnist_data, build_model=_mlp(784, (128, 128)),
+        mean=MNIST_MEAN, std=MNIST_STD, scale=255.0,
+        default_target=Target("val_error", 0.03), default_max_steps=20000))
+    register(registry, Workload(
+        name="mnist10k_mlp",
+        description="MNIST official test files only (8,000 train / 2,000 val), MLP 784-128-128-10",
+        load_data=_mnist_t10k_data, build_model=_mlp(784, (128, 128)),
+        mean=MNIST_MEAN, std=MNIST_STD, scale=255.0,
+        default_target=Target("val_error", 0.06), default_max_steps=5000))
+    return registry
+
+
+WORKLOADS: Mapping[str, Workload] = MappingProxyType(_base_workloads())
+
+
+def get_workload(name: str) -> Workload:
+    try:
+        return WORKLOADS[name]
+    except KeyError:
+        raise KeyError(f"unknown workload {name!r}; choose one of: {', '.join(sorted(WORKLOADS))}") from None
