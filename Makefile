@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: env test demo dashboard clean
+.PHONY: env test demo dashboard postgres postgres-stop clean
 
 env: $(STAMP)
 
@@ -23,6 +23,15 @@ demo: $(STAMP)
 
 dashboard: $(STAMP)
 	$(BIN)/batchlab dashboard --storage sqlite:///out/demo.db
+
+# A throwaway local PostgreSQL (127.0.0.1, trust auth, fsync off); prints its URL:
+#   export BATCHLAB_STORAGE=$$(make -s postgres)
+PGDIR ?= /tmp/batchlab-postgres
+postgres: $(STAMP)
+	@$(BIN)/python -m db.local_postgres start --dir $(PGDIR)
+
+postgres-stop: $(STAMP)
+	$(BIN)/python -m db.local_postgres stop --dir $(PGDIR) --remove
 
 clean:
 	rm -rf $(VENV) out
