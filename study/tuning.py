@@ -3,6 +3,7 @@ storages and samplers, and how a trial's outcome is told to its study."""
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Mapping
 
 import numpy as np
@@ -101,8 +102,10 @@ def make_sampler(kind: str, seed: int) -> optuna.samplers.BaseSampler:
     if kind == "tpe":
         return optuna.samplers.TPESampler(seed=seed)
     if kind == "quasi_random":
-        return optuna.samplers.QMCSampler(qmc_type="halton", scramble=True, seed=seed,
-                                          warn_independent_sampling=False)
+        with warnings.catch_warnings():  # QMCSampler is marked experimental
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.QMCSampler(qmc_type="halton", scramble=True, seed=seed,
+                                              warn_independent_sampling=False)
     return optuna.samplers.RandomSampler(seed=seed)
 
 
