@@ -1,0 +1,97 @@
+"""The training loop: stopping rules, exact example counting, schedules, determinism."""
+import math
+
+import pytest
+import torch
+
+from trainers.config import Target, TrialConfig
+from trainers.loop import DataCache, evaluate, run_trial
+from trainers.workloads import DataOptions, get_workload
+
+CACHE = DataCache()
+
+
+def config(**overrides) -> TrialConfig:
+    values = dict(workload="digits_mlp", batch_size=64, optimizer="momentum", schedule="constant",
+                  hparams={"learning_rate": 0.05, "momentum": 0.9}, max_steps=200, eval_every=10,
+                  target=Target("val_error", 0.0), seed=3, device="cpu")
+    values.update(overrides)
+    return TrialConfig(**values)
+
+
+def run(cfg, **kwargs):
+    measurements = []
+    result = run_trial(cfg, data_cache=CACHE, on_measurement=measurements.append, **kwargs)
+    return result, measurements
+
+
+def metrics(measurements):
+    return [(m.step, m.examples, m.learning_rate, m.train_loss, m.val_loss, m.val_error)
+            for m in measurements]
+
+
+def test_same_seed_same_measurements_and_other_seed_differs():
+    _, first = run(config(max_steps=60))
+    _, second = run(config(max_steps=60))
+    _, other = run(config(max_steps=60, seed=4))
+    assert metrics(first) == metrics(second)
+    assert metrics(first) != metrics(other)
+
+
+def test_budget_spent_evaluates_at_multiples_and_at_the_last_step():
+    result, ms = run(config(max_steps=35))
+    assert result.outcome == "not_reached" and result.steps == 35
+    assert [m.step for m in ms] == [10, 20, 30, 35]
+    assert result.steps_to_result is None
+
+
+def test_reached_stops_at_first_evaluation_strictly_below_target():
+    _, ms = run(config(max_steps=200))
+    threshold = sorted(m.val_error for m in ms)[len(ms) // 2]  # reachable, not at once
+    first = next(m for m in ms if m.val_error < threshold)
+    result, again = run(config(max_steps=200, target=Target("val_error", threshold)))
+    assert result.outcome == "reached"
+    assert result.steps_to_result == first.step == again[-1].step
+    assert result.examples_to_result == first.examples
+
+
+def test_epochs_hold_exactly_n_examples_with_a_remainder_batch():
+    n = get_workload("digits_mlp").load_data(DataOptions()).train_size  # 1,197
+    _, ms = run(config(batch_size=500, max_steps=6, eval_every=1))
+    assert [m.examples for m in ms] == [500, 1000, n, n + 500, n + 1000, 2 * n]
+    assert ms[2].epoch == 1.0 and ms[5].epoch == 2.0
+
+
+def test_divergence_is_detected():
+    result, _ = run(config(optimizer="sgd", hparams={"learning_rate": 1e4}, max_steps=100))
+    assert result.outcome == "diverged"
+
+
+def test_pruned_once_it_cannot_beat_the_cell_best():
+    result, ms = run(config(max_steps=200), best_so_far=lambda: 40)
+    assert result.outcome == "pruned" and result.steps == 40 and ms[-1].step == 40
+    result, _ = run(config(max_steps=60), best_so_far=lambda: 40, prune=False)
+    assert result.outcome == "not_reached" and result.steps == 60
+
+
+def test_linear_decay_learning_rates():
+    cfg = config(schedule="linear_decay", max_steps=40, eval_every=10,
+                 hparams={"learning_rate": 0.1, "momentum": 0.9, "end_factor": 0.01, "decay_steps": 20})
+    _, ms = run(cfg)
+    # The rate recorded at step s is the one used for update s - 1 (updates count from 0).
+    expected = [0.1 * (1 - 0.99 * min(s - 1, 20) / 20) for s in (10, 20, 30, 40)]
+    assert [m.learning_rate for m in ms] == pytest.approx(expected)
+
+
+def test_evaluate_matches_a_direct_computation():
+    workload = get_workload("digits_mlp")
+    splits = workload.load_data(DataOptions())
+    torch.manual_seed(0)
+    model = workload.build_model(None)
+    loss, error = evaluate(model, workload, splits.val_x, splits.val_y, batch_size=7)
+    logits = model(workload.preprocess(splits.val_x))
+    expected_loss = torch.nn.functional.cross_entropy(logits, splits.val_y).item()
+    expected_error = (logits.argmax(1) != splits.val_y).float().mean().item()
+    assert loss == pytest.approx(expected_loss, rel=1e-5)
+    assert error == pytest.approx(expected_error)
+    assert math.isfinite(loss)
