@@ -23,6 +23,8 @@ RESULT_COLUMNS = ["cell_id", "steps_to_result", "examples_to_result", "seconds_t
 
 def beats(values: pd.Series | np.ndarray, threshold: float, mode: str) -> np.ndarray:
     """Strict comparison; NaN never beats anything."""
+    if mode not in ("min", "max"):
+        raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
     values = np.asarray(values, dtype=float)
     with np.errstate(invalid="ignore"):
         return values < threshold if mode == "min" else values > threshold
@@ -34,7 +36,8 @@ def first_beating_rows(trials: pd.DataFrame, measurements: pd.DataFrame, *, metr
     """Each trial's first evaluation that strictly beats the target (one row per trial
     that ever beats it), with the trial's `cell_id` and `trial_number`."""
     kept = trials.loc[trials["outcome"].isin(eligible), ["trial_id", "cell_id", "trial_number"]]
-    rows = measurements.merge(kept, on="trial_id", how="inner")
+    rows = measurements.drop(columns=["cell_id", "trial_number"], errors="ignore").merge(
+        kept, on="trial_id", how="inner")
     rows = rows.loc[beats(rows[metric], threshold, mode)]
     rows = rows.sort_values(["step", "trial_number"], kind="stable")
     return rows.drop_duplicates("trial_id", keep="first")

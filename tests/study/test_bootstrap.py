@@ -3,7 +3,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from study.analysis import bootstrap_steps_to_result, resample_cell, steps_to_result, trial_first_steps
+from study.analysis import (
+    bootstrap_steps_to_result, resample_cell, steps_to_result, trial_first_steps,
+)
 
 TARGET = dict(metric="val_error", threshold=0.1)
 
@@ -112,4 +114,5 @@ def test_cell_without_any_result_is_nan_not_zero(frames):
                                        n_resamples=100)
     summary = result.summary.set_index("cell_id")
     assert summary["fraction_no_result"].tolist() == [1.0, 1.0]
-    assert summary[["steps_to_result", "steps_median", "steps_low", "steps_high"]].isna().all().all()
+    ends = summary[["steps_to_result", "steps_median", "steps_low", "steps_high"]]
+    assert ends.isna().all().all()

@@ -23,7 +23,8 @@ def frames():
     for b in BATCH:
         for name, lr, m, first in (("win", 0.1 * b / 64, 0.9, 100), ("slow", 1e-3, 0.99, 300)):
             tid = f"c{b}-{name}"
-            trials.append((f"c{b}", tid, len(trials), "reached", {"learning_rate": lr, "momentum": m}))
+            hparams = {"learning_rate": lr, "momentum": m}
+            trials.append((f"c{b}", tid, len(trials), "reached", hparams))
             rows += [(tid, first - 50, 0.5), (tid, first, 0.05)]
     for tid, outcome in (("c64-pruned", "pruned"), ("c64-div", "diverged"), ("c64-fail", "failed")):
         trials.append(("c64", tid, len(trials), outcome, {"learning_rate": 5.0, "momentum": 0.5}))
