@@ -43,8 +43,8 @@ class Workload:
     description: str
     load_data: Callable[[DataOptions], ArraySplits]
     build_model: Callable[[ModelOptions], nn.Module]
-    mean: float
-    std: float
+    mean: float | tuple[float, ...]  # per channel when a tuple
+    std: float | tuple[float, ...]
     scale: float  # uint8 value that maps to 1.0 before normalisation (255, or 16 for digits)
     default_target: Target
     default_max_steps: int
@@ -53,13 +53,20 @@ class Workload:
     default_search_space: Mapping[str, Mapping] = field(default_factory=dict)
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.float() / self.scale - self.mean) / self.std
+        """uint8 (N, C, H, W) -> normalised float, on x's device."""
+        return (x.float() / self.scale - _per_channel(self.mean, x)) / _per_channel(self.std, x)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor):
         """Summed cross-entropy, the example count and per-example losses: sum vs mean
         matters across batch sizes, and per-example losses feed noise-scale probes."""
         per_example = F.cross_entropy(logits.float(), labels, reduction="none")
         return per_example.sum(), labels.numel(), per_example
+
+
+def _per_channel(value: float | tuple[float, ...], x: torch.Tensor) -> float | torch.Tensor:
+    if isinstance(value, tuple):
+        return torch.tensor(value, device=x.device).view(1, -1, *([1] * (x.dim() - 2)))
+    return value
 
 
 WorkloadRegistry = dict[str, Workload]
@@ -122,6 +129,9 @@ def _base_workloads() -> WorkloadRegistry:
         load_data=_mnist_t10k_data, build_model=_mlp(784, (128, 128)),
         mean=MNIST_MEAN, std=MNIST_STD, scale=255.0,
         default_target=Target("val_error", 0.06), default_max_steps=5000))
+    from trainers.workloads_papers import paper_workloads
+    for workload in paper_workloads():
+        register(registry, workload)
     return registry
 
 

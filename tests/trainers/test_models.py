@@ -1,0 +1,165 @@
+"""The papers' models: parameter counts (known answers), shapes, gradients, ghost BN wiring."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from trainers.models.convnets import KeskarC1, KeskarF1, SimpleCNN
+from trainers.models.ghost_bn import GhostBatchNorm1d, GhostBatchNorm2d
+from trainers.models.resnets import CifarResNet, WideResNet
+from trainers.models.torchvision_models import resnet50, vgg11
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _ghost_layers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, (GhostBatchNorm1d, GhostBatchNorm2d))]
+
+
+def _bn_layers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+# Exact counts follow from the architectures (e.g. Simple CNN: 832 + 51,264 + 3,212,288 +
+# 10,250); ResNet-20 and WRN-16-4 match the published 0.27M and 2.7M.
+@pytest.mark.parametrize("build,expected", [
+    (lambda: SimpleCNN(), 3_274_634),
+    (lambda: KeskarF1(), 1_462_794),
+    (lambda: KeskarC1(), 1_388_490),
+    (lambda: CifarResNet(8), 75_290),
+    (lambda: CifarResNet(20), 269_722),
+    (lambda: CifarResNet(44), 658_586),
+    (lambda: WideResNet(16, 4), 2_748_890),
+])
+def test_parameter_counts(build, expected):
+    assert n_params(build()) == expected
+
+
+def test_published_sizes_within_tolerance():
+    assert abs(n_params(CifarResNet(20)) - 0.27e6) / 0.27e6 < 0.01  # He et al. Table 6: 0.27M
+    assert abs(n_params(CifarResNet(44)) - 0.66e6) / 0.66e6 < 0.01  # 0.66M
+    assert abs(n_params(WideResNet(16, 4)) - 2.7e6) / 2.7e6 < 0.03  # Zagoruyko: 2.7M
+
+
+def test_shortcut_b_adds_projection_parameters():
+    # Two projections (16->32, 32->64): 1x1 convs + BN = 512 + 64 + 2048 + 128 parameters.
+    assert n_params(CifarResNet(20, shortcut="B")) - n_params(CifarResNet(20)) == 2752
+
+
+@pytest.mark.parametrize("build,shape,classes", [
+    (lambda g: SimpleCNN(), (4, 1, 28, 28), 10),
+    (lambda g: KeskarF1(ghost_batch_size=g), (4, 1, 28, 28), 10),
+    (lambda g: KeskarC1(ghost_batch_size=g), (4, 3, 32, 32), 10),
+    (lambda g: KeskarC1(100, ghost_batch_size=g), (4, 3, 32, 32), 100),
+    (lambda g: CifarResNet(8, ghost_batch_size=g), (4, 3, 32, 32), 10),
+    (lambda g: CifarResNet(20, ghost_batch_size=g), (4, 3, 32, 32), 10),
+    (lambda g: WideResNet(16, 4, 100, ghost_batch_size=g), (4, 3, 32, 32), 100),
+])
+def test_forward_backward_tiny_batch(build, shape, classes):
+    torch.manual_seed(0)
+    model = build(2)
+    x = torch.randn(*shape)
+    logits = model(x)
+    assert logits.shape == (shape[0], classes)
+    nn.functional.cross_entropy(logits, torch.arange(shape[0]) % classes).backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(g.abs().sum() for g in grads) > 0
+
+
+@pytest.mark.parametrize("build", [
+    lambda g: KeskarF1(ghost_batch_size=g), lambda g: KeskarC1(ghost_batch_size=g),
+    lambda g: CifarResNet(20, ghost_batch_size=g), lambda g: WideResNet(16, 4, ghost_batch_size=g),
+])
+def test_ghost_batch_size_reaches_every_batch_norm(build):
+    assert len(_ghost_layers(build(None))) == 0
+    model = build(32)
+    assert len(_ghost_layers(model)) == len(_bn_layers(model)) > 0
+    assert all(layer.ghost_batch_size == 32 for layer in _ghost_layers(model))
+
+
+def test_ghost_size_equal_to_batch_gives_the_plain_model():
+    torch.manual_seed(0)
+    plain = CifarResNet(8).double()
+    torch.manual_seed(0)
+    ghost = CifarResNet(8, ghost_batch_size=6).double()
+    x = torch.randn(6, 3, 32, 32, dtype=torch.float64)
+    torch.testing.assert_close(ghost(x), plain(x), atol=1e-10, rtol=0)
+    ghost_small = CifarResNet(8, ghost_batch_size=3).double()
+    ghost_small.load_state_dict(plain.state_dict())
+    assert (ghost_small(x) - plain(x)).abs().max() > 1e-6  # k = 2 ghost batches differ
+
+
+def test_invalid_depths_are_rejected():
+    with pytest.raises(ValueError):
+        CifarResNet(21)
+    with pytest.raises(ValueError):
+        WideResNet(15, 4)
+
+
+def test_torchvision_models_sizes_and_ghost_conversion_on_meta():
+    # The meta device skips allocation and initialisation, so VGG-11's 133M parameters are cheap.
+    with torch.device("meta"):
+        vgg = vgg11(ghost_batch_size=16)
+        vgg_plain = vgg11(batch_norm=False)
+        r50 = resnet50(ghost_batch_size=16)
+    assert n_params(vgg) == 132_868_840 and n_params(vgg_plain) == 132_863_336
+    assert n_params(r50) == 25_557_032
+    assert len(_ghost_layers(vgg)) == len(_bn_layers(vgg)) == 8
+    assert len(_ghost_layers(r50)) == len(_bn_layers(r50)) == 53
+    assert len(_bn_layers(vgg_plain)) == 0
+
+
+def test_resnet50_forward_backward_with_ghost_batch_norm():
+    torch.manual_seed(0)
+    model = resnet50(num_classes=5, ghost_batch_size=2)
+    x = torch.randn(4, 3, 32, 32)
+    logits = model(x)
+    assert logits.shape == (4, 5)
+    nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2, 3])).backward()
+    assert torch.isfinite(model.fc.weight.grad).all() and model.conv1.weight.grad.abs().sum() > 0
+    assert int(model.bn1.num_batches_tracked) == 2  # two ghost batches of 2
+
+
+# --- the workload entries ------------------------------------------------------------------
+
+SHALLUE_TARGETS = {"mnist_simple_cnn": 0.01, "fashion_mnist_simple_cnn": 0.1, "cifar10_resnet8": 0.3,
+                   "imagenet_resnet50": 0.25, "imagenet_vgg11": 0.35}
+
+
+def test_paper_workloads_are_unique_and_carry_shallue_targets():
+    from trainers.workloads import register
+    from trainers.workloads_papers import paper_workloads
+
+    workloads = {w.name: w for w in paper_workloads()}
+    assert len(workloads) == len(paper_workloads()) == 12
+    for name, threshold in SHALLUE_TARGETS.items():
+        assert workloads[name].default_target.metric == "val_error"
+        assert workloads[name].default_target.threshold == threshold
+    assert all(w.augment is not None for n, w in workloads.items() if n.startswith(("cifar", "imagenet")))
+    assert all(w.augment is None for n, w in workloads.items() if "mnist" in n)
+    registry = {}
+    register(registry, workloads["mnist_f1"])
+    with pytest.raises(ValueError, match="duplicate"):
+        register(registry, workloads["mnist_f1"])
+
+
+def test_small_paper_workloads_build_models_that_fit_their_data():
+    from trainers.workloads import ModelOptions
+    from trainers.workloads_papers import paper_workloads
+
+    generator = torch.Generator().manual_seed(0)
+    for workload in paper_workloads():
+        if workload.name.startswith("imagenet"):
+            continue  # sizes checked on the meta device above
+        model = workload.build_model(ModelOptions(ghost_batch_size=2)).eval()
+        channels, size = (1, 28) if "mnist" in workload.name else (3, 32)
+        x = workload.preprocess(torch.randint(0, 256, (2, channels, size, size), dtype=torch.uint8))
+        if workload.augment is not None:
+            x = workload.augment(x, generator)
+        classes = 100 if "cifar100" in workload.name else 10
+        assert model(x).shape == (2, classes), workload.name
+        assert all(l.ghost_batch_size == 2 for l in _ghost_layers(model)), workload.name

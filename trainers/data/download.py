@@ -1,0 +1,65 @@
+"""Downloads through torchvision's own downloaders, so files land in torchvision's layout
+(`ROOT/MNIST/raw/`, `ROOT/FashionMNIST/raw/`, `ROOT/cifar-10-batches-py/`,
+`ROOT/cifar-100-python/`) with torchvision's checksums verified on the way.
+
+ImageNet cannot be downloaded automatically (its licence requires a manual download);
+`download_imagenet` says so in a `DataError`.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Callable
+
+from trainers.data.errors import DataError
+
+
+def md5_of(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_md5(path: Path, expected_md5: str | None) -> None:
+    """Raise DataError when `path`'s md5 differs from `expected_md5` (None: no check)."""
+    if expected_md5 and md5_of(path) != expected_md5:
+        raise DataError(f"{path}: md5 mismatch (expected {expected_md5}); the file is corrupt, "
+                        f"truncated or not the original: delete it and download it again")
+
+
+def _torchvision_download(name: str, root: str | Path, make: Callable[..., object]) -> None:
+    Path(root).mkdir(parents=True, exist_ok=True)
+    try:
+        make(root=str(root), download=True)
+    except Exception as exc:  # network errors, checksum errors, disk full: one clear line
+        raise DataError(f"{root}: downloading {name} failed ({exc}); download it where you have "
+                        f"internet and copy the files into {root}") from exc
+
+
+def download_mnist(root: str | Path) -> None:
+    from torchvision.datasets import MNIST
+    _torchvision_download("MNIST", root, lambda **kw: (MNIST(train=True, **kw), MNIST(train=False, **kw)))
+
+
+def download_fashion_mnist(root: str | Path) -> None:
+    from torchvision.datasets import FashionMNIST
+    _torchvision_download("Fashion-MNIST", root,
+                          lambda **kw: (FashionMNIST(train=True, **kw), FashionMNIST(train=False, **kw)))
+
+
+def download_cifar10(root: str | Path) -> None:
+    from torchvision.datasets import CIFAR10
+    _torchvision_download("CIFAR-10", root, CIFAR10)
+
+
+def download_cifar100(root: str | Path) -> None:
+    from torchvision.datasets import CIFAR100
+    _torchvision_download("CIFAR-100", root, CIFAR100)
+
+
+def download_imagenet(root: str | Path) -> None:
+    raise DataError(f"{root}: ImageNet cannot be downloaded automatically; get it from "
+                    f"image-net.org and unpack it into {root}/train/<class>/*.JPEG and "
+                    f"{root}/val/<class>/*.JPEG")

@@ -1,0 +1,34 @@
+"""Fashion-MNIST (Xiao et al. 2017) from IDX files in torchvision's layout
+(`DATA_DIR/FashionMNIST/raw/` or `DATA_DIR/`).
+
+Same format and sizes as MNIST; as in Shallue et al., 55,000 train / 5,000 validation
+carved from the 60,000 training images with a fixed seed, the official 10,000 test
+images kept as test.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+from trainers.data.download import download_fashion_mnist
+from trainers.data.mnist import load_idx_splits, maybe_download
+from trainers.data.splits import ArraySplits
+
+# torchvision's file names and md5 sums (torchvision.datasets.FashionMNIST.resources).
+FASHION_MNIST_FILES = {
+    "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+    "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+    "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+    "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+}
+FASHION_MNIST_VAL_SIZE = 5000
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+
+
+def load_fashion_mnist_splits(data_dir: str | Path, *, split_seed: int = 0,
+                              val_size: int = FASHION_MNIST_VAL_SIZE, download: bool = False,
+                              md5s: Mapping[str, str] = FASHION_MNIST_FILES) -> ArraySplits:
+    """55,000 train / 5,000 validation / 10,000 test, uint8 (N, 1, 28, 28)."""
+    maybe_download(download, data_dir, download_fashion_mnist)
+    return load_idx_splits(data_dir, "FashionMNIST", md5s, split_seed=split_seed, val_size=val_size)
