@@ -50,6 +50,27 @@ class Param:
 
 
 @dataclass(frozen=True)
+class ScheduleDef:
+    """A cell's schedule axis value: a learning-rate schedule from the registry and,
+    optionally, a batch-size plan (Smith et al.'s modes) that grows B at epoch milestones."""
+
+    name: str
+    lr_schedule: str
+    batch_plan: Mapping | None = None
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """Learning rates given for `base_batch_size`: the trial's rate is the sampled one
+    scaled by the `rule` (linear: x B/B0; sqrt: x sqrt(B/B0)). `regime_adaptation`
+    (Hoffer et al.) stretches every epoch count and milestone by ceil(B / B0)."""
+
+    rule: Literal["linear", "sqrt", "none"]
+    base_batch_size: int
+    regime_adaptation: bool = False
+
+
+@dataclass(frozen=True)
 class CampaignSpec:
     name: str
     workload: str
@@ -67,6 +88,9 @@ class CampaignSpec:
     data_dir: str | None = None
     download: bool = False
     divergence_factor: float = 10.0
+    max_epochs: int | None = None
+    schedule_defs: Mapping[str, ScheduleDef] = field(default_factory=dict)
+    scaling: Scaling | None = None
     source: str = "<spec>"
     text: str = field(default="", compare=False)
 
@@ -76,6 +100,9 @@ class CampaignSpec:
 
     def cells(self) -> list[tuple[int, str, str]]:
         return [(b, o, s) for o in self.optimizers for s in self.schedules for b in self.batch_sizes]
+
+    def schedule_def(self, name: str) -> ScheduleDef:
+        return self.schedule_defs.get(name) or ScheduleDef(name, name)
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -150,7 +177,7 @@ class _Validator:
         return tuple(values)
 
     def spec(self, text: str) -> CampaignSpec:
-        known = {"campaign", "target", "sampler", "search_space"}
+        known = {"campaign", "target", "sampler", "search_space", "schedule", "scaling"}
         for key in self.raw:
             if key not in known:
                 self.fail(key, f"unknown table; expected one of {', '.join(sorted(known))}")
@@ -158,19 +185,20 @@ class _Validator:
         self.unknown_keys(campaign, "campaign", {
             "name", "workload", "batch_sizes", "optimizers", "schedules", "trials_per_cell",
             "max_steps", "eval_every", "seed", "prune", "data_dir", "download",
-            "divergence_factor"})
+            "divergence_factor", "max_epochs"})
         name = self.get(campaign, "campaign", "name", str, check=_check_name)
         workload = self.get(campaign, "campaign", "workload", str,
                             check=lambda w: None if w in WORKLOADS else
                             f"unknown workload {w!r}; choose from {', '.join(sorted(WORKLOADS))}")
         batch_sizes = self.batch_sizes(campaign)
         optimizers = self.names(campaign, "optimizers", OPTIMIZERS)
-        schedules = self.names(campaign, "schedules", SCHEDULES)
+        schedule_defs = self.schedule_defs()
+        schedules = self.names(campaign, "schedules", {**SCHEDULES, **schedule_defs})
         positive = lambda v: None if v > 0 else "must be > 0"
         max_steps = self.get(campaign, "campaign", "max_steps", int, check=positive)
         eval_every = self.get(campaign, "campaign", "eval_every", int, check=lambda v: (
             "must be > 0" if v <= 0 else f"must be <= max_steps ({max_steps})" if v > max_steps else None))
-        spaces = self.search_spaces(optimizers, schedules)
+        spaces = self.search_spaces(optimizers, schedules, schedule_defs)
         data_dir = self.get(campaign, "campaign", "data_dir", str, None)
         if WORKLOADS[workload].needs_data_dir and not data_dir:
             self.fail("campaign.data_dir", f"workload {workload!r} reads files from disk: set data_dir")
@@ -188,9 +216,48 @@ class _Validator:
             data_dir=data_dir, download=self.get(campaign, "campaign", "download", bool, False),
             divergence_factor=self.get(campaign, "campaign", "divergence_factor", float, 10.0,
                                        check=lambda v: None if v > 1 else "must be > 1"),
-            source=self.source, text=text)
+            max_epochs=self.get(campaign, "campaign", "max_epochs", int, None, check=positive),
+            schedule_defs={n: d for n, d in schedule_defs.items() if n in schedules},
+            scaling=self.scaling(), source=self.source, text=text)
         self.check_cells_complete(spec)
         return spec
+
+    def schedule_defs(self) -> dict[str, ScheduleDef]:
+        """`[schedule.NAME]` tables: lr_schedule (a registry name) and an optional batch plan."""
+        defs = {}
+        for name, table in self.table("schedule", required=False).items():
+            prefix = f"schedule.{name}"
+            if not isinstance(table, dict):
+                self.fail(prefix, "must be a table")
+            self.unknown_keys(table, prefix, {"lr_schedule", "batch"})
+            lr_schedule = self.get(table, prefix, "lr_schedule", str, name, check=lambda v: (
+                None if v in SCHEDULES else f"unknown schedule {v!r}; choose from {', '.join(sorted(SCHEDULES))}"))
+            batch = self.get(table, prefix, "batch", dict, None)
+            if batch is not None:
+                self.check_batch_plan(batch, f"{prefix}.batch")
+            defs[name] = ScheduleDef(name, lr_schedule, batch)
+        return defs
+
+    def check_batch_plan(self, batch: dict, prefix: str) -> None:
+        from trainers.batch_schedules import BatchSizePlan
+        self.unknown_keys(batch, prefix, {"mode", "factor", "milestones", "max_batch_size",
+                                          "hybrid_increases"})
+        try:
+            BatchSizePlan(1, **batch)
+        except (TypeError, ValueError) as exc:
+            self.fail(prefix, str(exc))
+
+    def scaling(self) -> Scaling | None:
+        table = self.table("scaling", required=False)
+        if not table:
+            return None
+        self.unknown_keys(table, "scaling", {"rule", "base_batch_size", "regime_adaptation"})
+        return Scaling(
+            rule=self.get(table, "scaling", "rule", str, "none", check=lambda r: (
+                None if r in ("linear", "sqrt", "none") else "must be linear, sqrt or none")),
+            base_batch_size=self.get(table, "scaling", "base_batch_size", int,
+                                     check=lambda v: None if v > 0 else "must be > 0"),
+            regime_adaptation=self.get(table, "scaling", "regime_adaptation", bool, False))
 
     def unknown_keys(self, table: dict, prefix: str, allowed: set[str]) -> None:
         for key in table:
@@ -217,14 +284,14 @@ class _Validator:
                              check=lambda t: None if math.isfinite(t) else "must be finite")
         return Target(metric, threshold)
 
-    def search_spaces(self, optimizers, schedules) -> dict[str, tuple[Param, ...]]:
+    def search_spaces(self, optimizers, schedules, schedule_defs) -> dict[str, tuple[Param, ...]]:
         table = self.table("search_space")
         self.unknown_keys(table, "search_space", {"all", "optimizer", "schedule"})
         spaces: dict[str, tuple[Param, ...]] = {}
         if "all" in table:
             spaces["all"] = self.params(table["all"], "search_space.all")
         for group, chosen, registry in (("optimizer", optimizers, OPTIMIZERS),
-                                        ("schedule", schedules, SCHEDULES)):
+                                        ("schedule", schedules, {**SCHEDULES, **schedule_defs})):
             entries = table.get(group, {})
             if not isinstance(entries, dict):
                 self.fail(f"search_space.{group}", "must be a table")
@@ -245,6 +312,8 @@ class _Validator:
     def param(self, name: str, value: Any, field_name: str) -> Param:
         if isinstance(value, (int, float, str)) and not isinstance(value, bool):
             return Param(name, value=value)
+        if isinstance(value, list) and all(isinstance(v, (int, float)) for v in value):
+            return Param(name, value=",".join(f"{v:g}" for v in value))  # e.g. milestones
         if not isinstance(value, dict):
             self.fail(field_name, "must be a number (fixed), {low, high, scale} or {choices}")
         if "choices" in value:
@@ -277,7 +346,8 @@ class _Validator:
                 for duplicate in {n for n in names if names.count(n) > 1}:
                     self.fail("search_space", f"{duplicate!r} is set twice for cell "
                               f"({optimizer}, {schedule})")
-                opt, sched = OPTIMIZERS[optimizer], SCHEDULES[schedule]
+                opt = OPTIMIZERS[optimizer]
+                sched = SCHEDULES[spec.schedule_def(schedule).lr_schedule]
                 allowed = set(opt.required) | set(opt.optional) | set(sched.required) | \
                     set(sched.optional) | set(LOOP_HPARAMS)
                 for param_name in names:

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from db.models import Campaign, Cell, Measurement as MeasurementRow, Trial, Worker, utcnow
 from study import provenance
+from study.resolve import resolve_trial_config
 from study.spec import Param, parse_spec
 from study.tuning import (distributions, hparams_from_optuna, make_sampler, optuna_storage, tell)
 from trainers.config import Measurement, TrialConfig, TrialResult
@@ -157,13 +158,10 @@ class CampaignWorker:
                  f"trial {trial.number}: {_describe(result)}")
 
     def _config(self, claim: Claim, space: tuple[Param, ...], trial: optuna.Trial) -> TrialConfig:
-        return TrialConfig(
-            workload=self.spec.workload, batch_size=claim.batch_size, optimizer=claim.optimizer,
+        return resolve_trial_config(
+            self.spec, batch_size=claim.batch_size, optimizer=claim.optimizer,
             schedule=claim.schedule, hparams=hparams_from_optuna(space, trial.params),
-            max_steps=self.spec.max_steps, eval_every=self.spec.eval_every,
-            target=self.spec.target, seed=trial_seed(self.spec.seed, trial.number),
-            device=str(self.device), data_dir=self.spec.data_dir, download=self.spec.download,
-            divergence_factor=self.spec.divergence_factor)
+            seed=trial_seed(self.spec.seed, trial.number), device=str(self.device))
 
     def _insert_trial(self, claim: Claim, trial: optuna.Trial, config: TrialConfig) -> int:
         with Session(self.engine) as session, session.begin():

@@ -51,11 +51,16 @@ class TrialConfig:
     """Everything one training run needs, resolved: no defaults are looked up later."""
 
     workload: str
-    batch_size: int
+    batch_size: int  # the initial batch size when a batch plan grows it
     optimizer: str
-    schedule: str
-    hparams: Mapping[str, float] = field(default_factory=frozen_mapping)
+    schedule: str  # learning-rate schedule (trainers.schedules)
+    hparams: Mapping[str, float | str] = field(default_factory=frozen_mapping)
     max_steps: int = 1000
+    # Optional epoch budget on top of max_steps (the first one spent ends the trial).
+    max_epochs: int | None = None
+    # Batch-size plan (trainers.batch_schedules.BatchSizePlan fields other than the
+    # initial batch size): mode, factor, milestones, max_batch_size, hybrid_increases.
+    batch_plan: Mapping | None = None
     eval_every: int = 50
     target: Target = Target("val_error", 0.05)
     seed: int = 0
@@ -69,10 +74,13 @@ class TrialConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hparams", frozen_mapping(self.hparams))
+        if self.batch_plan is not None:
+            object.__setattr__(self, "batch_plan", frozen_mapping(self.batch_plan))
 
     def to_json_dict(self) -> dict:
         out = {k: getattr(self, k) for k in self.__dataclass_fields__}
         out["hparams"] = dict(self.hparams)
+        out["batch_plan"] = dict(self.batch_plan) if self.batch_plan is not None else None
         out["target"] = {"metric": self.target.metric, "threshold": self.target.threshold}
         return out
 

@@ -1,14 +1,17 @@
 """The training loop: one trial from a resolved `TrialConfig`, top to bottom.
 
 Data sit on the device as uint8 tensors; every epoch is a fresh random permutation cut
-into batches of `batch_size` (the last batch of an epoch holds the remainder, so an
-epoch is exactly N examples and ceil(N / B) updates). The loop evaluates on the full
-validation set every `eval_every` steps and at the last step, and stops as soon as the
-target is strictly beaten, the loss diverges, the budget is spent, or the trial can no
-longer beat the cell's best steps-to-result (it is then pruned: censored at that step).
+into batches of the epoch's batch size (the last batch of an epoch holds the remainder,
+so an epoch is exactly N examples and ceil(N / B) updates, in every schedule). A batch-size
+plan changes B, and multiplies the learning rate, only at epoch boundaries. The loop
+evaluates on the full validation set every `eval_every` steps and when the budget (steps,
+or epochs) is spent, and stops as soon as the target is strictly beaten, the loss
+diverges, the budget is spent, or the trial can no longer beat the cell's best
+steps-to-result (it is then pruned: censored at that step).
 """
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass
@@ -16,9 +19,10 @@ from typing import Callable
 
 import torch
 
+from trainers.batch_schedules import BatchSizePlan
 from trainers.config import Measurement, TrialConfig, TrialResult
 from trainers.data.splits import ArraySplits
-from trainers.optim import get_optimizer
+from trainers.optim import GRAD_CLIP_NORM, clip_gradients, get_optimizer
 from trainers.schedules import get_schedule
 from trainers.workloads import DataOptions, ModelOptions, Workload, get_workload
 
@@ -89,6 +93,7 @@ class _Progress:
     first_train_loss: float | None = None
     best_metric: float | None = None
     last_lr: float = 0.0
+    batch_size: int = 0
 
 
 def run_trial(config: TrialConfig, *, data_cache: DataCache | None = None,
@@ -106,19 +111,25 @@ def run_trial(config: TrialConfig, *, data_cache: DataCache | None = None,
     optimizer = get_optimizer(config.optimizer).build(model.parameters(), config.hparams)
     lr_factor = get_schedule(config.schedule).build(config.hparams, max_steps=config.max_steps)
     base_lr = float(config.hparams["learning_rate"])
-    clip_norm = config.hparams.get("grad_clip_norm")
+    clip_norm = config.hparams.get(GRAD_CLIP_NORM)
+    plan = BatchSizePlan(config.batch_size, **config.batch_plan) if config.batch_plan else None
     generator = torch.Generator(device=device).manual_seed(config.seed)
     progress = _Progress()
     train_size = splits.train_size
     model.train()
     clock = time.perf_counter()
-    while True:
+    for epoch_index in itertools.count():
+        batch_size = plan.batch_size(epoch_index) if plan else config.batch_size
+        plan_factor = plan.lr_factor(epoch_index) if plan else 1.0
+        last_epoch = config.max_epochs is not None and epoch_index + 1 >= config.max_epochs
         order = torch.randperm(train_size, device=device, generator=generator)
-        for start in range(0, train_size, config.batch_size):
-            index = order[start:start + config.batch_size]
-            lr = base_lr * lr_factor(progress.step, progress.examples / train_size)
+        for start in range(0, train_size, batch_size):
+            index = order[start:start + batch_size]
+            lr = base_lr * plan_factor * lr_factor(progress.step, progress.examples / train_size)
             _train_step(model, workload, optimizer, splits, index, lr, clip_norm, generator, progress)
-            if progress.step % config.eval_every and progress.step < config.max_steps:
+            progress.batch_size = batch_size
+            epoch_done = last_epoch and start + batch_size >= train_size
+            if progress.step % config.eval_every and progress.step < config.max_steps and not epoch_done:
                 continue
             _sync(device)
             progress.train_seconds += time.perf_counter() - clock
@@ -137,8 +148,7 @@ def _train_step(model, workload, optimizer, splits, index, lr, clip_norm, genera
     loss_sum, count, _ = workload.loss(model(x), labels)
     optimizer.zero_grad(set_to_none=True)
     (loss_sum / count).backward()
-    if clip_norm:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), float(clip_norm))
+    clip_gradients(model.parameters(), clip_norm)
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.step()
@@ -165,7 +175,7 @@ def _evaluate_and_decide(model, workload, splits, config, progress, on_measureme
     measurement = Measurement(
         step=progress.step, examples=progress.examples, epoch=progress.examples / train_size,
         wall_seconds=progress.train_seconds, eval_seconds=progress.eval_seconds,
-        learning_rate=progress.last_lr, batch_size=config.batch_size,
+        learning_rate=progress.last_lr, batch_size=progress.batch_size,
         train_loss=train_loss, val_loss=val_loss, val_error=val_error)
     on_measurement(measurement)
     value = measurement.metric(config.target.metric)
@@ -177,7 +187,8 @@ def _evaluate_and_decide(model, workload, splits, config, progress, on_measureme
         return _result(progress, "reached", measurement)
     if _diverged(train_loss, val_loss, progress, config.divergence_factor):
         return _result(progress, "diverged", message=f"loss {train_loss:.4g} at step {progress.step}")
-    if progress.step >= config.max_steps:
+    epochs = progress.examples / train_size
+    if progress.step >= config.max_steps or (config.max_epochs is not None and epochs >= config.max_epochs):
         return _result(progress, "not_reached")
     best = best_so_far() if prune else None
     if best is not None and progress.step >= best:

@@ -92,12 +92,14 @@ def _require_dir(options: DataOptions, workload: str) -> str:
 
 def _mnist_data(options: DataOptions) -> ArraySplits:
     from trainers.data.mnist import load_mnist_splits
-    return load_mnist_splits(_require_dir(options, "mnist_mlp"), split_seed=options.split_seed)
+    return load_mnist_splits(_require_dir(options, "mnist_mlp"), split_seed=options.split_seed,
+                             download=options.download)
 
 
 def _mnist_t10k_data(options: DataOptions) -> ArraySplits:
     from trainers.data.mnist import load_mnist_t10k_splits
-    return load_mnist_t10k_splits(_require_dir(options, "mnist10k_mlp"), split_seed=options.split_seed)
+    return load_mnist_t10k_splits(_require_dir(options, "mnist10k_mlp"), split_seed=options.split_seed,
+                                  download=options.download)
 
 
 def _mlp(in_features: int, hidden: tuple[int, ...]) -> Callable[[ModelOptions], nn.Module]:

@@ -45,6 +45,12 @@ BAD_SPECS = [
      "search_space.optimizer.sgd", "not in campaign.optimizers"),
     (TINY_SPEC + "\nbeta9 = 0.5\n", "search_space", "'beta9' is not a hyperparameter"),
     (mutate("[target]", "[targets]"), "targets", "unknown table"),
+    (mutate('schedules = ["constant"]', 'schedules = ["grow"]') +
+     '[schedule.grow]\nbatch = { mode = "explode", factor = 2, milestones = [1] }\n',
+     "schedule.grow.batch", "unknown batch-size mode"),
+    (mutate('schedules = ["constant"]', 'schedules = ["grow"]') +
+     '[schedule.grow]\nlr_schedule = "zigzag"\n', "schedule.grow.lr_schedule", "unknown schedule"),
+    (TINY_SPEC + '[scaling]\nrule = "cubic"\nbase_batch_size = 128\n', "scaling.rule", "linear, sqrt"),
 ]
 
 
@@ -65,6 +71,17 @@ def test_valid_spec_is_frozen_and_typed(tiny_spec):
     assert [p.name for p in spec.cell_space("momentum", "constant")] == ["learning_rate", "momentum"]
     with pytest.raises(AttributeError):
         spec.max_steps = 5  # frozen
+
+
+def test_named_schedule_with_a_batch_plan():
+    text = TINY_SPEC.replace('schedules = ["constant"]', 'schedules = ["grow"]') + (
+        '[schedule.grow]\nlr_schedule = "constant"\n'
+        'batch = { mode = "increase_batch", factor = 2, milestones = [1, 2] }\n')
+    spec = parse_spec(text, "grow.toml")
+    assert spec.schedule_def("grow").lr_schedule == "constant"
+    assert dict(spec.schedule_def("grow").batch_plan) == {
+        "mode": "increase_batch", "factor": 2, "milestones": [1, 2]}
+    assert spec.schedule_def("constant").batch_plan is None
 
 
 def test_missing_file_is_a_spec_error(tmp_path):

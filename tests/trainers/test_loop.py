@@ -95,3 +95,31 @@ def test_evaluate_matches_a_direct_computation():
     assert loss == pytest.approx(expected_loss, rel=1e-5)
     assert error == pytest.approx(expected_error)
     assert math.isfinite(loss)
+
+
+def test_batch_plan_changes_batch_at_epoch_boundaries_and_counts_exactly():
+    """N = 1,197; B = 100, 200, 400 over three epochs: 12 + 6 + 3 updates, N examples each."""
+    n = get_workload("digits_mlp").load_data(DataOptions()).train_size
+    plan = {"mode": "increase_batch", "factor": 2.0, "milestones": (1, 2)}
+    result, ms = run(config(batch_size=100, batch_plan=plan, max_steps=10_000, max_epochs=3,
+                            eval_every=1, hparams={"learning_rate": 0.05, "momentum": 0.9}))
+    assert result.outcome == "not_reached" and result.steps == 21 and result.examples == 3 * n
+    assert [m.batch_size for m in ms] == [100] * 12 + [200] * 6 + [400] * 3
+    assert ms[11].examples == n and ms[17].examples == 2 * n
+    assert {m.learning_rate for m in ms} == {0.05}  # increasing B keeps the learning rate
+
+
+def test_decay_lr_plan_keeps_noise_scale_equal_to_increase_batch():
+    """lr / B per epoch is the same whether the batch grows or the rate decays."""
+    common = dict(batch_size=100, max_steps=10_000, max_epochs=3, eval_every=1,
+                  hparams={"learning_rate": 0.08, "momentum": 0.9})
+    ratios = []
+    for mode in ("decay_lr", "increase_batch"):
+        plan = {"mode": mode, "factor": 2.0, "milestones": (1, 2)}
+        _, ms = run(config(batch_plan=plan, **common))
+        by_epoch = {}
+        for m in ms:
+            by_epoch.setdefault(math.ceil(m.epoch) - 1, m.learning_rate / m.batch_size)
+        ratios.append(by_epoch)
+    assert ratios[0] == pytest.approx(ratios[1])
+    assert ratios[0][2] == pytest.approx(0.08 / 100 / 4)
