@@ -23,10 +23,12 @@ from trainers.batch_schedules import BatchSizePlan
 from trainers.config import Measurement, TrialConfig, TrialResult
 from trainers.data.splits import ArraySplits
 from trainers.optim import GRAD_CLIP_NORM, clip_gradients, get_optimizer
+from trainers.scaling import noise_scale
 from trainers.schedules import get_schedule
 from trainers.workloads import DataOptions, ModelOptions, Workload, get_workload
 
 MeasurementSink = Callable[[Measurement], None]
+SGD_FAMILY = ("sgd", "momentum", "nesterov", "lars")
 BestSoFar = Callable[[], "int | None"]
 
 
@@ -176,7 +178,8 @@ def _evaluate_and_decide(model, workload, splits, config, progress, on_measureme
         step=progress.step, examples=progress.examples, epoch=progress.examples / train_size,
         wall_seconds=progress.train_seconds, eval_seconds=progress.eval_seconds,
         learning_rate=progress.last_lr, batch_size=progress.batch_size,
-        train_loss=train_loss, val_loss=val_loss, val_error=val_error)
+        train_loss=train_loss, val_loss=val_loss, val_error=val_error,
+        extra=_sgd_noise_scale(config, progress, train_size))
     on_measurement(measurement)
     value = measurement.metric(config.target.metric)
     if math.isfinite(value) and (progress.best_metric is None or
@@ -194,6 +197,15 @@ def _evaluate_and_decide(model, workload, splits, config, progress, on_measureme
     if best is not None and progress.step >= best:
         return _result(progress, "pruned", message=f"cell best is {best} steps")
     return None
+
+
+def _sgd_noise_scale(config: TrialConfig, progress: _Progress, train_size: int) -> dict:
+    """Smith & Le's noise scale g = lr / (1 - m) (N / B - 1) for SGD-family optimizers,
+    at the current learning rate and batch size."""
+    if config.optimizer not in SGD_FAMILY:
+        return {}
+    momentum = float(config.hparams.get("momentum", 0.0)) if config.optimizer != "sgd" else 0.0
+    return {"noise_scale": noise_scale(progress.last_lr, train_size, progress.batch_size, momentum)}
 
 
 def _diverged(train_loss: float, val_loss: float, progress: _Progress, factor: float) -> bool:

@@ -123,3 +123,12 @@ def test_decay_lr_plan_keeps_noise_scale_equal_to_increase_batch():
         ratios.append(by_epoch)
     assert ratios[0] == pytest.approx(ratios[1])
     assert ratios[0][2] == pytest.approx(0.08 / 100 / 4)
+
+
+def test_noise_scale_recorded_with_every_measurement():
+    """g = lr / (1 - m) * (N / B - 1), at the rate and batch size in force."""
+    n = get_workload("digits_mlp").load_data(DataOptions()).train_size
+    _, ms = run(config(max_steps=20, hparams={"learning_rate": 0.05, "momentum": 0.9}))
+    assert [m.extra["noise_scale"] for m in ms] == pytest.approx([0.05 / 0.1 * (n / 64 - 1)] * 2)
+    _, adam = run(config(optimizer="adam", max_steps=10, hparams={"learning_rate": 1e-3}))
+    assert "noise_scale" not in adam[0].extra
