@@ -52,7 +52,7 @@ def measurements(engine: Engine, campaign_id: int) -> pd.DataFrame:
     query = (select(Measurement.trial_id, Measurement.step, Measurement.examples,
                     Measurement.epoch, Measurement.wall_seconds, Measurement.eval_seconds,
                     Measurement.learning_rate, Measurement.batch_size, Measurement.train_loss,
-                    Measurement.val_loss, Measurement.val_error)
+                    Measurement.val_loss, Measurement.val_error, Measurement.extra)
              .join(Trial, Trial.id == Measurement.trial_id).join(Cell, Cell.id == Trial.cell_id)
              .where(Cell.campaign_id == campaign_id).order_by(Measurement.trial_id, Measurement.step))
     frame = _frame(engine, query)

@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--max-trials", type=int, default=None)
     worker.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     worker.add_argument("--quiet", action="store_true")
+    _recovery_args(worker)
     _storage_arg(worker)
     worker.set_defaults(handler=cmd_worker)
 
@@ -83,11 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=int, default=1)
     run.add_argument("--device", default="auto")
     run.add_argument("--figure", default=None, help="write the scaling figure here (.png or .svg)")
+    _recovery_args(run)
     _storage_arg(run)
     run.set_defaults(handler=cmd_run)
 
     status = commands.add_parser("status", help="progress per cell")
     status.add_argument("--campaign", default=None)
+    status.add_argument("--grace", type=float, default=60.0, help=(
+        "abandon (and re-queue) running trials silent for this many seconds (default 60)"))
     _storage_arg(status)
     status.set_defaults(handler=cmd_status)
 
@@ -122,6 +126,14 @@ def _storage_arg(parser: argparse.ArgumentParser) -> None:
         "database URL (default: $BATCHLAB_STORAGE, else sqlite:///batchlab.db)"))
 
 
+def _recovery_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--heartbeat", type=float, default=10.0,
+                        help="seconds between a worker's heartbeats (default 10)")
+    parser.add_argument("--grace", type=float, default=60.0, help=(
+        "seconds without a heartbeat after which another worker abandons a trial and "
+        "re-runs it with the same hyperparameters (default 60)"))
+
+
 def _engine(args, *, must_exist: bool = True):
     url = storage_url(args.storage)
     if must_exist and url.startswith("sqlite:///"):
@@ -151,10 +163,16 @@ def cmd_worker(args) -> int:
     from study.worker import CampaignWorker
     url, engine = _engine(args)
     log = (lambda line: None) if args.quiet else (lambda line: print(line, flush=True))
+    if not 0 < args.heartbeat < args.grace:
+        raise UserError(f"--heartbeat {args.heartbeat:g} must be > 0 and shorter than --grace {args.grace:g}")
     worker = CampaignWorker(engine, url, args.campaign, device=args.device,
-                            max_trials=args.max_trials, log=log)
+                            max_trials=args.max_trials, log=log,
+                            heartbeat_seconds=args.heartbeat, grace_seconds=args.grace)
     done = worker.run()
     log(f"[worker {worker.worker_id}] finished {done} trials")
+    if worker.stop_requested:  # non-zero, so a supervisor (Kubernetes) starts another
+        print(f"worker {worker.worker_id} stopped by SIGTERM; its trial will be re-run", file=sys.stderr)
+        return 128 + 15
     return 0
 
 
@@ -170,7 +188,8 @@ def cmd_run(args) -> int:
           f"{args.workers} workers, storage {redact(url)}", flush=True)
     threads = max(1, (os.cpu_count() or 1) // max(1, args.workers))
     command = [sys.executable, "-m", "study.cli", "worker", "--campaign", spec.name,
-               "--storage", url, "--device", args.device, "--threads", str(threads), "--quiet"]
+               "--storage", url, "--device", args.device, "--threads", str(threads), "--quiet",
+               "--heartbeat", str(args.heartbeat), "--grace", str(args.grace)]
     processes = [subprocess.Popen(command) for _ in range(args.workers)]
     try:
         _watch(engine, spec.name, processes)
@@ -248,12 +267,22 @@ def _write_figure(engine, name: str, output: str, y: str) -> Path:
     return save_chart(chart, output)
 
 
+def _reap(engine, url: str, campaign_id: int, grace_seconds: float) -> None:
+    """Abandon and re-queue trials of lost workers, so that status shows the truth."""
+    from study.recovery import reap_lost_trials
+    from study.tuning import optuna_storage
+    for reaped in reap_lost_trials(engine, optuna_storage(url), campaign_id, grace_seconds):
+        print(f"abandoned trial row {reaped.trial_row_id}: worker {reaped.worker_id} silent for "
+              f"{reaped.silent_seconds:.0f} s; it will be re-run")
+
+
 def cmd_status(args) -> int:
     from db import queries
-    _, engine = _engine(args)
+    url, engine = _engine(args)
     names = [args.campaign] if args.campaign else list(queries.campaigns(engine)["name"])
     for name in names:
         info = _info(engine, name)
+        _reap(engine, url, info.id, args.grace)
         cells = queries.cell_results(engine, info.id)
         done, planned = int(cells["trials_finished"].sum()), int(cells["trials_planned"].sum())
         print(f"{name}: {done}/{planned} trials finished, {int(cells['trials_running'].sum())} running")
@@ -283,7 +312,8 @@ def cmd_dashboard(args) -> int:
     command = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", args.address,
                "--server.port", str(args.port), "--server.headless", "true",
                "--browser.gatherUsageStats", "false"]
-    return subprocess.call(command, env=env)
+    # Become streamlit (no child left behind when the dashboard is stopped).
+    os.execve(sys.executable, command, env)
 
 
 def cmd_workloads(args) -> int:

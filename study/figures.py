@@ -114,6 +114,20 @@ def _log2_domain(values) -> list[float]:
     return [float(values.min()) / math.sqrt(2), float(values.max()) * math.sqrt(2)]
 
 
+def _powers_of_two(values) -> list[int]:
+    """Axis ticks at the powers of two spanned by `values` (batch sizes)."""
+    values = np.asarray(values, dtype=float)
+    values = values[np.isfinite(values) & (values > 0)]
+    if values.size == 0:
+        return [1, 2]
+    low, high = int(math.floor(math.log2(values.min()))), int(math.ceil(math.log2(values.max())))
+    return [2 ** k for k in range(low, high + 1)]
+
+
+def _batch_axis(values) -> alt.Axis:
+    return alt.Axis(values=_powers_of_two(values), format="d")
+
+
 def _fmt(value: float) -> str:
     if value is None or not np.isfinite(value):
         return "-"
@@ -148,7 +162,7 @@ def scaling_points(table: pd.DataFrame, y: str = "steps_to_result", *,
     if normalize_at is not None:
         at = frame.loc[frame["batch_size"] == normalize_at].set_index("series")["value"]
         frame = frame.loc[frame["series"].isin(at.index)].copy()
-        scale = frame["series"].map(at)
+        scale = frame["series"].map(at).astype(float)
         for column in ("value", "low", "high"):
             frame[column] = frame[column] / scale
     first = frame.groupby("series").first()
@@ -228,8 +242,9 @@ def scaling_study_chart(points: pd.DataFrame, *, workload: str, target: str, eva
     x_values = list(points["batch_size"])
     if bands is not None and len(bands):
         x_values += list(bands["start"]) + list(bands["end"])
-    x = alt.X("batch_size:Q", title="Batch size", axis=alt.Axis(tickCount=12),
-              scale=alt.Scale(type="log", base=2, domain=_log2_domain(x_values), nice=False))
+    x_scale = alt.Scale(type="log", base=2, domain=_log2_domain(x_values), nice=False)
+    x = alt.X("batch_size:Q", title="Batch size", axis=_batch_axis(points["batch_size"]),
+              scale=x_scale)
     y_scale = alt.Scale(type="log", base=2)
     y_enc = alt.Y("value:Q", title=label, scale=y_scale)
     color = alt.Color("series:N", title="optimizer / schedule")
@@ -237,7 +252,7 @@ def scaling_study_chart(points: pd.DataFrame, *, workload: str, target: str, eva
     layers = []
     if bands is not None and len(bands):
         layers.append(alt.Chart(bands).mark_rect(opacity=0.45, clip=True).encode(
-            x=alt.X("start:Q", scale=x.scale, title="Batch size"), x2="end:Q",
+            x=alt.X("start:Q", scale=x_scale, title="Batch size"), x2="end:Q",
             fill=alt.Fill("regime:N", title=f"regime ({shaded_series})",
                           scale=alt.Scale(domain=list(REGIME_COLORS),
                                           range=list(REGIME_COLORS.values())))))
@@ -321,7 +336,7 @@ def hparam_scatter_chart(scatter: pd.DataFrame, *, workload: str, target: str, e
                alt.Tooltip("one_minus_momentum:Q", format=".3g"),
                alt.Tooltip("effective_learning_rate:Q", format=".3g")]
     trials = alt.Chart(frame).mark_point(filled=True, size=45, opacity=0.8).encode(
-        x=x, y=y, color=category, shape=alt.Shape("category:N", legend=None), tooltip=tooltip)
+        x=x, y=y, color=category, tooltip=tooltip)
     winner = alt.Chart(frame.loc[frame["is_winner"]]).mark_point(
         shape=STAR, size=380, filled=True, color="#f2b600", stroke="black", strokeWidth=0.8
     ).encode(x=x, y=y, tooltip=tooltip)
@@ -364,7 +379,7 @@ def hparam_scaling_chart(winners: pd.DataFrame, parameter: str, *, workload: str
     and square-root heuristics dashed. `winners` is `study.analysis.winning_hparams`."""
     frame, rules = hparam_vs_batch_frame(winners, parameter, heuristics=heuristics)
     label = HPARAM_LABELS.get(parameter, parameter)
-    x = alt.X("batch_size:Q", title="Batch size", scale=LOG2, axis=alt.Axis(tickCount=12))
+    x = alt.X("batch_size:Q", title="Batch size", scale=LOG2, axis=_batch_axis(frame["batch_size"]))
     y = alt.Y("value:Q", title=label, scale=alt.Scale(type="log") if log_y else alt.Scale(zero=False))
     color = alt.Color("series:N", title="optimizer / schedule")
     layers = []
@@ -458,7 +473,8 @@ def budget_chart(frame: pd.DataFrame, *, workload: str, target: str, eval_every:
     shown = frame.loc[frame["best_value"].notna()]
     unit = {"steps": "step", "epochs": "epoch", "examples": "example"}.get(kind, kind)
     chart = alt.Chart(shown).mark_line(point=True).encode(
-        x=alt.X("batch_size:Q", title="Batch size", scale=LOG2, axis=alt.Axis(tickCount=12)),
+        x=alt.X("batch_size:Q", title="Batch size", scale=LOG2,
+                axis=_batch_axis(frame["batch_size"])),
         y=alt.Y("best_value:Q", title=f"best {metric.replace('_', ' ')}", scale=alt.Scale(zero=False)),
         color=alt.Color("budget_label:N", title=f"{unit} budget",
                         sort=list(dict.fromkeys(frame["budget_label"]))),

@@ -126,3 +126,18 @@ def test_same_seed_same_measurements(tmp_path):
                           "val_loss", "val_error"]].reset_index(drop=True))
     pd.testing.assert_frame_equal(tables[0], tables[1], check_exact=True)
     assert len(tables[0]) > 2
+
+
+def test_example_queries_in_the_sql_docs_run(finished_campaign):
+    """Every ```sql block of docs/sql.md runs on a real campaign and returns rows."""
+    import re
+    from pathlib import Path
+    url, _, _ = finished_campaign
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "sql.md").read_text()
+    blocks = re.findall(r"```sql\n(.*?)```", docs, flags=re.S)
+    assert len(blocks) >= 2
+    engine = make_engine(url, read_only=True)
+    with engine.connect() as connection:
+        for block in blocks:
+            rows = connection.execute(text(block.replace("'demo_digits'", "'tiny'"))).all()
+            assert rows, block

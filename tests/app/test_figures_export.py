@@ -1,0 +1,98 @@
+"""Static export of every dashboard figure (vl-convert, offline): PNG signature, and the
+SVG's text names the workload, the target and the evaluation interval."""
+from __future__ import annotations
+
+import xml.etree.ElementTree as ElementTree
+
+import pytest
+
+from app import data
+from db.engine import make_engine
+from study import figures
+from tests.app.conftest import CAMPAIGN, STEPS_TO_RESULT
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+CONTEXT = {"workload": "digits_mlp", "target": "val_error < 0.1", "eval_every": 10}
+
+
+@pytest.fixture(scope="module")
+def campaign(dashboard_db):
+    return data.load_campaign(make_engine(dashboard_db, read_only=True), CAMPAIGN)
+
+
+def build(name: str, campaign: data.CampaignData):
+    analysis = data.scaling_analysis(campaign, n_resamples=100)
+    rows = data.curves(campaign, data.winner_trial_ids(campaign))
+    if name == "scaling_study_chart":
+        points = figures.scaling_points(campaign.table, intervals=analysis.summary)
+        curves = figures.scaling_fit_curves(analysis.fits, points)
+        bands = figures.regime_bands(analysis.regimes)
+        return figures.scaling_study_chart(points, curves=curves, bands=bands,
+                                           shaded_series="momentum / constant",
+                                           b_crit={"momentum / constant": 90.0}, **CONTEXT)
+    if name == "hparam_scatter_chart":
+        scatter = data.scatter(campaign)
+        return figures.hparam_scatter_chart(scatter.loc[scatter["cell_id"] == 1],
+                                            cell_label="B=16", **CONTEXT)
+    if name == "hparam_scaling_chart":
+        return figures.hparam_scaling_chart(data.winners(campaign), "learning_rate", **CONTEXT)
+    if name == "learning_curve_chart":
+        return figures.learning_curve_chart(rows, threshold=0.1, **CONTEXT)
+    if name == "smith_comparison_chart":
+        return figures.smith_comparison_chart(rows, threshold=0.1, **CONTEXT)
+    if name == "training_trace_chart":
+        return figures.training_trace_chart(rows, "noise_scale", log_y=True, **CONTEXT)
+    if name == "budget_chart":
+        from app.views.budgets import budget_frame
+        return figures.budget_chart(budget_frame(campaign, [50, 200], "steps"), **CONTEXT)
+    if name == "progress_chart":
+        return figures.progress_chart(data.progress_table(campaign), **CONTEXT)
+    raise KeyError(name)
+
+
+FIGURES = ["scaling_study_chart", "hparam_scatter_chart", "hparam_scaling_chart",
+           "learning_curve_chart", "smith_comparison_chart", "training_trace_chart",
+           "budget_chart", "progress_chart"]
+
+
+def svg_text(path) -> str:
+    root = ElementTree.parse(path).getroot()
+    return " ".join("".join(node.itertext()) for node in root.iter()
+                    if node.tag.endswith("text"))
+
+
+@pytest.mark.parametrize("name", FIGURES)
+def test_figure_exports_png_and_svg_with_context(name, campaign, tmp_path):
+    chart = build(name, campaign)
+    png = figures.save_chart(chart, tmp_path / f"{name}.png")
+    assert png.read_bytes()[:8] == PNG_SIGNATURE
+    svg = figures.save_chart(chart, tmp_path / f"{name}.svg")
+    text = svg_text(svg)
+    assert "digits_mlp" in text and "val_error < 0.1" in text
+    assert "evaluated every 10 steps" in text
+
+
+def test_scaling_points_normalise_and_perfect_scaling(campaign):
+    points = figures.scaling_points(campaign.table, "steps_to_result", normalize_at=16)
+    by_b = dict(zip(points["batch_size"], points["value"]))
+    assert by_b[16] == pytest.approx(1.0)
+    assert by_b[64] == pytest.approx(STEPS_TO_RESULT[64] / STEPS_TO_RESULT[16])
+    perfect = dict(zip(points["batch_size"], points["perfect_scaling"]))
+    assert perfect[128] == pytest.approx(16 / 128)
+
+
+def test_regime_bands_cover_batch_sizes_between_midpoints():
+    import pandas as pd
+    regimes = pd.DataFrame({"batch_size": [16, 32, 64, 128],
+                            "regime": ["perfect_scaling", "perfect_scaling",
+                                       "diminishing_returns", "maximal_data_parallelism"]})
+    bands = figures.regime_bands(regimes)
+    assert bands["regime"].tolist() == ["perfect_scaling", "diminishing_returns",
+                                        "maximal_data_parallelism"]
+    assert bands["start"].iloc[0] == pytest.approx(16 / 2 ** 0.5)
+    assert bands["end"].iloc[0] == pytest.approx((32 * 64) ** 0.5)
+
+
+def test_existing_scaling_chart_still_exports(campaign, tmp_path):
+    chart = figures.scaling_chart(campaign.table, **CONTEXT)
+    assert figures.save_chart(chart, tmp_path / "s.png").read_bytes()[:8] == PNG_SIGNATURE

@@ -1,0 +1,72 @@
+"""The SQL page's query runner: one statement, read-only, bounded in time and rows, on
+SQLite and (when a server can be started) PostgreSQL."""
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import text
+
+from app.data import QueryError, run_read_only_query, single_statement
+from db.engine import make_engine
+from tests.app.conftest import build_database
+
+WRITES = ["DELETE FROM bl_trials", "DROP TABLE bl_measurements",
+          "UPDATE bl_campaigns SET name = 'x'", "CREATE TABLE evil (a INTEGER)",
+          "COMMIT; DELETE FROM bl_trials", "SELECT 1; DROP TABLE bl_trials"]
+
+
+@pytest.mark.parametrize("sql,expected", [
+    ("SELECT 1;", "SELECT 1"), ("SELECT 1 ; -- trailing\n", "SELECT 1"),
+    ("SELECT ';' AS s", "SELECT ';' AS s"), ("SELECT $$a;b$$", "SELECT $$a;b$$")])
+def test_single_statement_accepts_one(sql, expected):
+    assert single_statement(sql) == expected
+
+
+@pytest.mark.parametrize("sql", ["", "  ; ", "-- nothing", "SELECT 1; SELECT 2",
+                                 "COMMIT; DELETE FROM bl_trials"])
+def test_single_statement_refuses_empty_or_several(sql):
+    with pytest.raises(QueryError):
+        single_statement(sql)
+
+
+def snapshot(engine) -> tuple:
+    with engine.connect() as connection:
+        return tuple(connection.execute(text(f"SELECT COUNT(*) FROM {t}")).scalar()
+                     for t in ("bl_campaigns", "bl_trials", "bl_measurements"))
+
+
+def test_sqlite_refuses_writes_times_out_and_limits_rows(tmp_path):
+    engine = make_engine(build_database(tmp_path / "t.db"), read_only=True)
+    before = snapshot(engine)
+    for statement in WRITES + ["CREATE TEMP TABLE t (a INTEGER)"]:
+        with pytest.raises(QueryError):
+            run_read_only_query(engine, statement)
+    assert snapshot(engine) == before
+    result = run_read_only_query(engine, "SELECT id FROM bl_measurements", row_limit=3)
+    assert len(result.frame) == 3 and result.truncated
+    with pytest.raises(QueryError, match="longer than 0.2 s"):
+        run_read_only_query(engine, "WITH RECURSIVE r(i) AS (SELECT 1 UNION ALL SELECT i + 1 "
+                                    "FROM r) SELECT COUNT(*) FROM r", timeout_seconds=0.2)
+
+
+def test_postgres_read_only_transaction_and_statement_timeout(local_postgres):
+    from db.schema import ensure_schema
+    url = local_postgres.create_database("dashboard_ro")
+    writer = make_engine(url)
+    ensure_schema(writer)
+    with writer.begin() as connection:
+        connection.execute(text(
+            "INSERT INTO bl_campaigns (name, workload, target_metric, target_threshold, "
+            "target_mode, eval_every, max_steps, trials_per_cell, sampler, spec, spec_text, "
+            "created_at) VALUES ('pg', 'w', 'val_error', 0.1, 'min', 10, 100, 1, 'random', "
+            "'{}', '', now())"))
+    engine = make_engine(url, read_only=True)
+    before = snapshot(engine)
+    for statement in WRITES:
+        with pytest.raises(QueryError):
+            run_read_only_query(engine, statement)
+    assert snapshot(engine) == before
+    assert run_read_only_query(engine, "SELECT name FROM bl_campaigns").frame["name"].tolist() == ["pg"]
+    with pytest.raises(QueryError, match="statement timeout"):
+        run_read_only_query(engine, "SELECT pg_sleep(5)", timeout_seconds=0.3)
+    engine.dispose()
+    writer.dispose()
