@@ -191,14 +191,15 @@ class _Validator:
                             check=lambda w: None if w in WORKLOADS else
                             f"unknown workload {w!r}; choose from {', '.join(sorted(WORKLOADS))}")
         batch_sizes = self.batch_sizes(campaign)
-        optimizers = self.names(campaign, "optimizers", OPTIMIZERS)
+        optimizers = self.names(campaign, "optimizers", optimizer_hparams(WORKLOADS[workload]))
         schedule_defs = self.schedule_defs()
         schedules = self.names(campaign, "schedules", {**SCHEDULES, **schedule_defs})
         positive = lambda v: None if v > 0 else "must be > 0"
         max_steps = self.get(campaign, "campaign", "max_steps", int, check=positive)
         eval_every = self.get(campaign, "campaign", "eval_every", int, check=lambda v: (
             "must be > 0" if v <= 0 else f"must be <= max_steps ({max_steps})" if v > max_steps else None))
-        spaces = self.search_spaces(optimizers, schedules, schedule_defs)
+        spaces = self.search_spaces(optimizers, schedules, schedule_defs,
+                                    optimizer_hparams(WORKLOADS[workload]))
         data_dir = self.get(campaign, "campaign", "data_dir", str, None)
         if WORKLOADS[workload].needs_data_dir and not data_dir:
             self.fail("campaign.data_dir", f"workload {workload!r} reads files from disk: set data_dir")
@@ -284,13 +285,14 @@ class _Validator:
                              check=lambda t: None if math.isfinite(t) else "must be finite")
         return Target(metric, threshold)
 
-    def search_spaces(self, optimizers, schedules, schedule_defs) -> dict[str, tuple[Param, ...]]:
+    def search_spaces(self, optimizers, schedules, schedule_defs,
+                      optimizer_table) -> dict[str, tuple[Param, ...]]:
         table = self.table("search_space")
         self.unknown_keys(table, "search_space", {"all", "optimizer", "schedule"})
         spaces: dict[str, tuple[Param, ...]] = {}
         if "all" in table:
             spaces["all"] = self.params(table["all"], "search_space.all")
-        for group, chosen, registry in (("optimizer", optimizers, OPTIMIZERS),
+        for group, chosen, registry in (("optimizer", optimizers, optimizer_table),
                                         ("schedule", schedules, {**SCHEDULES, **schedule_defs})):
             entries = table.get(group, {})
             if not isinstance(entries, dict):
@@ -346,20 +348,28 @@ class _Validator:
                 for duplicate in {n for n in names if names.count(n) > 1}:
                     self.fail("search_space", f"{duplicate!r} is set twice for cell "
                               f"({optimizer}, {schedule})")
-                opt = OPTIMIZERS[optimizer]
+                opt_required, opt_optional = optimizer_hparams(WORKLOADS[spec.workload])[optimizer]
                 sched = SCHEDULES[spec.schedule_def(schedule).lr_schedule]
-                allowed = set(opt.required) | set(opt.optional) | set(sched.required) | \
+                allowed = set(opt_required) | set(opt_optional) | set(sched.required) | \
                     set(sched.optional) | set(LOOP_HPARAMS)
                 for param_name in names:
                     if param_name not in allowed:
                         self.fail("search_space", f"{param_name!r} is not a hyperparameter of "
                                   f"optimizer {optimizer!r} or schedule {schedule!r}")
-                for required in (*opt.required, *sched.required):
+                for required in (*opt_required, *sched.required):
                     if required not in names:
-                        group = "optimizer" if required in opt.required else "schedule"
+                        group = "optimizer" if required in opt_required else "schedule"
                         owner = optimizer if group == "optimizer" else schedule
                         self.fail(f"search_space.{group}.{owner}.{required}",
                                   "is required (give a range, choices or a fixed value)")
+
+
+def optimizer_hparams(workload) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
+    """Optimizer name -> (required, optional) hyperparameters: torch's registry, or the
+    update rules a closed-form workload (the NQM) models."""
+    if workload.optimizers is not None:
+        return {name: (tuple(names), ()) for name, names in workload.optimizers.items()}
+    return {name: (spec.required, tuple(spec.optional)) for name, spec in OPTIMIZERS.items()}
 
 
 def _check_name(name: str) -> str | None:

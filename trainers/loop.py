@@ -106,6 +106,11 @@ def run_trial(config: TrialConfig, *, data_cache: DataCache | None = None,
     `best_so_far` returns the cell's best steps-to-result (or None), read after every
     evaluation so that a trial which can no longer win stops early when `prune` is set."""
     workload = get_workload(config.workload)
+    if workload.simulate is not None:
+        result, measurements = workload.simulate(config)
+        for measurement in measurements:
+            on_measurement(measurement)
+        return result
     device = resolve_device(config.device)
     splits = (data_cache or DataCache()).get(
         workload, DataOptions(config.data_dir, config.download), device)

@@ -51,6 +51,12 @@ class Workload:
     augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
     needs_data_dir: bool = True
     default_search_space: Mapping[str, Mapping] = field(default_factory=dict)
+    # A workload with a closed form (the noisy quadratic model) computes a trial's
+    # measurements and result directly instead of training: simulate(config) returns
+    # (TrialResult, [Measurement]). `optimizers` then names the update rules it models
+    # and the hyperparameters each reads (instead of trainers.optim's registry).
+    simulate: Callable | None = None
+    optimizers: Mapping[str, tuple[str, ...]] | None = None
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 (N, C, H, W) -> normalised float, on x's device."""
