@@ -71,6 +71,8 @@ class TrialConfig:
     # first interval's loss (or is NaN/inf) has diverged.
     divergence_factor: float = 10.0
     eval_batch_size: int = 4096
+    # "auto": bf16 autocast (and channels_last) on CUDA, fp32 on CPU; "fp32" everywhere.
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hparams", frozen_mapping(self.hparams))

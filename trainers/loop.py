@@ -14,12 +14,15 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
+import torch.distributed as dist
+
 from trainers.batch_schedules import BatchSizePlan
+from trainers.batches import LoaderBatches, ResidentBatches, Shard
 from trainers.config import Measurement, TrialConfig, TrialResult
 from trainers.data.splits import ArraySplits
 from trainers.optim import GRAD_CLIP_NORM, clip_gradients, get_optimizer
@@ -36,13 +39,36 @@ class DataCache:
     """Datasets loaded once per worker and device (a worker runs many trials)."""
 
     def __init__(self) -> None:
-        self._splits: dict[tuple, ArraySplits] = {}
+        self._splits: dict[tuple, object] = {}
 
     def get(self, workload: Workload, options: DataOptions, device: torch.device) -> ArraySplits:
         key = (workload.name, options, str(device))
         if key not in self._splits:
             self._splits[key] = workload.load_data(options).to(device)
         return self._splits[key]
+
+    def folders(self, workload: Workload, options: DataOptions):
+        key = (workload.name, options, "folders")
+        if key not in self._splits:
+            self._splits[key] = workload.load_folders(options)
+        return self._splits[key]
+
+
+def trial_batches(workload: Workload, config: TrialConfig, cache: DataCache,
+                  device: torch.device, shard: Shard):
+    """The trial's batch source: a DataLoader for folder workloads, else resident tensors."""
+    options = DataOptions(config.data_dir, config.download)
+    if workload.load_folders is not None:
+        folders = cache.folders(workload, options)
+        return LoaderBatches(folders.train, folders.val, workload, device, shard=shard)
+    return ResidentBatches(cache.get(workload, options, device), workload, shard)
+
+
+def current_shard() -> Shard:
+    """This process's place in a torchrun / DDP group (rank 0 of 1 otherwise)."""
+    if dist.is_available() and dist.is_initialized():
+        return Shard(dist.get_rank(), dist.get_world_size())
+    return Shard()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -67,19 +93,41 @@ def build_model(workload: Workload, config: TrialConfig, device: torch.device) -
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, workload: Workload, x: torch.Tensor, y: torch.Tensor,
              batch_size: int) -> tuple[float, float]:
-    """Mean cross-entropy and error rate over a whole split."""
+    """Mean cross-entropy and error rate over a whole split of uint8 tensors."""
+    batches = ((workload.preprocess(x[s:s + batch_size]), y[s:s + batch_size])
+               for s in range(0, len(y), batch_size))
+    return _evaluate_batches(model, workload, batches, x.device, Shard(), "fp32")
+
+
+@torch.no_grad()
+def _evaluate_batches(model, workload, batches, device, shard: Shard, precision: str):
     was_training = model.training
     model.eval()
-    loss_sum = torch.zeros((), device=x.device, dtype=torch.float64)
-    wrong = torch.zeros((), device=x.device, dtype=torch.int64)
-    for start in range(0, len(y), batch_size):
-        logits = model(workload.preprocess(x[start:start + batch_size]))
-        labels = y[start:start + batch_size]
-        loss_sum += workload.loss(logits, labels)[0].double()
-        wrong += (logits.argmax(dim=1) != labels).sum()
+    # (loss sum, wrong, count): summed over this rank's examples, then over ranks.
+    totals = torch.zeros(3, device=device, dtype=torch.float64)
+    for inputs, labels in batches:
+        with _autocast(device, precision):
+            logits = model(_memory_format(inputs, device))
+        totals[0] += workload.loss(logits, labels)[0].double()
+        totals[1] += (logits.argmax(dim=1) != labels).sum()
+        totals[2] += labels.numel()
+    if shard.world > 1:
+        dist.all_reduce(totals)
     model.train(was_training)
-    count = len(y)
-    return loss_sum.item() / count, wrong.item() / count
+    loss_sum, wrong, count = totals.tolist()
+    return loss_sum / count, wrong / count
+
+
+def _autocast(device: torch.device, precision: str):
+    """bf16 autocast on CUDA (precision "auto" or "bf16"); plain fp32 elsewhere."""
+    enabled = device.type == "cuda" and precision in ("auto", "bf16")
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def _memory_format(inputs: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda" and inputs.dim() == 4:
+        return inputs.contiguous(memory_format=torch.channels_last)
+    return inputs
 
 
 @dataclass
@@ -92,8 +140,7 @@ class _Progress:
     eval_seconds: float = 0.0
     interval_loss: torch.Tensor | None = None
     interval_count: int = 0
-    first_train_loss: float | None = None
-    best_metric: float | None = None
+    stop: StopState = field(default_factory=lambda: StopState())
     last_lr: float = 0.0
     batch_size: int = 0
 
@@ -112,49 +159,54 @@ def run_trial(config: TrialConfig, *, data_cache: DataCache | None = None,
             on_measurement(measurement)
         return result
     device = resolve_device(config.device)
-    splits = (data_cache or DataCache()).get(
-        workload, DataOptions(config.data_dir, config.download), device)
+    shard = current_shard()
+    batches = trial_batches(workload, config, data_cache or DataCache(), device, shard)
     model = build_model(workload, config, device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
     optimizer = get_optimizer(config.optimizer).build(model.parameters(), config.hparams)
     lr_factor = get_schedule(config.schedule).build(config.hparams, max_steps=config.max_steps)
     base_lr = float(config.hparams["learning_rate"])
     clip_norm = config.hparams.get(GRAD_CLIP_NORM)
     plan = BatchSizePlan(config.batch_size, **config.batch_plan) if config.batch_plan else None
-    generator = torch.Generator(device=device).manual_seed(config.seed)
+    generator_device = device if isinstance(batches, ResidentBatches) else torch.device("cpu")
+    generator = torch.Generator(device=generator_device).manual_seed(config.seed)
     progress = _Progress()
-    train_size = splits.train_size
+    train_size = batches.train_size
     model.train()
     clock = time.perf_counter()
     for epoch_index in itertools.count():
         batch_size = plan.batch_size(epoch_index) if plan else config.batch_size
         plan_factor = plan.lr_factor(epoch_index) if plan else 1.0
         last_epoch = config.max_epochs is not None and epoch_index + 1 >= config.max_epochs
-        order = torch.randperm(train_size, device=device, generator=generator)
-        for start in range(0, train_size, batch_size):
-            index = order[start:start + batch_size]
+        steps_in_epoch = -(-train_size // batch_size)
+        for position, (inputs, labels, global_count) in enumerate(batches.epoch(batch_size, generator)):
             lr = base_lr * plan_factor * lr_factor(progress.step, progress.examples / train_size)
-            _train_step(model, workload, optimizer, splits, index, lr, clip_norm, generator, progress)
+            _train_step(model, workload, optimizer, inputs, labels, global_count, lr, clip_norm,
+                        device, config.precision, shard, progress)
             progress.batch_size = batch_size
-            epoch_done = last_epoch and start + batch_size >= train_size
+            epoch_done = last_epoch and position + 1 == steps_in_epoch
             if progress.step % config.eval_every and progress.step < config.max_steps and not epoch_done:
                 continue
             _sync(device)
             progress.train_seconds += time.perf_counter() - clock
-            result = _evaluate_and_decide(model, workload, splits, config, progress,
-                                          on_measurement, best_so_far, prune, train_size)
+            result = _evaluate_and_decide(model, workload, batches, config, progress, on_measurement,
+                                          best_so_far, prune, train_size, device, shard)
             clock = time.perf_counter()
             if result is not None:
                 return result
 
 
-def _train_step(model, workload, optimizer, splits, index, lr, clip_norm, generator, progress):
-    x = workload.preprocess(splits.train_x[index])
-    if workload.augment is not None:
-        x = workload.augment(x, generator)
-    labels = splits.train_y[index]
-    loss_sum, count, _ = workload.loss(model(x), labels)
+def _train_step(model, workload, optimizer, inputs, labels, global_count, lr, clip_norm,
+                device, precision, shard: Shard, progress):
+    with _autocast(device, precision):
+        loss_sum, count, _ = workload.loss(model(_memory_format(inputs, device)), labels)
     optimizer.zero_grad(set_to_none=True)
-    (loss_sum / count).backward()
+    # Divide by the global batch: with gradients summed over ranks below, every rank
+    # applies exactly the single-process mean gradient.
+    (loss_sum / global_count).backward()
+    if shard.world > 1:
+        _all_reduce_gradients(model)
     clip_gradients(model.parameters(), clip_norm)
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -163,8 +215,18 @@ def _train_step(model, workload, optimizer, splits, index, lr, clip_norm, genera
     progress.interval_loss = detached if progress.interval_loss is None else progress.interval_loss + detached
     progress.interval_count += count
     progress.step += 1
-    progress.examples += count
+    progress.examples += global_count
     progress.last_lr = lr
+
+
+def _all_reduce_gradients(model: torch.nn.Module) -> None:
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])  # one collective, not one per tensor
+    dist.all_reduce(flat)
+    offset = 0
+    for grad in grads:
+        grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
+        offset += grad.numel()
 
 
 def _sync(device: torch.device) -> None:
@@ -172,62 +234,103 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _evaluate_and_decide(model, workload, splits, config, progress, on_measurement,
-                         best_so_far, prune, train_size) -> TrialResult | None:
+def _evaluate_and_decide(model, workload, batches, config, progress, on_measurement,
+                         best_so_far, prune, train_size, device, shard) -> TrialResult | None:
     eval_start = time.perf_counter()
-    val_loss, val_error = evaluate(model, workload, splits.val_x, splits.val_y, config.eval_batch_size)
+    val_loss, val_error = _evaluate_batches(model, workload, batches.eval_batches(config.eval_batch_size),
+                                            device, shard, config.precision)
     progress.eval_seconds += time.perf_counter() - eval_start
-    train_loss = progress.interval_loss.item() / progress.interval_count
-    progress.interval_loss, progress.interval_count = None, 0
+    train_loss = _interval_train_loss(progress, device, shard)
     measurement = Measurement(
         step=progress.step, examples=progress.examples, epoch=progress.examples / train_size,
         wall_seconds=progress.train_seconds, eval_seconds=progress.eval_seconds,
         learning_rate=progress.last_lr, batch_size=progress.batch_size,
         train_loss=train_loss, val_loss=val_loss, val_error=val_error,
-        extra=_sgd_noise_scale(config, progress, train_size))
-    on_measurement(measurement)
-    value = measurement.metric(config.target.metric)
-    if math.isfinite(value) and (progress.best_metric is None or
-                                 (value < progress.best_metric if config.target.mode == "min"
-                                  else value > progress.best_metric)):
-        progress.best_metric = value
-    if config.target.is_beaten_by(value):
-        return _result(progress, "reached", measurement)
-    if _diverged(train_loss, val_loss, progress, config.divergence_factor):
-        return _result(progress, "diverged", message=f"loss {train_loss:.4g} at step {progress.step}")
-    epochs = progress.examples / train_size
-    if progress.step >= config.max_steps or (config.max_epochs is not None and epochs >= config.max_epochs):
-        return _result(progress, "not_reached")
-    best = best_so_far() if prune else None
-    if best is not None and progress.step >= best:
-        return _result(progress, "pruned", message=f"cell best is {best} steps")
-    return None
-
-
-def _sgd_noise_scale(config: TrialConfig, progress: _Progress, train_size: int) -> dict:
-    """Smith & Le's noise scale g = lr / (1 - m) (N / B - 1) for SGD-family optimizers,
-    at the current learning rate and batch size."""
-    if config.optimizer not in SGD_FAMILY:
-        return {}
-    momentum = float(config.hparams.get("momentum", 0.0)) if config.optimizer != "sgd" else 0.0
-    return {"noise_scale": noise_scale(progress.last_lr, train_size, progress.batch_size, momentum)}
-
-
-def _diverged(train_loss: float, val_loss: float, progress: _Progress, factor: float) -> bool:
-    if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
-        return True
-    if progress.first_train_loss is None:
-        progress.first_train_loss = train_loss
-        return False
-    return train_loss > factor * progress.first_train_loss
-
-
-def _result(progress: _Progress, outcome: str, reached_at: Measurement | None = None,
-            message: str = "") -> TrialResult:
+        extra=measurement_extras(config, progress.last_lr, progress.batch_size, train_size))
+    if shard.rank == 0:
+        on_measurement(measurement)
+    cell_best = lambda: _from_rank_zero(best_so_far() if prune and shard.rank == 0 else None, shard)
+    decision = decide(progress.stop, measurement, config, cell_best, train_size)
+    if decision is None:
+        return None
+    outcome, message = decision
     return TrialResult(
         outcome=outcome, steps=progress.step, examples=progress.examples,
         wall_seconds=progress.train_seconds,
-        steps_to_result=reached_at.step if reached_at else None,
-        examples_to_result=reached_at.examples if reached_at else None,
-        seconds_to_result=reached_at.wall_seconds if reached_at else None,
-        best_metric=progress.best_metric, message=message)
+        steps_to_result=measurement.step if outcome == "reached" else None,
+        examples_to_result=measurement.examples if outcome == "reached" else None,
+        seconds_to_result=measurement.wall_seconds if outcome == "reached" else None,
+        best_metric=progress.stop.best_metric, message=message)
+
+
+@dataclass
+class StopState:
+    """What the stopping rules remember about one trial between evaluations."""
+
+    first_train_loss: float | None = None
+    best_metric: float | None = None
+
+
+def decide(state: StopState, measurement: Measurement, config: TrialConfig,
+           cell_best: Callable[[], "int | None"], train_size: int) -> tuple[str, str] | None:
+    """The stopping rules, in order, after an evaluation: (outcome, message), or None to
+    go on. Reached (strictly beats the target), diverged (NaN/inf, or the interval's
+    training loss above `divergence_factor` x the first interval's), not_reached (step or
+    epoch budget spent), pruned (as many steps as the cell's best, read lazily from
+    `cell_best`, without reaching the target). Shared by the sequential and the
+    vectorized trainers so both stop trials identically."""
+    value = measurement.metric(config.target.metric)
+    better = (lambda a, b: a < b) if config.target.mode == "min" else (lambda a, b: a > b)
+    if math.isfinite(value) and (state.best_metric is None or better(value, state.best_metric)):
+        state.best_metric = value
+    if config.target.is_beaten_by(value):
+        return "reached", ""
+    if _diverged(measurement.train_loss, measurement.val_loss, state, config.divergence_factor):
+        return "diverged", f"loss {measurement.train_loss:.4g} at step {measurement.step}"
+    epochs = measurement.examples / train_size
+    if measurement.step >= config.max_steps or (config.max_epochs is not None and epochs >= config.max_epochs):
+        return "not_reached", ""
+    best = cell_best()
+    if best is not None and measurement.step >= best:
+        return "pruned", f"cell best is {best} steps"
+    return None
+
+
+def _interval_train_loss(progress: _Progress, device, shard: Shard) -> float:
+    """Mean training loss since the last evaluation, over all ranks' examples."""
+    totals = torch.stack([progress.interval_loss.double(),
+                          torch.tensor(float(progress.interval_count), device=device, dtype=torch.float64)])
+    if shard.world > 1:
+        dist.all_reduce(totals)
+    progress.interval_loss, progress.interval_count = None, 0
+    loss_sum, count = totals.tolist()
+    return loss_sum / count
+
+
+def _from_rank_zero(value, shard: Shard):
+    """Rank 0 alone talks to storage; the others follow its answer (the stop decision
+    must be the same everywhere)."""
+    if shard.world == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def measurement_extras(config: TrialConfig, learning_rate: float, batch_size: int,
+                       train_size: int) -> dict:
+    """Per-evaluation quantities beyond the losses: Smith & Le's noise scale
+    g = lr / (1 - m) (N / B - 1) for SGD-family optimizers, at the rate and batch in force."""
+    if config.optimizer not in SGD_FAMILY:
+        return {}
+    momentum = float(config.hparams.get("momentum", 0.0)) if config.optimizer != "sgd" else 0.0
+    return {"noise_scale": noise_scale(learning_rate, train_size, batch_size, momentum)}
+
+
+def _diverged(train_loss: float, val_loss: float, state: StopState, factor: float) -> bool:
+    if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
+        return True
+    if state.first_train_loss is None:
+        state.first_train_loss = train_loss
+        return False
+    return train_loss > factor * state.first_train_loss

@@ -56,6 +56,10 @@ class Workload:
     # (TrialResult, [Measurement]). `optimizers` then names the update rules it models
     # and the hyperparameters each reads (instead of trainers.optim's registry).
     simulate: Callable | None = None
+    # Workloads too large to hold in memory (ImageNet at full size) stream batches from
+    # a DataLoader: load_folders(options) returns map-style train/val datasets of
+    # (uint8 image, label) items with their augmentation in the transforms.
+    load_folders: Callable | None = None
     optimizers: Mapping[str, tuple[str, ...]] | None = None
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
@@ -139,6 +143,9 @@ def _base_workloads() -> WorkloadRegistry:
         default_target=Target("val_error", 0.06), default_max_steps=5000))
     from trainers.workloads_papers import paper_workloads
     for workload in paper_workloads():
+        register(registry, workload)
+    from trainers.nqm_workload import nqm_workloads
+    for workload in nqm_workloads():
         register(registry, workload)
     return registry
 

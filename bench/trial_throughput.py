@@ -1,0 +1,157 @@
+"""Trials per second: a plain PyTorch + DataLoader loop vs batchlab sequential vs vectorized.
+
+Every method trains the same model (built from the same seed as `run_trial` builds it)
+for the same fixed number of steps with momentum SGD at the same batch size, and
+evaluates once on the validation set at the end; the target is `val_error < 0`, which no
+trial can beat, so nothing stops early and the work is identical. The baseline is what a
+typical Optuna objective looks like: a `DataLoader(TensorDataset(...), shuffle=True)`
+over pre-normalised float tensors, `optimizer.zero_grad(); loss.backward(); step()`.
+
+    python -m bench.trial_throughput                       # digits_mlp on CPU, ~2-3 min
+    python -m bench.trial_throughput --data-dir /work/shared/datasets/mnist-t10k
+    python -m bench.trial_throughput --device cuda --ks 8,32,128 --steps 500
+
+Prints the device, torch version and date, then trials/second per method and its ratio
+against the baseline measured in the same run (best of --repeats).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from trainers.config import Target, TrialConfig
+from trainers.loop import DataCache, build_model, resolve_device, run_trial
+from trainers.vectorized import run_trials_vectorized
+from trainers.workloads import DataOptions, get_workload
+
+HPARAMS = {"learning_rate": 0.02, "momentum": 0.9}
+
+
+def trial_configs(workload: str, batch_size: int, steps: int, count: int, device: str,
+                  data_dir: str | None) -> list[TrialConfig]:
+    """`count` trials of one cell that never stop early (target val_error < 0)."""
+    return [TrialConfig(workload=workload, batch_size=batch_size, optimizer="momentum",
+                        schedule="constant",
+                        hparams={**HPARAMS, "learning_rate": HPARAMS["learning_rate"] * (1 + 0.1 * i)},
+                        max_steps=steps, eval_every=steps, target=Target("val_error", 0.0),
+                        seed=i, device=device, data_dir=data_dir)
+            for i in range(count)]
+
+
+def baseline_trial(config: TrialConfig, cache: DataCache) -> float:
+    """A typical hand-written PyTorch objective; returns the final validation error."""
+    workload = get_workload(config.workload)
+    device = resolve_device(config.device)
+    splits = cache.get(workload, DataOptions(config.data_dir, config.download), torch.device("cpu"))
+    train = TensorDataset(workload.preprocess(splits.train_x), splits.train_y)
+    loader = DataLoader(train, batch_size=config.batch_size, shuffle=True)
+    model = build_model(workload, config, device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.hparams["learning_rate"],
+                                momentum=config.hparams["momentum"])
+    step = 0
+    while step < config.max_steps:
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            step += 1
+            if step == config.max_steps:
+                break
+    with torch.no_grad():
+        logits = model(workload.preprocess(splits.val_x).to(device))
+        return (logits.argmax(1).cpu() != splits.val_y).float().mean().item()
+
+
+def timed(run: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """Best wall seconds of `repeats` runs (synchronised on CUDA)."""
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def warm_up(workload: str, batch_size: int, args, cache: DataCache, step_cache: dict) -> None:
+    """A few untimed steps of every method: lazy imports, allocator, data, compilation."""
+    few = trial_configs(workload, batch_size, 3, max(args.ks), args.device, args.data_dir)
+    baseline_trial(few[0], cache)
+    run_trial(few[0], data_cache=cache)
+    for k in args.ks:
+        run_trials_vectorized(few[:k], data_cache=cache, chunk_size=k, compile=args.compile,
+                              step_cache=step_cache)
+
+
+def bench_cell(workload: str, batch_size: int, args, cache: DataCache,
+               step_cache: dict) -> list[tuple[str, float]]:
+    """(method, trials per second) for one workload and batch size."""
+    device = resolve_device(args.device)
+    sequential_count = args.sequential_trials
+    configs = trial_configs(workload, batch_size, args.steps, max([sequential_count, *args.ks]),
+                            args.device, args.data_dir)
+    few = configs[:sequential_count]
+    warm_up(workload, batch_size, args, cache, step_cache)
+    rows = [("baseline (DataLoader loop)",
+             len(few) / timed(lambda: [baseline_trial(c, cache) for c in few], device, args.repeats)),
+            ("batchlab sequential (run_trial)",
+             len(few) / timed(lambda: [run_trial(c, data_cache=cache) for c in few], device, args.repeats))]
+    for k in args.ks:
+        group = configs[:k]
+        run = lambda: run_trials_vectorized(group, data_cache=cache, chunk_size=k,
+                                            compile=args.compile, step_cache=step_cache)
+        rows.append((f"batchlab vectorized K={k}", k / timed(run, device, args.repeats)))
+    return rows
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ints = lambda text: [int(v) for v in text.split(",") if v]
+    parser.add_argument("--steps", type=int, default=100, help="training steps per trial")
+    parser.add_argument("--batch-sizes", type=ints, default=[16, 128, 1024])
+    parser.add_argument("--ks", type=ints, default=[8, 32], help="trials per vectorized group")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=3, help="best of this many timings")
+    parser.add_argument("--sequential-trials", type=int, default=4,
+                        help="trials timed for the baseline and sequential rates")
+    parser.add_argument("--data-dir", default=None,
+                        help="MNIST t10k files: also benchmark mnist10k_mlp")
+    parser.add_argument("--compile", action="store_true", default=None,
+                        help="compile the vectorized step (default: on CUDA only)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    print(f"device: {device} ({name}, {torch.get_num_threads()} CPU threads)")
+    print(f"torch {torch.__version__}, python {platform.python_version()}, "
+          f"{datetime.datetime.now().isoformat(timespec='seconds')}")
+    print(f"steps per trial: {args.steps}, momentum SGD, one validation pass per trial\n")
+    workloads = ["digits_mlp"] + (["mnist10k_mlp"] if args.data_dir else [])
+    cache, step_cache = DataCache(), {}
+    print("| workload | batch | method | trials/s | vs baseline |\n|---|---:|---|---:|---:|")
+    for workload in workloads:
+        for batch_size in args.batch_sizes:
+            rows = bench_cell(workload, batch_size, args, cache, step_cache)
+            baseline = rows[0][1]
+            for method, rate in rows:
+                print(f"| {workload} | {batch_size} | {method} | {rate:.2f} | {rate / baseline:.2f}x |",
+                      flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""Vectorized trials equal sequential ones: measurements, outcomes, masking, updates, K."""
+import dataclasses
+import math
+import os
+
+import pytest
+import torch
+
+from trainers.config import Target, TrialConfig
+from trainers.loop import DataCache, run_trial
+from trainers.loop import build_model
+from trainers.vectorized import (_UPDATES, _Clock, _hparam_tensors, _make_context, _make_stack,
+                                 _step_tables, _StepOptions, _train_step, choose_k,
+                                 is_vectorizable, run_trials_vectorized)
+from trainers.workloads import DataOptions, get_workload
+
+CACHE = DataCache()
+CPU = torch.device("cpu")
+
+
+def config(optimizer: str, hparams: dict, seed: int, **overrides) -> TrialConfig:
+    values = dict(workload="digits_mlp", batch_size=64, optimizer=optimizer, schedule="constant",
+                  hparams=hparams, max_steps=100, eval_every=10, target=Target("val_error", 0.04),
+                  seed=seed, device="cpu")
+    values.update(overrides)
+    return TrialConfig(**values)
+
+
+# One trial reaches the target early, one diverges (NaN), two run to the budget.
+CELLS = {
+    "momentum": [
+        config("momentum", {"learning_rate": 0.3, "momentum": 0.9}, 5),
+        config("momentum", {"learning_rate": 1e9, "momentum": 0.9}, 1),
+        config("momentum", {"learning_rate": 0.01, "momentum": 0.9, "weight_decay": 1e-3,
+                            "grad_clip_norm": 0.5}, 2),
+        config("momentum", {"learning_rate": 0.02, "momentum": 0.5, "end_factor": 0.1}, 4,
+               schedule="linear_decay"),
+    ],
+    "adam": [
+        config("adam", {"learning_rate": 1e-2}, 5),
+        config("adam", {"learning_rate": 1e20}, 1),
+        config("adam", {"learning_rate": 1e-3, "weight_decay": 1e-3}, 2),
+        config("adam", {"learning_rate": 1e-3, "beta1": 0.8, "beta2": 0.99}, 4),
+    ],
+}
+
+
+def sequential(configs):
+    runs = []
+    for cfg in configs:
+        measurements = []
+        runs.append((run_trial(cfg, data_cache=CACHE, on_measurement=measurements.append), measurements))
+    return runs
+
+
+def vectorized(configs, **kwargs):
+    measurements = [[] for _ in configs]
+    results = run_trials_vectorized(configs, data_cache=CACHE,
+                                    on_measurement=lambda i, m: measurements[i].append(m), **kwargs)
+    return list(zip(results, measurements))
+
+
+def assert_close(a: float, b: float, rtol: float = 1e-4) -> None:
+    assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, rel=rtol, abs=1e-7)
+
+
+def assert_same_runs(expected, actual):
+    for (want, want_ms), (got, got_ms) in zip(expected, actual, strict=True):
+        assert (got.outcome, got.steps, got.examples, got.steps_to_result, got.examples_to_result) == \
+            (want.outcome, want.steps, want.examples, want.steps_to_result, want.examples_to_result)
+        assert [(m.step, m.examples, m.epoch, m.batch_size) for m in got_ms] == \
+            [(m.step, m.examples, m.epoch, m.batch_size) for m in want_ms]
+        for w, g in zip(want_ms, got_ms):
+            assert g.learning_rate == w.learning_rate
+            assert g.val_error == pytest.approx(w.val_error, abs=1.5 / 300)  # at most one example
+            for name in ("train_loss", "val_loss"):
+                assert_close(getattr(g, name), getattr(w, name))
+
+
+@pytest.mark.parametrize("optimizer", ["momentum", "adam"])
+def test_vectorized_equals_sequential(optimizer):
+    configs = CELLS[optimizer]
+    expected = sequential(configs)
+    outcomes = sorted(result.outcome for result, _ in expected)
+    assert outcomes == ["diverged", "not_reached", "not_reached", "reached"]  # the cases we want
+    assert_same_runs(expected, vectorized(configs, chunk_size=4))
+
+
+def test_results_keep_caller_order_across_groups_and_fallbacks():
+    lars = config("lars", {"learning_rate": 0.5}, 7, max_steps=20)
+    configs = [dataclasses.replace(CELLS["adam"][0], max_steps=20), lars,
+               config("momentum", {"learning_rate": 0.05, "momentum": 0.9}, 3, max_steps=20)]
+    assert [is_vectorizable(c) for c in configs] == [True, False, True]
+    assert_same_runs(sequential(configs), vectorized(configs))
+
+
+def test_pruned_like_run_trial():
+    configs = [config("momentum", {"learning_rate": 0.01, "momentum": 0.9}, s, max_steps=60) for s in (1, 2)]
+    got = vectorized(configs, best_so_far=lambda: 30)
+    assert [(r.outcome, r.steps, ms[-1].step) for r, ms in got] == [("pruned", 30, 30)] * 2
+    got = vectorized(configs, best_so_far=lambda: 30, prune=False)
+    assert [(r.outcome, r.steps) for r, _ in got] == [("not_reached", 60)] * 2
+
+
+def test_a_masked_trial_is_frozen():
+    configs = [config("adam", {"learning_rate": 1e-2}, s) for s in (1, 2)]
+    workload = get_workload("digits_mlp")
+    splits = CACHE.get(workload, DataOptions(), CPU)
+    models = [build_model(workload, c, CPU) for c in configs]
+    context = _make_context(workload, CPU, splits, models[0], "adam", _StepOptions(False, None))
+    stack = _make_stack(configs, [0, 1], models, CPU, splits.train_size)
+    stack.active = torch.tensor([True, False])
+    before = {n: p.clone() for n, p in stack.params.items()}
+    stack.orders = torch.stack([torch.randperm(splits.train_size, generator=g) for g in stack.generators])
+    clock = _Clock()
+    for start in (0, 64, 128):
+        _train_step(context, stack, clock, start, 64)
+        clock.step += 1
+    for name, p in stack.params.items():
+        assert torch.equal(p[1], before[name][1])  # stopped: bit for bit unchanged
+        assert not torch.equal(p[0], before[name][0])
+    assert all(torch.equal(s[1], torch.zeros_like(s[1]))
+               for state in stack.opt_state.values() for s in state.values())
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum", "nesterov", "adam", "adamw"])
+def test_functional_updates_match_torch_optim(optimizer):
+    hparams = [{"learning_rate": 0.1, "momentum": 0.9, "weight_decay": 0.0},
+               {"learning_rate": 0.03, "momentum": 0.5, "weight_decay": 0.01,
+                "beta1": 0.8, "beta2": 0.99, "epsilon": 1e-6}]
+    configs = [config(optimizer, h, i, max_steps=5) for i, h in enumerate(hparams)]
+    from trainers.optim import get_optimizer
+    generator = torch.Generator().manual_seed(0)
+    weights = torch.randn(2, 3, 4, generator=generator)  # (K, 3, 4)
+    references = [weights[k].clone().requires_grad_(True) for k in range(2)]
+    optims = [get_optimizer(optimizer).build([p], c.hparams) for p, c in zip(references, configs)]
+    params = {"w": weights.clone()}
+    state = {s: {"w": torch.zeros_like(weights)} for s in
+             {"momentum": ["momentum_buffer"], "nesterov": ["momentum_buffer"],
+              "adam": ["exp_avg", "exp_avg_sq"], "adamw": ["exp_avg", "exp_avg_sq"]}.get(optimizer, [])}
+    hp = _hparam_tensors(configs, CPU)
+    tables, _ = _step_tables(configs, 1000, CPU)
+    for step in range(5):
+        grads = torch.randn(2, 3, 4, generator=generator)
+        for k in range(2):
+            references[k].grad = grads[k].clone()
+            optims[k].step()
+        row = {name: table[step] for name, table in tables.items()}
+        params, state = _UPDATES[optimizer](params, {"w": grads}, state, hp, row)
+    for k in range(2):
+        torch.testing.assert_close(params["w"][k], references[k].detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_choose_k_shrinks_with_the_batch(monkeypatch):
+    batches = [16, 128, 1024, 8192, 65536]
+    for workload in ("digits_mlp", "mnist10k_mlp"):
+        ks = [choose_k(workload, b, "cpu") for b in batches]
+        assert all(1 <= k <= 16 for k in ks) and ks == sorted(ks, reverse=True)
+    assert choose_k("mnist10k_mlp", 16, "cpu") > choose_k("mnist10k_mlp", 65536, "cpu")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 << 30, 80 << 30))
+    ks = [choose_k("mnist10k_mlp", b, "cuda", max_k=64) for b in batches]
+    assert ks[0] == 64 and ks == sorted(ks, reverse=True) and ks[-1] < 64
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() and not os.environ.get("BATCHLAB_COMPILE_TESTS"),
+                    reason="compiling on CPU takes ~30 s; set BATCHLAB_COMPILE_TESTS=1 to run it")
+def test_compiled_step_equals_eager():
+    configs = [config("adam", {"learning_rate": lr}, s, max_steps=40) for s, lr in ((1, 1e-3), (2, 3e-3))]
+    eager = vectorized(configs, compile=False, precision="fp32")
+    compiled = vectorized(configs, compile=True, precision="fp32")
+    assert_same_runs(eager, compiled)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_compiled_trials_learn():
+    configs = [config("momentum", {"learning_rate": 0.3, "momentum": 0.9}, s, device="cuda",
+                      max_steps=100, target=Target("val_error", 0.0)) for s in (1, 2)]
+    results = vectorized(configs)  # default on CUDA: compiled, bf16 autocast
+    assert all(r.outcome == "not_reached" and r.best_metric < 0.15 for r, _ in results)

@@ -1,0 +1,670 @@
+"""Vectorized trials: K trials of one cell trained as one computation (torch.func).
+
+Trials of a cell share the workload, batch size, optimizer, step budget, evaluation
+interval and target; they differ in hyperparameters and seed. `run_trials_vectorized`
+stacks their parameters along a leading trial axis and trains them together:
+
+- every trial is initialised exactly as `trainers.loop.build_model` does (its own seed),
+  then the K models are stacked with `torch.func.stack_module_state`;
+- every trial keeps its own `torch.Generator`, seeded like `run_trial`'s, so its data
+  order (one `randperm` per epoch) and augmentation are the sequential ones; the per-step
+  index tensors are stacked to (K, B);
+- the loss and gradients come from `vmap(grad_and_value(functional_call(...)))`; the
+  optimizer updates are written functionally, with the learning rate and every other
+  hyperparameter as (K,) tensors, and follow torch.optim's update formulas exactly
+  (sgd / momentum / nesterov / adam / adamw, L2 `weight_decay` for the first four,
+  decoupled for adamw, `grad_clip_norm` per trial as `clip_grad_norm_` computes it);
+- a trial stops by masking: once it is decided (reached, diverged, not_reached, pruned)
+  its parameters and optimizer state are frozen by `torch.where` and it is excluded from
+  later measurements; when at most half of the stacked trials are still running the
+  stack is compacted to the running ones;
+- evaluation runs on the full validation set for every running trial at once (vmap over
+  trials, the same chunks of `eval_batch_size` examples), exactly when `run_trial`
+  evaluates, and the stopping rules are `run_trial`'s.
+
+Not vectorized (each such config runs through `trainers.loop.run_trial` instead, with
+identical results by construction): the `lars` and `lamb` optimizers, models with batch
+norm (incl. ghost batch norm: running-statistic updates under vmap would need per-trial
+buffers written back each step; not done yet), and any config that sets a `TrialConfig`
+field this module does not know (e.g. a batch-size plan) away from its default.
+
+Timing: the K trials share one clock, so `wall_seconds` of a vectorized trial is the
+wall time of the whole group's training so far (what the trial really waited), not a
+per-trial share of it.
+
+On CUDA the step is compiled with `torch.compile` and runs under bf16 autocast by
+default (`compile=`, `precision=` override); on CPU neither is used unless asked, and
+with fp32 the results equal `run_trial`'s up to floating-point rounding.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad_and_value, stack_module_state, vmap
+
+from trainers.config import Measurement, TrialConfig, TrialResult
+from trainers.loop import (DataCache, StopState, build_model, decide, measurement_extras,
+                           resolve_device, run_trial)
+from trainers.schedules import get_schedule
+from trainers.workloads import DataOptions, ModelOptions, Workload, get_workload
+
+IndexedSink = Callable[[int, Measurement], None]
+IndexedResultSink = Callable[[int, TrialResult], None]
+BestSoFar = Callable[[], "int | None"]
+Precision = Literal["auto", "fp32", "bf16"]
+
+VECTORIZED_OPTIMIZERS: tuple[str, ...] = ("sgd", "momentum", "nesterov", "adam", "adamw")
+
+# The fields a vectorized group shares; the rest (hparams, seed, schedule) may differ.
+_SHARED_FIELDS: tuple[str, ...] = (
+    "workload", "batch_size", "optimizer", "max_steps", "eval_every", "target", "device",
+    "data_dir", "download", "divergence_factor", "eval_batch_size")
+_PER_TRIAL_FIELDS: tuple[str, ...] = ("hparams", "seed", "schedule")
+
+_CPU_MEMORY_BUDGET_BYTES = 1 << 30  # a modest 1 GiB of stacked trial state on CPU
+_CPU_MAX_K = 16
+_CUDA_MEMORY_FRACTION = 0.5  # of the currently free device memory
+
+
+# --- public API ----------------------------------------------------------------------------
+
+def run_trials_vectorized(configs: Sequence[TrialConfig], *, data_cache: DataCache | None = None,
+                          on_measurement: IndexedSink | None = None,
+                          best_so_far: BestSoFar | None = None, prune: bool = True,
+                          chunk_size: int | None = None, compile: bool | None = None,
+                          precision: Precision = "auto",
+                          on_result: IndexedResultSink | None = None,
+                          step_cache: dict | None = None) -> list[TrialResult]:
+    """Train every config and return their results in the order given.
+
+    Configs that share the cell fields (`_SHARED_FIELDS`) are trained together in groups
+    of at most `chunk_size` trials (None: `choose_k`). `on_measurement(i, m)` receives
+    every evaluation of `configs[i]` as it happens, `on_result(i, r)` its result as soon
+    as it is decided; `best_so_far()` is read after every evaluation of every trial, as
+    `run_trial` reads it. `compile` (default: True on CUDA) compiles the training step;
+    `precision` "auto" means bf16 autocast on CUDA and fp32 elsewhere. `step_cache`, a
+    dict the caller keeps (e.g. one per worker), reuses built (compiled) steps across
+    calls, so a compiled step is not recompiled for every group of the same shape.
+    """
+    cache = data_cache or DataCache()
+    steps = {} if step_cache is None else step_cache
+    sinks = _Sinks(on_measurement, on_result, best_so_far or (lambda: None), prune)
+    results: list[TrialResult | None] = [None] * len(configs)
+    for indices in _group_indices(configs):
+        group = [configs[i] for i in indices]
+        if not is_vectorizable(group[0]):
+            for i in indices:
+                results[i] = _run_sequential(configs[i], i, cache, sinks)
+            continue
+        device = resolve_device(group[0].device)
+        size = chunk_size or choose_k(group[0].workload, group[0].batch_size, device,
+                                      eval_batch_size=group[0].eval_batch_size)
+        for start in range(0, len(indices), size):
+            chunk = indices[start:start + size]
+            options = _StepOptions.resolve(device, compile, precision)
+            for i, result in zip(chunk, _run_group([configs[i] for i in chunk], chunk, cache,
+                                                   sinks, options, steps)):
+                results[i] = result
+    return results  # type: ignore[return-value]
+
+
+def is_vectorizable(config: TrialConfig) -> bool:
+    """Whether `run_trials_vectorized` trains `config` vectorized (else sequentially)."""
+    if config.optimizer not in VECTORIZED_OPTIMIZERS:
+        return False
+    if config.hparams.get("ghost_batch_size"):
+        return False
+    known = set(_SHARED_FIELDS) | set(_PER_TRIAL_FIELDS)
+    for spec in dataclasses.fields(config):
+        if spec.name not in known and getattr(config, spec.name) != _field_default(spec):
+            return False  # a feature of run_trial this module does not reproduce
+    return not _has_batch_norm(get_workload(config.workload))
+
+
+def choose_k(workload: str | Workload, batch_size: int, device: str | torch.device,
+             max_k: int = 32, *, input_shape: Sequence[int] | None = None,
+             eval_batch_size: int = 4096) -> int:
+    """How many trials to stack: memory per trial (parameters, gradients, two optimizer
+    states, saved activations of a training batch, activations of an evaluation chunk)
+    against a budget: half the free memory on CUDA, 1 GiB on CPU (where K is also capped
+    at 16: two cores gain little from wider stacks). Never below 1 or above `max_k`;
+    non-increasing in `batch_size`."""
+    workload = get_workload(workload) if isinstance(workload, str) else workload
+    device = torch.device(device)
+    per_trial = trial_memory_bytes(workload, batch_size, input_shape=input_shape,
+                                   eval_batch_size=eval_batch_size)
+    if device.type == "cuda":
+        free_bytes, _ = torch.cuda.mem_get_info(device)
+        budget, cap = int(free_bytes * _CUDA_MEMORY_FRACTION), max_k
+    else:
+        budget, cap = _CPU_MEMORY_BUDGET_BYTES, min(max_k, _CPU_MAX_K)
+    return max(1, min(cap, budget // max(per_trial, 1)))
+
+
+def trial_memory_bytes(workload: Workload, batch_size: int, *,
+                       input_shape: Sequence[int] | None = None,
+                       eval_batch_size: int = 4096) -> int:
+    """Estimated fp32 bytes one stacked trial needs, from a forward pass on the meta
+    device (no memory is allocated): 5 x parameters (weights, gradients, two optimizer
+    states, an update temporary) + 3 x training activations (saved, gradient, temporary)
+    + 1 x the activations of one evaluation chunk."""
+    with torch.device("meta"):
+        model = workload.build_model(ModelOptions())
+    shape = tuple(input_shape) if input_shape is not None else _guess_input_shape(model)
+    param_count = sum(p.numel() for p in model.parameters())
+    train_activations = _activation_count(model, (batch_size, *shape))
+    eval_activations = _activation_count(model, (eval_batch_size, *shape))
+    return 4 * (5 * param_count + 3 * train_activations + eval_activations)
+
+
+# --- grouping and fallback -----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Sinks:
+    on_measurement: IndexedSink | None
+    on_result: IndexedResultSink | None
+    best_so_far: BestSoFar
+    prune: bool
+
+    def measurement(self, index: int, measurement: Measurement) -> None:
+        if self.on_measurement is not None:
+            self.on_measurement(index, measurement)
+
+    def result(self, index: int, result: TrialResult) -> None:
+        if self.on_result is not None:
+            self.on_result(index, result)
+
+
+def _group_indices(configs: Sequence[TrialConfig]) -> list[list[int]]:
+    """Indices of configs grouped by their shared cell fields, in first-seen order."""
+    groups: dict[tuple, list[int]] = {}
+    for i, config in enumerate(configs):
+        groups.setdefault(_group_key(config), []).append(i)
+    return list(groups.values())
+
+
+def _group_key(config: TrialConfig) -> tuple:
+    # Unknown fields (e.g. a batch-size plan) separate groups too.
+    others = tuple(repr(getattr(config, f.name)) for f in dataclasses.fields(config)
+                   if f.name not in _PER_TRIAL_FIELDS)
+    return (*others, bool(config.hparams.get("ghost_batch_size")))
+
+
+def _field_default(spec: dataclasses.Field):
+    if spec.default is not dataclasses.MISSING:
+        return spec.default
+    if spec.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return spec.default_factory()  # type: ignore[misc]
+    return object()  # a required field this module does not know: never "default"
+
+
+def _run_sequential(config: TrialConfig, index: int, cache: DataCache, sinks: _Sinks) -> TrialResult:
+    result = run_trial(config, data_cache=cache,
+                       on_measurement=lambda m: sinks.measurement(index, m),
+                       best_so_far=sinks.best_so_far, prune=sinks.prune)
+    sinks.result(index, result)
+    return result
+
+
+def _has_batch_norm(workload: Workload) -> bool:
+    with torch.device("meta"):
+        model = workload.build_model(ModelOptions())
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def _guess_input_shape(model: nn.Module) -> tuple[int, ...]:
+    """The per-example input shape when the caller gives none: a first Linear layer
+    fixes it; a first convolution is assumed to see 32 x 32 images."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            return (module.in_features,)
+        if isinstance(module, nn.Conv2d):
+            return (module.in_channels, 32, 32)
+    raise ValueError("cannot infer the input shape of this model; pass input_shape")
+
+
+def _activation_count(model: nn.Module, shape: tuple[int, ...]) -> int:
+    """Elements of every leaf module's output for one forward pass on the meta device."""
+    total = [0]
+
+    def count(module, inputs, output):
+        if isinstance(output, torch.Tensor):
+            total[0] += output.numel()
+    leaves = [m for m in model.modules() if not list(m.children())]
+    hooks = [m.register_forward_hook(count) for m in leaves]
+    try:
+        with torch.no_grad():
+            model(torch.empty(shape, device="meta"))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return total[0] + math.prod(shape)
+
+
+# --- the vectorized group ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _StepOptions:
+    compile: bool
+    autocast_dtype: torch.dtype | None
+
+    @staticmethod
+    def resolve(device: torch.device, compile: bool | None, precision: Precision) -> "_StepOptions":
+        on_cuda = device.type == "cuda"
+        if precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
+        bf16 = precision == "bf16" or (precision == "auto" and on_cuda)
+        return _StepOptions(on_cuda if compile is None else compile,
+                            torch.bfloat16 if bf16 else None)
+
+
+@dataclass
+class _TrialState:
+    """Per-trial counters that differ between trials of a group."""
+
+    index: int  # position in the caller's config list
+    config: TrialConfig
+    stop: StopState = field(default_factory=StopState)
+    result: TrialResult | None = None
+
+
+@dataclass
+class _Stack:
+    """The stacked, still-trained trials: slot k of every tensor is trials[k]."""
+
+    trials: list[_TrialState]
+    params: dict[str, torch.Tensor]  # name -> (K, *shape)
+    buffers: dict[str, torch.Tensor]  # name -> (K, *shape)
+    opt_state: dict[str, dict[str, torch.Tensor]]  # state name -> param name -> (K, *shape)
+    hparams: dict[str, torch.Tensor]  # name -> (K,)
+    generators: list[torch.Generator]
+    tables: dict[str, torch.Tensor]  # per-step scalars: name -> (max_steps, K) float32
+    lr_values: list[list[float]]  # [step][k] exact python learning rates, for measurements
+    active: torch.Tensor  # (K,) bool
+    interval_loss: torch.Tensor  # (K,) float32 summed training loss since the last evaluation
+    orders: torch.Tensor | None = None  # (K, N) this epoch's permutation per trial
+
+    def running(self) -> list[int]:
+        return [k for k, trial in enumerate(self.trials) if trial.result is None]
+
+
+@dataclass
+class _Clock:
+    step: int = 0
+    examples: int = 0
+    interval_count: int = 0
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class _Context:
+    """What a group shares: the workload, data, model skeleton and compiled step."""
+
+    workload: Workload
+    device: torch.device
+    splits: object
+    skeleton: nn.Module  # a copy on the meta device: structure only
+    optimizer: str
+    step_fn: Callable = field(repr=False)
+    options: _StepOptions
+
+
+def _run_group(configs: list[TrialConfig], indices: list[int], cache: DataCache, sinks: _Sinks,
+               options: _StepOptions, steps: dict) -> list[TrialResult]:
+    """Train one group of compatible trials to their end (`run_trial`'s loop, stacked)."""
+    first = configs[0]
+    workload = get_workload(first.workload)
+    device = resolve_device(first.device)
+    splits = cache.get(workload, DataOptions(first.data_dir, first.download), device)
+    models = [build_model(workload, config, device) for config in configs]
+    stack = _make_stack(configs, indices, models, device, splits.train_size)
+    key = (workload.name, str(device), first.optimizer, options, tuple(sorted(stack.hparams)))
+    if key not in steps:  # same key: same skeleton and step function, so no recompilation
+        steps[key] = _make_context(workload, device, splits, models[0], first.optimizer, options)
+    context = dataclasses.replace(steps[key], splits=splits)
+    trials = list(stack.trials)
+    clock = _Clock()
+    train_size, batch_size = splits.train_size, first.batch_size
+    started = time.perf_counter()
+    while True:
+        stack.orders = torch.stack([torch.randperm(train_size, device=device, generator=g)
+                                    for g in stack.generators])  # (K, N)
+        for start in range(0, train_size, batch_size):
+            count = _train_step(context, stack, clock, start, batch_size)
+            clock.step += 1
+            clock.examples += count
+            clock.interval_count += count
+            if clock.step % first.eval_every and clock.step < first.max_steps:
+                continue
+            _sync(device)
+            clock.train_seconds += time.perf_counter() - started
+            _evaluate_and_decide(context, stack, clock, sinks, train_size, first)
+            started = time.perf_counter()
+            if not stack.running():
+                return [trial.result for trial in trials]  # type: ignore[misc]
+            stack = _maybe_compact(stack)
+
+
+def _make_context(workload, device, splits, model, optimizer, options) -> _Context:
+    skeleton = copy.deepcopy(model).to("meta")
+    step_fn = _build_step(skeleton, workload, optimizer, options.autocast_dtype, device)
+    if options.compile:
+        step_fn = torch.compile(step_fn, dynamic=False)
+    return _Context(workload, device, splits, skeleton, optimizer, step_fn, options)
+
+
+def _make_stack(configs, indices, models, device, train_size) -> _Stack:
+    params, buffers = stack_module_state(models)
+    params = {name: p.detach() for name, p in params.items()}  # (K, *shape), no autograd leaves
+    buffers = {name: b.detach() for name, b in buffers.items()}
+    optimizer = configs[0].optimizer
+    hparams = _hparam_tensors(configs, device)
+    tables, lr_values = _step_tables(configs, train_size, device)
+    k = len(configs)
+    return _Stack(
+        trials=[_TrialState(i, c) for i, c in zip(indices, configs)],
+        params=params, buffers=buffers, opt_state=_init_opt_state(optimizer, params),
+        hparams=hparams,
+        generators=[torch.Generator(device=device).manual_seed(c.seed) for c in configs],
+        tables=tables, lr_values=lr_values,
+        active=torch.ones(k, dtype=torch.bool, device=device),
+        interval_loss=torch.zeros(k, dtype=torch.float32, device=device))
+
+
+# --- hyperparameters and per-step scalar tables ----------------------------------------------
+
+def _resolved_hparams(config: TrialConfig) -> dict[str, float]:
+    """The optimizer's hyperparameters with its registry defaults filled in."""
+    from trainers.optim import get_optimizer
+    spec = get_optimizer(config.optimizer)
+    missing = [name for name in spec.required if name not in config.hparams]
+    if missing:
+        raise ValueError(f"missing hyperparameters: {', '.join(missing)}")
+    values = {**spec.optional, **{k: v for k, v in config.hparams.items() if k in spec.hparam_names}}
+    clip = config.hparams.get("grad_clip_norm")
+    values["grad_clip_norm"] = float(clip) if clip else 0.0
+    if "beta1" in values:  # torch.optim forms 1 - beta in double, then casts to float32
+        values["one_minus_beta1"] = 1.0 - float(values["beta1"])
+        values["one_minus_beta2"] = 1.0 - float(values["beta2"])
+    return {name: float(value) for name, value in values.items()}
+
+
+def _hparam_tensors(configs: list[TrialConfig], device: torch.device) -> dict[str, torch.Tensor]:
+    resolved = [_resolved_hparams(c) for c in configs]
+    # Weight decay and clipping are left out where no trial uses them: the step then
+    # skips them statically (no data-dependent branch, no graph break when compiled).
+    unused = {name for name in ("weight_decay", "grad_clip_norm") if not any(r[name] for r in resolved)}
+    return {name: torch.tensor([r[name] for r in resolved], dtype=torch.float32, device=device)
+            for name in resolved[0] if name not in unused}  # name -> (K,)
+
+
+def _step_tables(configs: list[TrialConfig], train_size: int, device: torch.device):
+    """Per-step, per-trial scalars computed in Python doubles exactly as torch.optim and
+    `run_trial` compute them, then stored as float32 (K columns): the learning rate, and
+    for adam/adamw the bias-corrected step size and sqrt of the second bias correction,
+    for adamw the decoupled decay factor 1 - lr * wd."""
+    first = configs[0]
+    factors = [get_schedule(c.schedule).build(c.hparams, max_steps=c.max_steps) for c in configs]
+    resolved = [_resolved_hparams(c) for c in configs]
+    lr_rows, rows = [], {"step_size": [], "bias2_sqrt": [], "decay": []}
+    examples = 0
+    for step in range(first.max_steps):
+        epoch = examples / train_size
+        lrs = [float(c.hparams["learning_rate"]) * f(step, epoch) for c, f in zip(configs, factors)]
+        lr_rows.append(lrs)
+        if first.optimizer in ("adam", "adamw"):
+            t = step + 1
+            rows["step_size"].append([lr / (1 - r["beta1"] ** t) for lr, r in zip(lrs, resolved)])
+            rows["bias2_sqrt"].append([(1 - r["beta2"] ** t) ** 0.5 for r in resolved])
+            rows["decay"].append([1 - lr * r["weight_decay"] for lr, r in zip(lrs, resolved)])
+        examples += min(first.batch_size, train_size - (examples % train_size))
+    tables = {"lr": torch.tensor(lr_rows, dtype=torch.float32, device=device)}  # (S, K)
+    tables.update({name: torch.tensor(values, dtype=torch.float32, device=device)
+                   for name, values in rows.items() if values})
+    return tables, lr_rows
+
+
+# --- the functional training step ------------------------------------------------------------
+
+def _init_opt_state(optimizer: str, params: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    if optimizer in ("momentum", "nesterov"):
+        return {"momentum_buffer": {n: torch.zeros_like(p) for n, p in params.items()}}
+    if optimizer in ("adam", "adamw"):
+        return {"exp_avg": {n: torch.zeros_like(p) for n, p in params.items()},
+                "exp_avg_sq": {n: torch.zeros_like(p) for n, p in params.items()}}
+    return {}
+
+
+def _build_step(skeleton: nn.Module, workload: Workload, optimizer: str,
+                autocast_dtype: torch.dtype | None, device: torch.device) -> Callable:
+    """step(params, buffers, opt_state, hparams, row, x, y, active) ->
+    (params, opt_state, loss_sums): one update of every trial, stopped trials unchanged."""
+    grads_fn = vmap(grad_and_value(_trial_loss_fn(skeleton, workload, autocast_dtype, device),
+                                   has_aux=True))
+    update = _UPDATES[optimizer]
+
+    def step(params, buffers, opt_state, hparams, row, x, y, active):
+        grads, (_, loss_sums) = grads_fn(params, buffers, x, y)  # (K, *shape) each, (K,)
+        if "grad_clip_norm" in hparams:
+            grads = _clip_per_trial(grads, hparams["grad_clip_norm"])
+        new_params, new_state = update(params, grads, opt_state, hparams, row)
+        new_params = {n: _where_active(active, new_params[n], params[n]) for n in params}
+        new_state = {s: {n: _where_active(active, new_state[s][n], opt_state[s][n]) for n in params}
+                     for s in opt_state}
+        return new_params, new_state, loss_sums
+    return step
+
+
+def _trial_loss_fn(skeleton, workload, autocast_dtype, device):
+    """loss(params, buffers, x, y) of ONE trial -> (mean loss, summed loss)."""
+    def loss_fn(params, buffers, x, y):  # x (B, *input), y (B,)
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
+                            enabled=autocast_dtype is not None):
+            logits = functional_call(skeleton, (params, buffers), (x,))  # (B, classes)
+        loss_sum, count, _ = workload.loss(logits, y)
+        return loss_sum / count, loss_sum.detach()
+    return loss_fn
+
+
+def _per_trial(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(K,) -> (K, 1, ..., 1) broadcastable against a stacked (K, *shape) tensor."""
+    return values.view(-1, *([1] * (like.dim() - 1)))
+
+
+def _where_active(active: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    return torch.where(_per_trial(active, new), new, old)
+
+
+def _clip_per_trial(grads: dict[str, torch.Tensor], max_norm: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`clip_grad_norm_` per trial: scale by min(1, max_norm / (norm + 1e-6)) where
+    max_norm > 0 (trials without clipping keep their gradients bit for bit)."""
+    norms = torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads.values()], dim=1)
+    total = torch.linalg.vector_norm(norms, dim=1)  # (K,)
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    coef = torch.where(max_norm > 0, coef, torch.ones_like(coef))
+    return {n: g * _per_trial(coef, g) for n, g in grads.items()}
+
+
+def _l2(grads, params, hp):
+    """torch.optim's coupled weight decay: g + wd * p (absent when every wd is 0)."""
+    if "weight_decay" not in hp:
+        return grads
+    weight_decay = hp["weight_decay"]
+    return {n: g + _per_trial(weight_decay, g) * params[n] for n, g in grads.items()}
+
+
+def _sgd_update(params, grads, state, hp, row):
+    grads = _l2(grads, params, hp)
+    return {n: p - _per_trial(row["lr"], p) * grads[n] for n, p in params.items()}, state
+
+
+def _momentum_update(params, grads, state, hp, row, nesterov=False):
+    # torch.optim.SGD: buf <- m * buf + g (buf starts as g, i.e. from zero); the step is
+    # buf, or g + m * buf for nesterov; w <- w - lr * step.
+    grads = _l2(grads, params, hp)
+    new_params, buffers = {}, {}
+    for n, p in params.items():
+        momentum = _per_trial(hp["momentum"], p)
+        buf = state["momentum_buffer"][n] * momentum + grads[n]
+        direction = grads[n] + momentum * buf if nesterov else buf
+        new_params[n] = p - _per_trial(row["lr"], p) * direction
+        buffers[n] = buf
+    return new_params, {"momentum_buffer": buffers}
+
+
+def _nesterov_update(params, grads, state, hp, row):
+    return _momentum_update(params, grads, state, hp, row, nesterov=True)
+
+
+def _adam_update(params, grads, state, hp, row, decoupled=False):
+    # torch.optim.Adam/AdamW (no amsgrad): m <- lerp(m, g, 1 - b1); v <- b2 v + (1 - b2) g^2;
+    # w <- w - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps); AdamW first w <- w (1 - lr wd).
+    if not decoupled:
+        grads = _l2(grads, params, hp)
+    new_params, exp_avgs, exp_avg_sqs = {}, {}, {}
+    for n, p in params.items():
+        g = grads[n]
+        beta2 = _per_trial(hp["beta2"], p)
+        exp_avg = torch.lerp(state["exp_avg"][n], g, _per_trial(hp["one_minus_beta1"], p))
+        exp_avg_sq = state["exp_avg_sq"][n] * beta2 + _per_trial(hp["one_minus_beta2"], p) * g * g
+        denom = exp_avg_sq.sqrt() / _per_trial(row["bias2_sqrt"], p) + _per_trial(hp["epsilon"], p)
+        base = p * _per_trial(row["decay"], p) if decoupled and "weight_decay" in hp else p
+        new_params[n] = base - _per_trial(row["step_size"], p) * (exp_avg / denom)
+        exp_avgs[n], exp_avg_sqs[n] = exp_avg, exp_avg_sq
+    return new_params, {"exp_avg": exp_avgs, "exp_avg_sq": exp_avg_sqs}
+
+
+def _adamw_update(params, grads, state, hp, row):
+    return _adam_update(params, grads, state, hp, row, decoupled=True)
+
+
+_UPDATES: dict[str, Callable] = {
+    "sgd": _sgd_update, "momentum": _momentum_update, "nesterov": _nesterov_update,
+    "adam": _adam_update, "adamw": _adamw_update}
+
+
+def _train_step(context: _Context, stack: _Stack, clock: _Clock, start: int, batch_size: int) -> int:
+    """Gather every running trial's batch and apply one update; returns the batch size."""
+    workload, splits = context.workload, context.splits
+    index = stack.orders[:, start:start + batch_size]  # (K, b)
+    x = workload.preprocess(splits.train_x[index])  # (K, b, *input)
+    if workload.augment is not None:  # per-trial generator, as run_trial draws it
+        x = torch.stack([workload.augment(x[k], g) for k, g in enumerate(stack.generators)])
+    y = splits.train_y[index]  # (K, b)
+    row = {name: table[clock.step] for name, table in stack.tables.items()}  # name -> (K,)
+    stack.params, stack.opt_state, loss_sums = context.step_fn(
+        stack.params, stack.buffers, stack.opt_state, stack.hparams, row, x, y, stack.active)
+    stack.interval_loss = stack.interval_loss + loss_sums.float()
+    return int(index.shape[1])
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --- evaluation and stopping -------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate_stacked(skeleton: nn.Module, workload: Workload, params: dict[str, torch.Tensor],
+                     buffers: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+                     batch_size: int) -> tuple[list[float], list[float]]:
+    """Mean loss and error rate of each of K stacked models over a whole split, in the
+    chunks of `batch_size` examples `trainers.loop.evaluate` uses (eval mode)."""
+    forward = vmap(lambda p, b, inputs: functional_call(skeleton, (p, b), (inputs,)),
+                   in_dims=(0, 0, None))
+    k = next(iter(params.values())).shape[0]
+    loss_sum = torch.zeros(k, device=x.device, dtype=torch.float64)
+    wrong = torch.zeros(k, device=x.device, dtype=torch.int64)
+    skeleton.eval()
+    try:
+        for start in range(0, len(y), batch_size):
+            logits = forward(params, buffers, workload.preprocess(x[start:start + batch_size]))  # (K, b, C)
+            labels = y[start:start + batch_size]  # (b,)
+            loss_sum += vmap(lambda out: workload.loss(out, labels)[0])(logits).double()
+            wrong += (logits.argmax(dim=2) != labels).sum(dim=1)
+    finally:
+        skeleton.train()
+    count = len(y)
+    return [v / count for v in loss_sum.tolist()], [v / count for v in wrong.tolist()]
+
+
+def _evaluate_and_decide(context: _Context, stack: _Stack, clock: _Clock, sinks: _Sinks,
+                         train_size: int, config: TrialConfig) -> None:
+    eval_start = time.perf_counter()
+    splits = context.splits
+    val_losses, val_errors = evaluate_stacked(context.skeleton, context.workload, stack.params,
+                                              stack.buffers, splits.val_x, splits.val_y,
+                                              config.eval_batch_size)
+    clock.eval_seconds += time.perf_counter() - eval_start
+    train_losses = [v / clock.interval_count for v in stack.interval_loss.tolist()]
+    stack.interval_loss = torch.zeros_like(stack.interval_loss)
+    clock.interval_count = 0
+    lr_row = stack.lr_values[clock.step - 1]
+    stopped = []
+    for k in stack.running():
+        trial = stack.trials[k]
+        measurement = Measurement(
+            step=clock.step, examples=clock.examples, epoch=clock.examples / train_size,
+            wall_seconds=clock.train_seconds, eval_seconds=clock.eval_seconds,
+            learning_rate=lr_row[k], batch_size=config.batch_size,
+            train_loss=train_losses[k], val_loss=val_losses[k], val_error=val_errors[k],
+            extra=measurement_extras(trial.config, lr_row[k], config.batch_size, train_size))
+        sinks.measurement(trial.index, measurement)
+        trial.result = _decide(trial, measurement, clock, sinks, trial.config, train_size)
+        if trial.result is not None:
+            sinks.result(trial.index, trial.result)
+            stopped.append(k)
+    if stopped:
+        mask = torch.ones_like(stack.active)
+        mask[stopped] = False
+        stack.active = stack.active & mask
+
+
+def _decide(trial: _TrialState, measurement: Measurement, clock: _Clock, sinks: _Sinks,
+            config: TrialConfig, train_size: int) -> TrialResult | None:
+    """`run_trial`'s stopping rules (trainers.loop.decide), then this trial's result."""
+    cell_best = lambda: sinks.best_so_far() if sinks.prune else None
+    decision = decide(trial.stop, measurement, config, cell_best, train_size)
+    if decision is None:
+        return None
+    outcome, message = decision
+    reached = measurement if outcome == "reached" else None
+    return TrialResult(
+        outcome=outcome, steps=clock.step, examples=clock.examples,
+        wall_seconds=clock.train_seconds,
+        steps_to_result=reached.step if reached else None,
+        examples_to_result=reached.examples if reached else None,
+        seconds_to_result=reached.wall_seconds if reached else None,
+        best_metric=trial.stop.best_metric, message=message)
+
+
+# --- compaction ----------------------------------------------------------------------------------
+
+def _maybe_compact(stack: _Stack) -> _Stack:
+    """Drop stopped trials from the stack once at most half of it is still running
+    (halving bounds both the wasted work and, when compiled, the recompilations)."""
+    keep = stack.running()
+    if len(keep) * 2 > len(stack.trials):
+        return stack
+    index = torch.tensor(keep, device=stack.active.device)
+
+    def take(tensors: dict[str, torch.Tensor], dim: int = 0) -> dict[str, torch.Tensor]:
+        return {n: t.index_select(dim, index) for n, t in tensors.items()}
+    return _Stack(
+        trials=[stack.trials[k] for k in keep], params=take(stack.params),
+        buffers=take(stack.buffers),
+        opt_state={s: take(state) for s, state in stack.opt_state.items()},
+        hparams=take(stack.hparams), generators=[stack.generators[k] for k in keep],
+        tables=take(stack.tables, dim=1), lr_values=[[row[k] for k in keep] for row in stack.lr_values],
+        active=stack.active.index_select(0, index),
+        interval_loss=stack.interval_loss.index_select(0, index),
+        orders=stack.orders.index_select(0, index) if stack.orders is not None else None)
