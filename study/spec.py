@@ -89,6 +89,7 @@ class CampaignSpec:
     download: bool = False
     divergence_factor: float = 10.0
     max_epochs: int | None = None
+    val_size: int | None = None
     schedule_defs: Mapping[str, ScheduleDef] = field(default_factory=dict)
     scaling: Scaling | None = None
     source: str = "<spec>"
@@ -185,7 +186,7 @@ class _Validator:
         self.unknown_keys(campaign, "campaign", {
             "name", "workload", "batch_sizes", "optimizers", "schedules", "trials_per_cell",
             "max_steps", "eval_every", "seed", "prune", "data_dir", "download",
-            "divergence_factor", "max_epochs"})
+            "divergence_factor", "max_epochs", "val_size"})
         name = self.get(campaign, "campaign", "name", str, check=_check_name)
         workload = self.get(campaign, "campaign", "workload", str,
                             check=lambda w: None if w in WORKLOADS else
@@ -218,6 +219,7 @@ class _Validator:
             divergence_factor=self.get(campaign, "campaign", "divergence_factor", float, 10.0,
                                        check=lambda v: None if v > 1 else "must be > 1"),
             max_epochs=self.get(campaign, "campaign", "max_epochs", int, None, check=positive),
+            val_size=self.get(campaign, "campaign", "val_size", int, None, check=positive),
             schedule_defs={n: d for n, d in schedule_defs.items() if n in schedules},
             scaling=self.scaling(), source=self.source, text=text)
         self.check_cells_complete(spec)

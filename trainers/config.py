@@ -67,6 +67,8 @@ class TrialConfig:
     device: str = "cpu"
     data_dir: str | None = None
     download: bool = False
+    val_size: int | None = None  # validation examples carved from train; None: the default
+    loader_workers: int = 8  # DataLoader worker processes (folder workloads only)
     # A trial whose mean training loss over an interval exceeds this multiple of its
     # first interval's loss (or is NaN/inf) has diverged.
     divergence_factor: float = 10.0

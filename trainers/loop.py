@@ -57,10 +57,11 @@ class DataCache:
 def trial_batches(workload: Workload, config: TrialConfig, cache: DataCache,
                   device: torch.device, shard: Shard):
     """The trial's batch source: a DataLoader for folder workloads, else resident tensors."""
-    options = DataOptions(config.data_dir, config.download)
+    options = DataOptions(config.data_dir, config.download, val_size=config.val_size)
     if workload.load_folders is not None:
         folders = cache.folders(workload, options)
-        return LoaderBatches(folders.train, folders.val, workload, device, shard=shard)
+        return LoaderBatches(folders.train, folders.val, workload, device,
+                             num_workers=config.loader_workers, shard=shard)
     return ResidentBatches(cache.get(workload, options, device), workload, shard)
 
 

@@ -21,6 +21,7 @@ class DataOptions:
     data_dir: str | None = None
     download: bool = False
     split_seed: int = 0
+    val_size: int | None = None  # examples carved from train for validation; None: the dataset's default
 
 
 @dataclass(frozen=True)
@@ -93,25 +94,6 @@ def _digits_data(options: DataOptions) -> ArraySplits:
     return load_digits_splits(split_seed=options.split_seed)
 
 
-def _require_dir(options: DataOptions, workload: str) -> str:
-    from trainers.data.errors import DataError
-    if not options.data_dir:
-        raise DataError(f"workload {workload!r} reads files from disk: set data_dir in the campaign")
-    return options.data_dir
-
-
-def _mnist_data(options: DataOptions) -> ArraySplits:
-    from trainers.data.mnist import load_mnist_splits
-    return load_mnist_splits(_require_dir(options, "mnist_mlp"), split_seed=options.split_seed,
-                             download=options.download)
-
-
-def _mnist_t10k_data(options: DataOptions) -> ArraySplits:
-    from trainers.data.mnist import load_mnist_t10k_splits
-    return load_mnist_t10k_splits(_require_dir(options, "mnist10k_mlp"), split_seed=options.split_seed,
-                                  download=options.download)
-
-
 def _mlp(in_features: int, hidden: tuple[int, ...]) -> Callable[[ModelOptions], nn.Module]:
     from trainers.models.mlp import MLP
     return lambda options: MLP(in_features, hidden, 10)
@@ -121,6 +103,7 @@ MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
 
 def _base_workloads() -> WorkloadRegistry:
+    from trainers.workloads_papers import mnist_data, mnist_t10k_data, paper_workloads
     registry: WorkloadRegistry = {}
     register(registry, Workload(
         name="digits_mlp",
@@ -132,16 +115,15 @@ def _base_workloads() -> WorkloadRegistry:
     register(registry, Workload(
         name="mnist_mlp",
         description="MNIST (55,000 train / 5,000 val / 10,000 test), MLP 784-128-128-10",
-        load_data=_mnist_data, build_model=_mlp(784, (128, 128)),
+        load_data=mnist_data, build_model=_mlp(784, (128, 128)),
         mean=MNIST_MEAN, std=MNIST_STD, scale=255.0,
         default_target=Target("val_error", 0.03), default_max_steps=20000))
     register(registry, Workload(
         name="mnist10k_mlp",
         description="MNIST official test files only (8,000 train / 2,000 val), MLP 784-128-128-10",
-        load_data=_mnist_t10k_data, build_model=_mlp(784, (128, 128)),
+        load_data=mnist_t10k_data, build_model=_mlp(784, (128, 128)),
         mean=MNIST_MEAN, std=MNIST_STD, scale=255.0,
         default_target=Target("val_error", 0.06), default_max_steps=5000))
-    from trainers.workloads_papers import paper_workloads
     for workload in paper_workloads():
         register(registry, workload)
     from trainers.nqm_workload import nqm_workloads

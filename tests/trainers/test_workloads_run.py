@@ -1,0 +1,61 @@
+"""Every registered workload trains a few steps on CPU through `run_trial`, on small
+files generated in the real formats (IDX, CIFAR pickle batches, a JPEG ImageFolder
+tree) or, for the MNIST-10k variants, on the real MNIST test files."""
+import math
+
+import pytest
+
+from tests.trainers.test_datasets import write_cifar, write_idx_dataset, write_image_folder
+from trainers.config import Target, TrialConfig
+from trainers.loop import run_trial
+from trainers.workloads import WORKLOADS
+
+T10K = "/work/shared/datasets/mnist-t10k"
+pytestmark = pytest.mark.slow
+VAL_SIZE = {"MNIST": 10, "FashionMNIST": 10, "cifar": 8, "imagenet": 3}
+
+
+def data_dir_for(name: str, root, monkeypatch) -> tuple[str | None, int | None]:
+    """Write the workload's dataset in its real layout; return (data_dir, val_size)."""
+    if name == "digits_mlp" or name == "nqm":
+        return None, None
+    if name.startswith("mnist10k"):
+        return T10K, None
+    if name.startswith(("mnist", "fashion")):
+        folder = "FashionMNIST" if name.startswith("fashion") else "MNIST"
+        write_idx_dataset(root, folder, sizes=(("train", 40), ("t10k", 12)))
+        for gz in (root / folder / "raw").glob("*.gz"):
+            gz.unlink()  # unpacked files: no published md5 to check them against
+        return str(root), VAL_SIZE[folder]
+    if name.startswith(("cifar10_", "cifar100_")):
+        import trainers.data.cifar as cifar
+        monkeypatch.setattr(cifar, "check_md5", lambda path, md5: None)  # generated files
+        if name.startswith("cifar100"):
+            write_cifar(root, "cifar-100-python", {"train": 30, "test": 10}, "fine_labels", 100)
+        else:
+            files = {f"data_batch_{i}": 6 for i in range(1, 6)} | {"test_batch": 10}
+            write_cifar(root, "cifar-10-batches-py", files, "labels", 10)
+        return str(root), VAL_SIZE["cifar"]
+    if name.startswith("imagenet"):
+        write_image_folder(root, {"train": 4, "val": 2})
+        return str(root), VAL_SIZE["imagenet"]
+    raise AssertionError(f"no fixture for workload {name!r}: add one")
+
+
+@pytest.mark.parametrize("name", sorted(WORKLOADS))
+def test_workload_trains_a_few_steps(name, tmp_path, monkeypatch):
+    workload = WORKLOADS[name]
+    data_dir, val_size = data_dir_for(name, tmp_path, monkeypatch)
+    if workload.simulate is not None:
+        pytest.skip("closed-form workload: covered by the NQM tests")
+    config = TrialConfig(workload=name, batch_size=4, optimizer="momentum", schedule="constant",
+                         hparams={"learning_rate": 0.01, "momentum": 0.9}, max_steps=2,
+                         eval_every=1, target=Target("val_error", 0.0), seed=0, device="cpu",
+                         data_dir=data_dir, val_size=val_size, loader_workers=0,
+                         eval_batch_size=64)
+    measurements = []
+    result = run_trial(config, on_measurement=measurements.append)
+    assert result.outcome in ("not_reached", "diverged") and result.steps == len(measurements) <= 2
+    assert [m.step for m in measurements] == list(range(1, result.steps + 1))
+    assert all(m.examples == 4 * m.step for m in measurements)
+    assert all(math.isfinite(m.val_loss) and 0.0 <= m.val_error <= 1.0 for m in measurements)
