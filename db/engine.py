@@ -5,7 +5,7 @@ import os
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from sqlalchemy.pool import NullPool
 
 DEFAULT_STORAGE = "sqlite:///batchlab.db"
@@ -25,20 +25,24 @@ def redact(url: str) -> str:
     """The URL with its password hidden, for logs and the UI."""
     try:
         return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
+    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
         return "<unparseable storage URL>"
 
 
 def make_engine(url: str, *, read_only: bool = False) -> Engine:
     try:
         parsed = make_url(url)
-    except ArgumentError as exc:
+    except (ArgumentError, ValueError) as exc:
         raise StorageError(f"storage URL {redact(url)!r} is not a database URL "
                            f"(expected e.g. sqlite:///batchlab.db or postgresql+psycopg://...)") from exc
-    if parsed.get_backend_name() == "sqlite":
-        return _sqlite_engine(parsed, read_only)
-    if parsed.get_backend_name() == "postgresql":
-        return _postgres_engine(parsed, read_only)
+    try:
+        if parsed.get_backend_name() == "sqlite":
+            return _sqlite_engine(parsed, read_only)
+        if parsed.get_backend_name() == "postgresql":
+            return _postgres_engine(parsed, read_only)
+    except (NoSuchModuleError, ImportError) as exc:  # an unknown or missing driver
+        raise StorageError(f"storage URL {redact(url)!r}: driver {parsed.drivername!r} is not "
+                           f"available (use postgresql+psycopg://...; pip install 'psycopg[binary]')") from exc
     raise StorageError(f"storage URL {redact(url)!r}: only sqlite and postgresql are supported")
 
 
@@ -91,8 +95,9 @@ def configure_sqlite(engine: Engine, *, read_only: bool = False) -> None:
 def _postgres_engine(parsed, read_only: bool) -> Engine:
     # Many workers on many machines: a small pool per process, connections checked
     # before use so a database restart costs a reconnect, not a crash.
+    # connect_timeout: an unreachable host fails in seconds, not after the OS's minutes.
     engine = create_engine(parsed, pool_size=2, max_overflow=2, pool_pre_ping=True,
-                           pool_recycle=1800)
+                           pool_recycle=1800, connect_args={"connect_timeout": 10})
     if read_only:
         @event.listens_for(engine, "begin")
         def _read_only(connection):

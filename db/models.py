@@ -11,7 +11,8 @@ from sqlalchemy import (JSON, BigInteger, DateTime, Float, ForeignKey, Index, In
                         String, Text, UniqueConstraint)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-SCHEMA_VERSION = 1
+# Bump together with a new step in db/migrations (ensure_schema applies the missing ones).
+SCHEMA_VERSION = 2
 
 
 def utcnow() -> datetime:
@@ -65,6 +66,12 @@ class Cell(Base):
 
 
 class Trial(Base):
+    """One attempt at one trial. `outcome` is running, one of the finished outcomes
+    (reached, not_reached, diverged, failed, pruned), or `abandoned`: its worker stopped
+    or was lost, its measurements stay (marked by this outcome) and the same
+    hyperparameters and seed run again as a new row (`attempt` + 1, `attempt_of`).
+    A row claimed but not yet given its Optuna trial holds trial_number = -1."""
+
     __tablename__ = "bl_trials"
     __table_args__ = (Index("ix_bl_trials_cell_outcome", "cell_id", "outcome"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -90,6 +97,13 @@ class Trial(Base):
     package_versions: Mapped[dict] = mapped_column(JSON, default=dict)
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # Schema v2: crash recovery. The running worker's heartbeat (the database's clock, so
+    # workers on machines with skewed clocks agree); a trial whose heartbeat is older than
+    # the grace period is `abandoned` and re-run with the same hyperparameters and seed.
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    attempt: Mapped[int] = mapped_column(Integer, default=1, server_default="1")  # 1, 2, ...
+    # The first attempt's bl_trials.id on re-runs of an abandoned trial; NULL on first attempts.
+    attempt_of: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class Measurement(Base):
@@ -120,6 +134,7 @@ class Worker(Base):
     device: Mapped[str] = mapped_column(String(100))
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    status: Mapped[str] = mapped_column(String(20), default="running")  # running | finished | stopped
+    # running | finished | stopped | lost (no heartbeat for the grace period)
+    status: Mapped[str] = mapped_column(String(20), default="running")
     current_trial_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
     trials_done: Mapped[int] = mapped_column(Integer, default=0)

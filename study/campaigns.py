@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 
 from db.models import Campaign, Cell
 from db.schema import ensure_schema
-from study.spec import CampaignSpec
+from study.spec import CampaignSpec, SpecError
 from study.tuning import distributions, optuna_storage, quasi_random_points, random_points
 
 
@@ -34,7 +34,12 @@ def create_campaign(engine: Engine, storage_url: str, spec: CampaignSpec) -> Cre
     Running it again with the same spec changes nothing. The Optuna studies are made
     (and their quasi-random points enqueued) before the campaign row is committed, in one
     transaction with its cells: an interrupted create leaves no campaign behind, and
-    running it again finishes the studies it had started."""
+    running it again finishes the studies it had started.
+
+    The dataset is loaded once first (on the CPU): a missing data directory, a corrupt
+    or truncated file, a checksum mismatch or a batch size larger than the training set
+    ends the command before anything is written."""
+    check_data(spec)
     ensure_schema(engine)
     with Session(engine) as session:
         existing = session.scalar(select(Campaign).where(Campaign.name == spec.name))
@@ -62,6 +67,20 @@ def create_campaign(engine: Engine, storage_url: str, spec: CampaignSpec) -> Cre
         session.add(campaign)
         session.flush()
         return CreateResult(campaign.id, True, len(campaign.cells))
+
+
+def check_data(spec: CampaignSpec) -> int:
+    """Load the campaign's dataset and check every batch size fits its training set;
+    returns the training-set size. Raises DataError or SpecError (user errors)."""
+    from trainers.workloads import DataOptions, get_workload  # torch: only when creating
+    splits = get_workload(spec.workload).load_data(DataOptions(spec.data_dir, spec.download))
+    train_size = splits.train_size
+    too_large = [b for b in spec.batch_sizes if b > train_size]
+    if too_large:
+        raise SpecError(spec.source, "campaign.batch_sizes",
+                        f"batch size {', '.join(map(str, too_large))} is larger than the training set of "
+                        f"{spec.workload!r} ({train_size} examples)")
+    return train_size
 
 
 def _create_study(storage, spec: CampaignSpec, name: str, space) -> None:

@@ -19,7 +19,20 @@ def package_versions() -> dict[str, str]:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             pass
+    versions.update(accelerator_versions())
     return versions
+
+
+def accelerator_versions() -> dict[str, str]:
+    """The CUDA and cuDNN versions torch was built with ("none" on CPU-only builds), and
+    the driver's CUDA version when a GPU is visible."""
+    import torch  # here, not at import: `batchlab status` never loads torch
+    out = {"cuda": torch.version.cuda or "none"}
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    out["cudnn"] = str(cudnn) if cudnn else "none"
+    if torch.cuda.is_available():
+        out["cuda_devices"] = str(torch.cuda.device_count())
+    return out
 
 
 @cache

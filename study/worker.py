@@ -1,23 +1,32 @@
 """The worker loop: claim a slot in the cell that most needs a trial, ask its study,
 train, stream measurements to SQL, tell the study; until every cell has its trials.
 
-Any number of workers, on any machines, may share one storage URL.
+Any number of workers, on any machines, may share one storage URL. Each heartbeats
+(study/recovery.py), reaps the trials of lost workers before it claims a slot, and
+retries its short transactions with backoff when the database blips (study/retry.py).
 """
 from __future__ import annotations
 
 import os
 import signal
+import time
 import traceback
 import uuid
 from dataclasses import dataclass
 from typing import Callable
 
 import optuna
+from optuna.exceptions import UpdateFinishedTrialError
 from sqlalchemy import Engine, func, select, update
 from sqlalchemy.orm import Session
 
-from db.models import Campaign, Cell, Measurement as MeasurementRow, Trial, Worker, utcnow
+from db.models import Campaign, Cell, Measurement as MeasurementRow, Trial, Worker
+from db.schema import ensure_schema
 from study import provenance
+from study.recovery import (ATTEMPT_ATTR, ATTEMPT_OF_ATTR, DEFAULT_GRACE_SECONDS,
+                            DEFAULT_HEARTBEAT_SECONDS, SEED_ATTR, Heartbeat, abandon_trial,
+                            reap_lost_trials, requeue)
+from study.retry import call_with_retry
 from study.resolve import resolve_trial_config
 from study.spec import Param, parse_spec
 from study.tuning import (distributions, hparams_from_optuna, make_sampler, optuna_storage, tell)
@@ -43,6 +52,7 @@ class Claim:
     optimizer: str
     schedule: str
     study_name: str
+    row_id: int  # the bl_trials row inserted with the claim (trial_number -1 until asked)
 
 
 def load_campaign(engine: Engine, name: str) -> Campaign:
@@ -56,11 +66,13 @@ def load_campaign(engine: Engine, name: str) -> Campaign:
         return campaign
 
 
-def claim_cell(engine: Engine, campaign_id: int) -> Claim | None:
-    """Take one trial slot in the cell with the fewest slots taken (finished + running).
+def claim_cell(engine: Engine, campaign_id: int, worker_id: str) -> Claim | None:
+    """Take one trial slot in the cell with the fewest slots taken (finished + running),
+    and insert its trial row, heartbeating, in the same transaction.
 
     The conditional UPDATE is the lock: of two workers racing for a cell's last slot,
-    exactly one sees a row updated."""
+    exactly one sees a row updated. The row comes with the slot so that a worker killed
+    before it has asked Optuna still leaves a row for the reaper to find."""
     with Session(engine) as session:
         cells = session.execute(
             select(Cell.id, Cell.batch_size, Cell.optimizer, Cell.schedule, Cell.study_name)
@@ -71,15 +83,21 @@ def claim_cell(engine: Engine, campaign_id: int) -> Claim | None:
             taken = session.execute(
                 update(Cell).where(Cell.id == cell.id, Cell.trials_claimed < Cell.trials_planned)
                 .values(trials_claimed=Cell.trials_claimed + 1)).rowcount
-        if taken == 1:
-            return Claim(*cell)
+            if taken != 1:
+                continue
+            row = Trial(cell_id=cell.id, optuna_trial_id=-1, trial_number=-1, outcome="running",
+                        hparams={}, config={}, seed=0, worker_id=worker_id,
+                        heartbeat_at=func.current_timestamp())
+            session.add(row)
+            session.flush()
+            return Claim(*cell, row_id=row.id)
     return None
 
 
-def release_slot(engine: Engine, cell_id: int) -> None:
-    with Session(engine) as session, session.begin():
-        session.execute(update(Cell).where(Cell.id == cell_id)
-                        .values(trials_claimed=Cell.trials_claimed - 1))
+def running_trials(engine: Engine, campaign_id: int) -> int:
+    with Session(engine) as session:
+        return session.scalar(select(func.count(Trial.id)).join(Cell, Cell.id == Trial.cell_id)
+                              .where(Cell.campaign_id == campaign_id, Trial.outcome == "running"))
 
 
 def best_steps(engine: Engine, cell_id: int) -> int | None:
@@ -92,12 +110,37 @@ def trial_seed(campaign_seed: int, trial_number: int) -> int:
     return (campaign_seed * 1_000_003 + trial_number) % (2 ** 31)
 
 
+@dataclass(frozen=True)
+class Attempt:
+    """Which attempt an asked Optuna trial is: a re-run of an abandoned trial carries its
+    attempt number, first row and seed as user attributes (study.recovery.requeue)."""
+    number: int
+    first_row_id: int | None
+    seed: int
+
+    @classmethod
+    def of(cls, trial: optuna.Trial, campaign_seed: int) -> "Attempt":
+        attrs = trial.user_attrs
+        return cls(int(attrs.get(ATTEMPT_ATTR, 1)), attrs.get(ATTEMPT_OF_ATTR),
+                   int(attrs.get(SEED_ATTR, trial_seed(campaign_seed, trial.number))))
+
+
 class CampaignWorker:
-    """One worker process's loop over a campaign."""
+    """One worker process's loop over a campaign.
+
+    `heartbeat_seconds`: how often the worker stamps its rows; `grace_seconds`: how long
+    another worker's silence lasts before its trial is abandoned and re-run. Keep the
+    grace several heartbeats long (and longer than a database restart takes)."""
 
     def __init__(self, engine: Engine, storage_url: str, campaign_name: str, *,
-                 device: str = "auto", max_trials: int | None = None, log: Log = print):
+                 device: str = "auto", max_trials: int | None = None, log: Log = print,
+                 heartbeat_seconds: float = DEFAULT_HEARTBEAT_SECONDS,
+                 grace_seconds: float = DEFAULT_GRACE_SECONDS):
+        if not 0 < heartbeat_seconds < grace_seconds:
+            raise ValueError(f"heartbeat ({heartbeat_seconds} s) must be > 0 and shorter than "
+                             f"the grace period ({grace_seconds} s)")
         self.engine, self.storage_url, self.log = engine, storage_url, log
+        ensure_schema(engine)  # upgrades a database made by an older batchlab
         self.campaign = load_campaign(engine, campaign_name)
         self.spec = parse_spec(self.campaign.spec_text, f"campaign {campaign_name}")
         self.device = resolve_device(device)
@@ -105,77 +148,133 @@ class CampaignWorker:
         self.worker_id = uuid.uuid4().hex[:12]
         self.data = DataCache()
         self.storage = optuna_storage(storage_url)
+        self.grace_seconds = grace_seconds
+        self.heartbeat = Heartbeat(engine, self.worker_id, heartbeat_seconds, log)
         self.stop_requested = False
 
     def run(self) -> int:
         """Run trials until the campaign has all its trials (or `max_trials` are done);
-        returns the number of trials this worker finished."""
+        returns the number of trials this worker finished. On SIGTERM it abandons its
+        trial (re-queued for another worker), returns, and `stop_requested` is set. While no slot is free but
+        trials still run elsewhere, it waits: one of them may be lost and need a re-run."""
         # Load the data before claiming anything: a missing file is the user's to fix,
         # and no trial should be spent finding that out.
         workload = get_workload(self.spec.workload)
         self.data.get(workload, DataOptions(self.spec.data_dir, self.spec.download), self.device)
-        self._register()
+        self._retry(self._register, "registering the worker")
+        self.heartbeat.start()
         done = 0
         previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM,)}
         try:
             while self.max_trials is None or done < self.max_trials:
-                claim = claim_cell(self.engine, self.campaign.id)
+                claim = self._next_claim()
                 if claim is None:
                     break
-                self._run_one(claim)
-                done += 1
+                if self._run_one(claim):
+                    done += 1
+        except Interrupted:
+            pass  # SIGTERM: the trial is abandoned and re-queued; stop_requested says so
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            self._set_status("stopped" if self.stop_requested else "finished")
+            self.heartbeat.stop()
+            self._retry(lambda: self._set_status("stopped" if self.stop_requested else "finished"),
+                        "recording the worker's status")
         return done
+
+    def _next_claim(self) -> Claim | None:
+        poll_seconds = min(2.0, self.grace_seconds / 4)
+        while True:
+            reap_lost_trials(self.engine, self.storage, self.campaign.id, self.grace_seconds, self.log)
+            claim = self._retry(lambda: claim_cell(self.engine, self.campaign.id, self.worker_id),
+                                "claiming a slot")
+            if claim is not None:
+                return claim
+            if self._retry(lambda: running_trials(self.engine, self.campaign.id), "counting trials") == 0:
+                return None  # every slot is finished
+            time.sleep(poll_seconds)
 
     def _request_stop(self, signum, frame) -> None:
         self.stop_requested = True
         raise Interrupted(f"signal {signum}")
 
-    def _run_one(self, claim: Claim) -> None:
-        space = self.spec.cell_space(claim.optimizer, claim.schedule)
-        study = optuna.load_study(study_name=claim.study_name, storage=self.storage,
-                                  sampler=make_sampler(self.spec.sampler, self.spec.seed))
-        trial = study.ask(fixed_distributions=distributions(space))
-        config = self._config(claim, space, trial)
-        row_id = self._insert_trial(claim, trial, config)
+    def _retry(self, operation, what: str):
+        return call_with_retry(operation, what=what, log=self.log)
+
+    def _run_one(self, claim: Claim) -> bool:
+        """One trial in the claimed slot; returns whether it finished here (False: it was
+        reaped while this worker was cut off from the database)."""
+        self.heartbeat.trial_row_id = claim.row_id
+        study = trial = None
+        recorded = False
         try:
-            result = run_trial(config, data_cache=self.data,
-                               on_measurement=lambda m: self._write_measurement(row_id, m),
-                               best_so_far=lambda: best_steps(self.engine, claim.cell_id),
-                               prune=self.spec.prune)
+            space = self.spec.cell_space(claim.optimizer, claim.schedule)
+            study, trial = self._retry(lambda: self._ask(claim, space), "asking Optuna")
+            attempt = Attempt.of(trial, self.spec.seed)
+            config = self._config(claim, space, trial, attempt.seed)
+            recorded = self._retry(lambda: self._record_trial(claim, trial, config, attempt),
+                                   "recording the trial")
+            if not recorded:  # reaped between claim and ask: hand the point back
+                self._requeue_unrecorded(claim, trial)
+                return False
+            result = self._train(claim, config)
         except (Interrupted, KeyboardInterrupt):
-            self._abandon(claim, study, trial, row_id)
+            self._abandon(claim, trial, recorded)
             raise
-        except Exception as exc:  # a crash fails this trial, not the worker
-            result = TrialResult("failed", 0, 0, 0.0, message=_one_line(exc))
-            self.log(traceback.format_exc())
-        self._finish_trial(row_id, result)
-        tell(study, trial, result.outcome, result.steps_to_result)
+        finally:
+            self.heartbeat.trial_row_id = None
+        if not self._retry(lambda: self._finish_trial(claim.row_id, result), "finishing the trial"):
+            self.log(f"[worker {self.worker_id}] trial row {claim.row_id} was abandoned by a reaper "
+                     f"while this worker was silent; its result is discarded and it is re-run")
+            return False
+        self._retry(lambda: _tell_once(study, trial, result), "telling Optuna")
         self.log(f"[worker {self.worker_id}] bs={claim.batch_size} {claim.optimizer}/{claim.schedule} "
                  f"trial {trial.number}: {_describe(result)}")
+        return True
 
-    def _config(self, claim: Claim, space: tuple[Param, ...], trial: optuna.Trial) -> TrialConfig:
+    def _ask(self, claim: Claim, space) -> tuple[optuna.Study, optuna.Trial]:
+        study = optuna.load_study(study_name=claim.study_name, storage=self.storage,
+                                  sampler=make_sampler(self.spec.sampler, self.spec.seed))
+        return study, study.ask(fixed_distributions=distributions(space))
+
+    def _train(self, claim: Claim, config: TrialConfig) -> TrialResult:
+        try:
+            return run_trial(
+                config, data_cache=self.data,
+                on_measurement=lambda m: self._retry(lambda: self._write_measurement(claim.row_id, m),
+                                                     "writing a measurement"),
+                best_so_far=lambda: self._retry(lambda: best_steps(self.engine, claim.cell_id),
+                                                "reading the cell's best"),
+                prune=self.spec.prune)
+        except (Interrupted, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # a crash fails this trial, not the worker
+            self.log(traceback.format_exc())
+            return TrialResult("failed", 0, 0, 0.0, message=_one_line(exc))
+
+    def _config(self, claim: Claim, space: tuple[Param, ...], trial: optuna.Trial,
+                seed: int) -> TrialConfig:
         return resolve_trial_config(
             self.spec, batch_size=claim.batch_size, optimizer=claim.optimizer,
             schedule=claim.schedule, hparams=hparams_from_optuna(space, trial.params),
-            seed=trial_seed(self.spec.seed, trial.number), device=str(self.device))
+            seed=seed, device=str(self.device))
 
-    def _insert_trial(self, claim: Claim, trial: optuna.Trial, config: TrialConfig) -> int:
+    def _record_trial(self, claim: Claim, trial: optuna.Trial, config: TrialConfig,
+                      attempt: Attempt) -> bool:
+        """Fill the claimed row with the Optuna trial, the resolved config and provenance;
+        False if the row is no longer running (a reaper took it)."""
         with Session(self.engine) as session, session.begin():
-            row = Trial(cell_id=claim.cell_id, optuna_trial_id=trial._trial_id,
-                        trial_number=trial.number, outcome="running", hparams=dict(config.hparams),
-                        config=config.to_json_dict(), seed=config.seed, worker_id=self.worker_id,
-                        device=_device_name(self.device), host=provenance.host(),
-                        code_version=provenance.code_version(),
-                        package_versions=provenance.package_versions())
-            session.add(row)
-            session.flush()
+            filled = session.execute(update(Trial).where(
+                Trial.id == claim.row_id, Trial.outcome == "running").values(
+                optuna_trial_id=trial._trial_id, trial_number=trial.number,
+                hparams=dict(config.hparams), config=config.to_json_dict(), seed=config.seed,
+                attempt=attempt.number, attempt_of=attempt.first_row_id,
+                device=_device_name(self.device), host=provenance.host(),
+                code_version=provenance.code_version(), package_versions=provenance.package_versions(),
+                heartbeat_at=func.current_timestamp())).rowcount
             session.execute(update(Worker).where(Worker.id == self.worker_id)
-                            .values(current_trial_id=row.id, heartbeat_at=utcnow()))
-            return row.id
+                            .values(current_trial_id=claim.row_id, heartbeat_at=func.current_timestamp()))
+            return filled == 1
 
     def _write_measurement(self, trial_id: int, m: Measurement) -> None:
         with Session(self.engine) as session, session.begin():
@@ -184,41 +283,63 @@ class CampaignWorker:
                 wall_seconds=m.wall_seconds, eval_seconds=m.eval_seconds,
                 learning_rate=m.learning_rate, batch_size=m.batch_size, train_loss=_finite(m.train_loss),
                 val_loss=_finite(m.val_loss), val_error=_finite(m.val_error), extra=dict(m.extra)))
-            session.execute(update(Worker).where(Worker.id == self.worker_id)
-                            .values(heartbeat_at=utcnow()))
 
-    def _finish_trial(self, row_id: int, result: TrialResult) -> None:
+    def _finish_trial(self, row_id: int, result: TrialResult) -> bool:
+        """Record the outcome, only on a row still running: returns False if a reaper
+        abandoned it meanwhile (its re-run is then already queued)."""
         with Session(self.engine) as session, session.begin():
-            session.execute(update(Trial).where(Trial.id == row_id).values(
+            finished = session.execute(update(Trial).where(
+                Trial.id == row_id, Trial.outcome == "running").values(
                 outcome=result.outcome, steps=result.steps, examples=result.examples,
                 wall_seconds=result.wall_seconds, steps_to_result=result.steps_to_result,
                 examples_to_result=result.examples_to_result,
                 seconds_to_result=result.seconds_to_result, best_metric=result.best_metric,
-                message=result.message, finished_at=utcnow()))
+                message=result.message, finished_at=func.current_timestamp())).rowcount
             session.execute(update(Worker).where(Worker.id == self.worker_id).values(
-                current_trial_id=None, heartbeat_at=utcnow(), trials_done=Worker.trials_done + 1))
+                current_trial_id=None, heartbeat_at=func.current_timestamp(),
+                trials_done=Worker.trials_done + finished))
+            return finished == 1
 
-    def _abandon(self, claim: Claim, study: optuna.Study, trial: optuna.Trial, row_id: int) -> None:
-        """Give the slot back and queue the same hyperparameters again, so the cell still
-        ends with exactly its planned number of finished trials."""
-        with Session(self.engine) as session, session.begin():
-            session.execute(update(Trial).where(Trial.id == row_id).values(
-                outcome="abandoned", message="worker stopped", finished_at=utcnow()))
-        study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        study.enqueue_trial(trial.params, skip_if_exists=False)
-        release_slot(self.engine, claim.cell_id)
-        self.log(f"[worker {self.worker_id}] stopped; trial {trial.number} of "
+    def _abandon(self, claim: Claim, trial: optuna.Trial | None, recorded: bool) -> None:
+        """SIGTERM / Ctrl-C: give the slot back and queue the same hyperparameters and seed
+        again, so the cell still ends with exactly its planned number of finished trials."""
+        abandon_trial(self.engine, self.storage, claim.row_id, "worker stopped by a signal")
+        if trial is not None and not recorded:
+            self._requeue_unrecorded(claim, trial)
+        number = trial.number if trial is not None else "(not yet asked)"
+        self.log(f"[worker {self.worker_id}] stopped; trial {number} of "
                  f"bs={claim.batch_size} {claim.optimizer}/{claim.schedule} will be re-run")
+
+    def _requeue_unrecorded(self, claim: Claim, trial: optuna.Trial) -> None:
+        attempt = Attempt.of(trial, self.spec.seed)
+        self._retry(lambda: requeue(self.storage, trial._trial_id, claim.study_name,
+                                    first_row_id=attempt.first_row_id, attempt=attempt.number - 1,
+                                    seed=attempt.seed), "re-queueing a trial")
 
     def _register(self) -> None:
         with Session(self.engine) as session, session.begin():
             session.add(Worker(id=self.worker_id, campaign_id=self.campaign.id, host=provenance.host(),
-                               pid=os.getpid(), device=_device_name(self.device)))
+                               pid=os.getpid(), device=_device_name(self.device),
+                               heartbeat_at=func.current_timestamp()))
 
     def _set_status(self, status: str) -> None:
         with Session(self.engine) as session, session.begin():
             session.execute(update(Worker).where(Worker.id == self.worker_id).values(
-                status=status, heartbeat_at=utcnow(), current_trial_id=None))
+                status=status, heartbeat_at=func.current_timestamp(), current_trial_id=None))
+
+
+def _tell_once(study: optuna.Study, trial: optuna.Trial, result: TrialResult) -> None:
+    """Tell the outcome; a retry after a commit whose acknowledgement was lost, or a
+    reaper's sweep that settled it first, finds the trial finished: that is success."""
+    if study._storage.get_trial(trial._trial_id).state.is_finished():
+        return
+    try:
+        tell(study, trial, result.outcome, result.steps_to_result)
+    except (UpdateFinishedTrialError, ValueError):
+        # Optuna says "Cannot tell a PRUNED trial" (ValueError) when it was settled
+        # between the check and the tell; anything else is a real error.
+        if not study._storage.get_trial(trial._trial_id).state.is_finished():
+            raise
 
 
 def _device_name(device) -> str:

@@ -1,0 +1,272 @@
+"""Crash recovery: heartbeats, the reaper of lost trials, and abandoning a trial.
+
+Every running trial row has a heartbeat (`bl_trials.heartbeat_at`, written by a
+background thread of its worker with the database's clock). A trial whose heartbeat is
+older than the grace period lost its worker (kill -9, machine gone, network partition):
+the reaper marks it `abandoned` with the reason, gives its cell slot back, tells Optuna
+FAIL and enqueues the same hyperparameters (and seed) as the next attempt. Every worker
+runs the reaper before it claims a slot; `batchlab status` runs it too.
+
+Exactly once, two locks:
+- batchlab's side: the conditional UPDATE `... SET outcome='abandoned' WHERE
+  outcome='running' AND heartbeat_at < cutoff`; its winner alone gives the slot back, in
+  the same transaction.
+- Optuna's side: the RUNNING -> FAIL transition (Optuna checks the state under a row
+  lock); its winner alone enqueues the re-run. The Optuna step is also swept from
+  Optuna's trial table, so a reaper that dies between the two steps, or a worker that
+  died between claiming a slot and writing its Optuna trial id, leaves nothing stuck.
+
+This module imports no torch: `batchlab status` reaps without loading it.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Callable
+
+import optuna
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.trial import TrialState
+from sqlalchemy import DateTime, Engine, bindparam, func, select, text, update
+from sqlalchemy.orm import Session
+
+from db.models import Cell, Trial, Worker
+from study.retry import call_with_retry
+
+Log = Callable[[str], None]
+
+DEFAULT_HEARTBEAT_SECONDS = 10.0
+DEFAULT_GRACE_SECONDS = 60.0
+# User attributes of an enqueued re-run: which attempt, of which first row, with what seed.
+ATTEMPT_ATTR, ATTEMPT_OF_ATTR, SEED_ATTR = "batchlab_attempt", "batchlab_attempt_of", "batchlab_seed"
+FINISHED = ("reached", "not_reached", "diverged", "failed", "pruned")
+
+
+def database_now(session_or_connection) -> datetime:
+    """The database's clock: heartbeats and their cutoff use it, so workers on machines
+    whose clocks disagree still agree on who is late. (SQLite: UTC, whole seconds.)"""
+    return session_or_connection.execute(select(func.current_timestamp())).scalar_one()
+
+
+# ----- heartbeats ------------------------------------------------------------------------
+class Heartbeat:
+    """A daemon thread that stamps the worker row and its running trial row every
+    `interval_seconds`, each time in its own short transaction (never inside the
+    trainer's), so a long evaluation does not look like a dead worker."""
+
+    def __init__(self, engine: Engine, worker_id: str, interval_seconds: float, log: Log):
+        self.engine, self.worker_id, self.interval, self.log = engine, worker_id, interval_seconds, log
+        self.trial_row_id: int | None = None  # set by the worker while a trial runs
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{worker_id}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def beat(self) -> None:
+        """One heartbeat now (also called by the worker at each claim)."""
+        with Session(self.engine) as session, session.begin():
+            session.execute(update(Worker).where(Worker.id == self.worker_id)
+                            .values(heartbeat_at=func.current_timestamp()))
+            if self.trial_row_id is not None:
+                # Only a running row: a trial reaped while this worker was cut off stays dead.
+                session.execute(update(Trial).where(Trial.id == self.trial_row_id,
+                                                    Trial.outcome == "running")
+                                .values(heartbeat_at=func.current_timestamp()))
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.beat()
+            except Exception as exc:  # a blip: the next beat retries; the reaper's grace covers it
+                self.log(f"[worker {self.worker_id}] heartbeat failed: {type(exc).__name__}")
+
+
+# ----- abandoning one trial -------------------------------------------------------------
+def abandon_trial(engine: Engine, storage: optuna.storages.BaseStorage, trial_row_id: int,
+                  reason: str, *, stale_before: datetime | None = None) -> bool:
+    """Mark a running trial row `abandoned` with `reason`, give its slot back and queue the
+    same hyperparameters again. With `stale_before`, only if its heartbeat is older.
+    Returns whether this call did it (False: it had finished, or another reaper won)."""
+    row = call_with_retry(lambda: _mark_abandoned(engine, trial_row_id, reason, stale_before),
+                          what="abandoning a trial")
+    if row is None:
+        return False
+    if row.optuna_trial_id >= 0:
+        call_with_retry(lambda: requeue(storage, row.optuna_trial_id, row.study_name,
+                                        first_row_id=row.attempt_of or row.id, attempt=row.attempt,
+                                        seed=row.seed),
+                        what="re-queueing an abandoned trial")
+    return True
+
+
+def _mark_abandoned(engine: Engine, trial_row_id: int, reason: str, stale_before: datetime | None):
+    conditions = [Trial.id == trial_row_id, Trial.outcome == "running"]
+    if stale_before is not None:
+        conditions.append(Trial.heartbeat_at < stale_before)
+    with Session(engine) as session, session.begin():
+        won = session.execute(update(Trial).where(*conditions).values(
+            outcome="abandoned", message=reason, finished_at=func.current_timestamp())).rowcount
+        if won != 1:
+            return None
+        row = session.execute(
+            select(Trial.id, Trial.cell_id, Trial.optuna_trial_id, Trial.seed, Trial.attempt,
+                   Trial.attempt_of, Cell.study_name)
+            .join(Cell, Cell.id == Trial.cell_id).where(Trial.id == trial_row_id)).one()
+        # The same transaction gives the slot back: a cell never loses or gains one.
+        session.execute(update(Cell).where(Cell.id == row.cell_id)
+                        .values(trials_claimed=Cell.trials_claimed - 1))
+        return row
+
+
+def requeue(storage: optuna.storages.BaseStorage, optuna_trial_id: int, study_name: str, *,
+            first_row_id: int | None, attempt: int, seed: int | None) -> bool:
+    """Fail the Optuna trial and enqueue its parameters as attempt `attempt` + 1, if this
+    call is the one that moved it from RUNNING to FAIL (returns whether it was)."""
+    frozen = storage.get_trial(optuna_trial_id)
+    try:
+        if not storage.set_trial_state_values(optuna_trial_id, TrialState.FAIL):
+            return False
+    except UpdateFinishedTrialError:
+        return False  # another reaper (or the sweep) got here first
+    # A trial that never got its row still carries its attempt's attributes in Optuna.
+    first_row_id = first_row_id if first_row_id is not None else frozen.user_attrs.get(ATTEMPT_OF_ATTR)
+    seed = seed if seed is not None else frozen.user_attrs.get(SEED_ATTR)
+    attrs = {ATTEMPT_ATTR: attempt + 1}
+    if first_row_id is not None:
+        attrs[ATTEMPT_OF_ATTR] = first_row_id
+    if seed is not None:
+        attrs[SEED_ATTR] = seed
+    study = optuna.load_study(study_name=study_name, storage=storage,
+                              sampler=optuna.samplers.RandomSampler())
+    study.enqueue_trial(dict(frozen.params), user_attrs=attrs, skip_if_exists=False)
+    return True
+
+
+# ----- the reaper ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Reaped:
+    trial_row_id: int
+    worker_id: str | None
+    silent_seconds: float
+
+
+def reap_lost_trials(engine: Engine, storage: optuna.storages.BaseStorage, campaign_id: int,
+                     grace_seconds: float, log: Log | None = None) -> list[Reaped]:
+    """Abandon every running trial of the campaign whose heartbeat is older than
+    `grace_seconds`, mark silent workers `lost`, and settle Optuna trials left RUNNING by
+    a death between two steps. Cheap when nothing is late: two indexed queries."""
+    now, stale = call_with_retry(lambda: _stale_trials(engine, campaign_id, grace_seconds),
+                                 what="looking for lost trials")
+    cutoff = now - timedelta(seconds=grace_seconds)
+    reaped = []
+    for row in stale:
+        silent = (_utc(now) - _utc(row.heartbeat_at)).total_seconds()
+        reason = f"worker {row.worker_id} lost: no heartbeat for {silent:.0f} s"
+        if abandon_trial(engine, storage, row.id, reason, stale_before=cutoff):
+            reaped.append(Reaped(row.id, row.worker_id, silent))
+            if log is not None:
+                log(f"reaper: trial row {row.id} abandoned ({reason}); it will be re-run")
+    call_with_retry(lambda: _mark_workers_lost(engine, campaign_id, cutoff), what="marking lost workers")
+    settle_optuna_trials(engine, storage, campaign_id, grace_seconds)
+    return reaped
+
+
+def _stale_trials(engine: Engine, campaign_id: int, grace_seconds: float):
+    with Session(engine) as session:
+        now = database_now(session)
+        cutoff = now - timedelta(seconds=grace_seconds)
+        rows = session.execute(
+            select(Trial.id, Trial.worker_id, Trial.heartbeat_at).join(Cell, Cell.id == Trial.cell_id)
+            .where(Cell.campaign_id == campaign_id, Trial.outcome == "running",
+                   Trial.heartbeat_at < cutoff).order_by(Trial.id)).all()
+        return now, rows
+
+
+def _mark_workers_lost(engine: Engine, campaign_id: int, cutoff: datetime) -> None:
+    with Session(engine) as session, session.begin():
+        session.execute(update(Worker).where(Worker.campaign_id == campaign_id,
+                                             Worker.status == "running", Worker.heartbeat_at < cutoff)
+                        .values(status="lost"))
+
+
+# Optuna's own tables (trials, studies: stable since Optuna 1.x), joined to batchlab's.
+_RUNNING_OPTUNA_TRIALS = text("""
+SELECT t.trial_id, t.datetime_start, s.study_name, b.id AS row_id, b.outcome,
+       b.steps_to_result, b.attempt, b.attempt_of, b.seed
+FROM trials t
+JOIN studies s ON s.study_id = t.study_id
+JOIN bl_cells c ON c.study_name = s.study_name
+LEFT JOIN bl_trials b ON b.optuna_trial_id = t.trial_id
+WHERE c.campaign_id = :campaign_id AND t.state = 'RUNNING'
+  AND (b.id IS NULL OR (b.outcome <> 'running' AND b.finished_at < :cutoff))
+""").bindparams(bindparam("cutoff", type_=DateTime(timezone=True)))
+
+
+def settle_optuna_trials(engine: Engine, storage: optuna.storages.BaseStorage, campaign_id: int,
+                         grace_seconds: float) -> int:
+    """Optuna trials still RUNNING whose batchlab row is finished or abandoned (their worker
+    died between two steps), or that no row names after the grace period (their worker
+    died between asking Optuna and recording the trial): tell the recorded outcome, or
+    fail them and enqueue their parameters again. Returns how many were settled."""
+    rows = call_with_retry(lambda: _unsettled(engine, campaign_id, grace_seconds),
+                           what="sweeping Optuna trials")
+    settled = 0
+    for row in rows:
+        if row.row_id is None and not _older_than(row.datetime_start, grace_seconds):
+            continue  # a live worker between ask and recording the trial
+        settled += call_with_retry(lambda: _settle(storage, row), what="settling an Optuna trial")
+    return settled
+
+
+def _unsettled(engine: Engine, campaign_id: int, grace_seconds: float):
+    # A row finished or abandoned within the grace period is left to its own worker (or
+    # reaper), which tells Optuna in its next step.
+    with Session(engine) as session:
+        cutoff = database_now(session) - timedelta(seconds=grace_seconds)
+        return session.execute(_RUNNING_OPTUNA_TRIALS, {"campaign_id": campaign_id,
+                                                        "cutoff": cutoff}).all()
+
+
+def _settle(storage: optuna.storages.BaseStorage, row) -> bool:
+    if row.outcome in FINISHED:
+        state, values = _optuna_state(row.outcome, row.steps_to_result)
+        try:
+            return storage.set_trial_state_values(row.trial_id, state, values)
+        except UpdateFinishedTrialError:
+            return False
+    # abandoned, or never recorded: re-run the same point
+    if row.row_id is None:  # never recorded: its attempt number is in Optuna's attributes
+        attempt = int(storage.get_trial(row.trial_id).user_attrs.get(ATTEMPT_ATTR, 1))
+        return requeue(storage, row.trial_id, row.study_name, first_row_id=None, attempt=attempt,
+                       seed=None)
+    return requeue(storage, row.trial_id, row.study_name, first_row_id=row.attempt_of or row.row_id,
+                   attempt=row.attempt, seed=row.seed)
+
+
+def _optuna_state(outcome: str, steps_to_result: int | None):
+    # The same mapping as study.tuning.tell.
+    if outcome == "reached":
+        return TrialState.COMPLETE, [float(steps_to_result)]
+    if outcome in ("pruned", "not_reached"):
+        return TrialState.PRUNED, None
+    return TrialState.FAIL, None
+
+
+def _utc(moment: datetime) -> datetime:
+    # PostgreSQL returns aware datetimes, SQLite naive ones (in UTC): compare them as naive UTC.
+    return moment.astimezone(timezone.utc).replace(tzinfo=None) if moment.tzinfo else moment
+
+
+def _older_than(started: datetime | str | None, seconds: float) -> bool:
+    # Optuna stamps datetime_start with the asking machine's local clock (naive).
+    if started is None:
+        return True
+    if isinstance(started, str):
+        started = datetime.fromisoformat(started)
+    return (datetime.now() - started.replace(tzinfo=None)).total_seconds() > seconds

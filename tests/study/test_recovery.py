@@ -1,0 +1,303 @@
+"""Crash recovery: heartbeats, the reaper (exactly once, even when several reap at once),
+SIGTERM, kill -9 of random workers and a PostgreSQL restart mid-campaign. Every campaign
+ends with exactly its planned finished trials per cell, and every abandoned attempt is
+re-run with identical hyperparameters and seed."""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+from sqlalchemy import text, update
+from sqlalchemy.orm import Session
+
+from db import queries
+from db.engine import make_engine
+from db.models import Trial
+from study.campaigns import create_campaign
+from study.recovery import (ATTEMPT_ATTR, ATTEMPT_OF_ATTR, SEED_ATTR, reap_lost_trials)
+from study.results import campaign_info
+from study.spec import parse_spec
+from study.tuning import distributions, optuna_storage
+from study.worker import Attempt, claim_cell
+
+FINISHED = {"reached", "not_reached", "diverged", "failed", "pruned"}
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def spec_text(name: str, *, batch_sizes=(16, 64), trials_per_cell: int = 3, max_steps: int = 40,
+              eval_every: int = 10, threshold: float = 0.001) -> str:
+    """digits_mlp with a target it never reaches, so every trial runs its max_steps."""
+    return textwrap.dedent(f"""
+        [campaign]
+        name = "{name}"
+        workload = "digits_mlp"
+        batch_sizes = {list(batch_sizes)}
+        optimizers = ["momentum"]
+        schedules = ["constant"]
+        trials_per_cell = {trials_per_cell}
+        max_steps = {max_steps}
+        eval_every = {eval_every}
+        seed = 3
+        prune = false
+
+        [target]
+        metric = "val_error"
+        threshold = {threshold}
+
+        [search_space.optimizer.momentum]
+        learning_rate = {{ low = 0.01, high = 0.5, scale = "log" }}
+        momentum = {{ low = 0.8, high = 0.95, scale = "reverse_log" }}
+    """)
+
+
+def create(url: str, text_: str):
+    spec = parse_spec(text_, "test.toml")
+    engine = make_engine(url)
+    create_campaign(engine, url, spec)
+    return engine, campaign_info(engine, spec.name)
+
+
+def start_worker(url: str, campaign: str, *, grace: float = 3.0, heartbeat: float = 0.5,
+                 log: Path | None = None) -> subprocess.Popen:
+    """A real `batchlab worker` process (its output goes to `log`)."""
+    command = [sys.executable, "-m", "study.cli", "worker", "--campaign", campaign, "--storage", url,
+               "--device", "cpu", "--threads", "1", "--heartbeat", str(heartbeat), "--grace", str(grace)]
+    out = open(log, "ab") if log else subprocess.DEVNULL
+    return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+
+
+def wait_for(condition, timeout: float, what: str, interval: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def wait_all(processes, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    return [p.wait(timeout=max(1.0, deadline - time.monotonic())) for p in processes]
+
+
+def trial_rows(engine, campaign_id: int) -> pd.DataFrame:
+    with engine.connect() as connection:
+        return pd.read_sql(text(
+            "SELECT t.id, t.cell_id, t.outcome, t.hparams, t.seed, t.attempt, t.attempt_of, "
+            "t.message, t.trial_number, t.optuna_trial_id FROM bl_trials t JOIN bl_cells c "
+            "ON c.id = t.cell_id WHERE c.campaign_id = :cid ORDER BY t.id"),
+            connection, params={"cid": campaign_id})
+
+
+def measured_steps(engine, trial_id: int) -> int:
+    with engine.connect() as connection:
+        return connection.execute(text("SELECT COUNT(*) FROM bl_measurements WHERE trial_id = :t"),
+                                  {"t": trial_id}).scalar()
+
+
+def check_exact_accounting(engine, url: str, campaign_id: int, trials_per_cell: int) -> pd.DataFrame:
+    """Exactly `trials_per_cell` finished rows per cell, none running, slots consistent,
+    every Optuna study settled, and every abandoned attempt re-run with the same point."""
+    rows = trial_rows(engine, campaign_id)
+    finished = rows[rows["outcome"].isin(FINISHED)]
+    cells = queries.cells(engine, campaign_id)
+    assert finished.groupby("cell_id").size().reindex(cells["cell_id"], fill_value=0).tolist() \
+        == [trials_per_cell] * len(cells)
+    assert set(rows["outcome"]) <= FINISHED | {"abandoned"}
+    assert (finished["outcome"] != "failed").all(), finished["message"].tolist()
+    with engine.connect() as connection:
+        claimed = connection.execute(text("SELECT trials_claimed FROM bl_cells WHERE campaign_id = :c"),
+                                     {"c": campaign_id}).scalars().all()
+    assert claimed == [trials_per_cell] * len(cells)
+    storage = optuna_storage(url)
+    for name in cells["study_name"]:
+        states = [t.state.name for t in optuna.load_study(study_name=name, storage=storage).trials]
+        assert states.count("RUNNING") == 0 and states.count("WAITING") == 0, states
+        assert len(states) - states.count("FAIL") == trials_per_cell
+    for _, dead in rows[rows["outcome"] == "abandoned"].iterrows():
+        if dead["trial_number"] < 0:
+            continue  # killed before Optuna gave it a point: its Optuna trial was swept
+        first = dead["attempt_of"] if pd.notna(dead["attempt_of"]) else dead["id"]
+        reruns = rows[(rows["attempt_of"] == first) & (rows["attempt"] == dead["attempt"] + 1)]
+        assert len(reruns) == 1, (dead.to_dict(), rows)
+        rerun = reruns.iloc[0]
+        assert rerun["hparams"] == dead["hparams"] and rerun["seed"] == dead["seed"]
+        assert rerun["cell_id"] == dead["cell_id"]
+    return rows
+
+
+# ----- the reaper, in-process ------------------------------------------------------------
+def running_trial(engine, url: str, info, worker_id: str = "ghost") -> int:
+    """Claim a slot and ask Optuna as a worker would, then 'die' (return the row id)."""
+    claim = claim_cell(engine, info.id, worker_id)
+    spec = parse_spec(_spec_text(engine, info.id), "db")
+    storage = optuna_storage(url)
+    study = optuna.load_study(study_name=claim.study_name, storage=storage)
+    trial = study.ask(fixed_distributions=distributions(spec.cell_space(claim.optimizer, claim.schedule)))
+    with Session(engine) as session, session.begin():
+        session.execute(update(Trial).where(Trial.id == claim.row_id).values(
+            optuna_trial_id=trial._trial_id, trial_number=trial.number, hparams=dict(trial.params),
+            seed=Attempt.of(trial, spec.seed).seed))
+    return claim.row_id
+
+
+def _spec_text(engine, campaign_id: int) -> str:
+    with engine.connect() as connection:
+        return connection.execute(text("SELECT spec_text FROM bl_campaigns WHERE id = :c"),
+                                  {"c": campaign_id}).scalar()
+
+
+def _utc_now_naive() -> datetime:
+    # What both databases store for "UTC now" in a bound parameter of a raw statement.
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def age_heartbeat(engine, row_id: int, seconds: int) -> None:
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE bl_trials SET heartbeat_at = :t WHERE id = :id"),
+                           {"t": _utc_now_naive() - timedelta(seconds=seconds),
+                            "id": row_id})
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'reap.db'}"
+    server = request.getfixturevalue("local_postgres")
+    return server.create_database(f"reap_{uuid.uuid4().hex[:8]}")
+
+
+def test_concurrent_reapers_abandon_once_and_requeue_the_same_point(any_url):
+    engine, info = create(any_url, spec_text("reap", batch_sizes=(16,), trials_per_cell=2))
+    row_id = running_trial(engine, any_url, info)
+    assert reap_lost_trials(engine, optuna_storage(any_url), info.id, 5.0) == []  # still fresh
+    age_heartbeat(engine, row_id, 30)
+    engines = [make_engine(any_url) for _ in range(6)]
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(lambda e: reap_lost_trials(e, optuna_storage(any_url), info.id, 5.0),
+                                engines))
+    assert sum(len(r) for r in results) == 1  # exactly one reaper won
+    rows = trial_rows(engine, info.id)
+    assert rows["outcome"].tolist() == ["abandoned"]
+    assert rows["message"][0].startswith("worker ghost lost: no heartbeat for ")
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT trials_claimed FROM bl_cells")).scalar() == 0
+    study = optuna.load_study(study_name=queries.cells(engine, info.id)["study_name"][0],
+                              storage=optuna_storage(any_url))
+    by_state = {}
+    for t in study.trials:
+        by_state.setdefault(t.state.name, []).append(t)
+    assert len(by_state["FAIL"]) == 1 and len(by_state["WAITING"]) == 2  # the re-run + the 2nd point
+    failed, rerun = by_state["FAIL"][0], by_state["WAITING"][-1]
+    assert rerun.system_attrs["fixed_params"] == failed.params  # what the next ask() gets
+    assert rerun.user_attrs == {ATTEMPT_ATTR: 2, ATTEMPT_OF_ATTR: row_id, SEED_ATTR: int(rows["seed"][0])}
+
+
+def test_reaper_settles_a_trial_killed_between_claim_and_ask(tmp_path):
+    """A worker that died after Optuna gave it a point but before it recorded the point:
+    its row is abandoned by heartbeat, its Optuna trial is swept and its point re-queued."""
+    url = f"sqlite:///{tmp_path / 'orphan.db'}"
+    engine, info = create(url, spec_text("orphan", batch_sizes=(16,), trials_per_cell=1))
+    claim = claim_cell(engine, info.id, "ghost")
+    storage = optuna_storage(url)
+    study = optuna.load_study(study_name=claim.study_name, storage=storage)
+    point = study.ask(fixed_distributions=distributions(
+        parse_spec(_spec_text(engine, info.id), "db").cell_space("momentum", "constant"))).params
+    age_heartbeat(engine, claim.row_id, 30)
+    assert len(reap_lost_trials(engine, storage, info.id, 0.5)) == 1
+    time.sleep(0.6)  # the Optuna trial must also be older than the grace period
+    reap_lost_trials(engine, storage, info.id, 0.5)
+    states = [(t.state.name, t.params or t.system_attrs.get("fixed_params")) for t in study.trials]
+    assert states == [("FAIL", point), ("WAITING", point)]
+
+
+# ----- real worker processes ------------------------------------------------------------
+@pytest.mark.slow
+def test_sigterm_abandons_and_a_new_worker_resumes_with_identical_measurements(tmp_path):
+    url = f"sqlite:///{tmp_path / 'term.db'}"
+    engine, info = create(url, spec_text("term", batch_sizes=(16,), trials_per_cell=2,
+                                         max_steps=3000, eval_every=10))
+    first = start_worker(url, "term", log=tmp_path / "first.log")
+    wait_for(lambda: (trial_rows(engine, info.id)["trial_number"] >= 0).any(), 90, "a trial to start")
+    row_id = int(trial_rows(engine, info.id)["id"][0])
+    wait_for(lambda: measured_steps(engine, row_id) >= 5, 60, "some measurements")
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=60) == 143, (tmp_path / "first.log").read_text()  # 128 + SIGTERM
+    assert "Traceback" not in (tmp_path / "first.log").read_text()
+    rows = trial_rows(engine, info.id)
+    assert rows["outcome"].tolist() == ["abandoned"] and rows["message"][0] == "worker stopped by a signal"
+    kept = measured_steps(engine, row_id)
+    assert kept >= 5  # the dead attempt's measurements stay, marked by its outcome
+    second = start_worker(url, "term", log=tmp_path / "second.log")
+    assert second.wait(timeout=240) == 0, (tmp_path / "second.log").read_text()
+    rows = check_exact_accounting(engine, url, info.id, 2)
+    assert rows["outcome"].tolist().count("abandoned") == 1 and len(rows) == 3
+    rerun = rows[rows["attempt_of"] == row_id].iloc[0]
+    assert rerun["attempt"] == 2
+    assert measured_steps(engine, row_id) == kept  # nothing added to the dead attempt
+    # Reproducibility: the re-run (same seed, CPU) measured exactly what the first attempt did.
+    ms = queries.measurements(engine, info.id)
+    columns = ["step", "examples", "learning_rate", "train_loss", "val_loss", "val_error"]
+    dead = ms[ms["trial_id"] == row_id][columns].reset_index(drop=True)
+    again = ms[ms["trial_id"] == rerun["id"]][columns].head(len(dead)).reset_index(drop=True)
+    pd.testing.assert_frame_equal(dead, again, check_exact=True)
+    workers = queries.workers(engine, info.id)
+    assert sorted(workers["status"]) == ["finished", "stopped"]
+
+
+@pytest.mark.slow
+def test_kill_9_of_random_workers_on_postgres(local_postgres, tmp_path):
+    url = local_postgres.create_database(f"kill_{uuid.uuid4().hex[:8]}")
+    engine, info = create(url, spec_text("kill", batch_sizes=(8, 32), trials_per_cell=6,
+                                         max_steps=150, eval_every=10))
+    logs = tmp_path / "workers.log"
+    workers = [start_worker(url, "kill", log=logs) for _ in range(4)]
+    wait_for(lambda: (trial_rows(engine, info.id)["trial_number"] >= 0).sum() >= 4, 120,
+             "every worker to run a trial")
+    rng = random.Random(7)
+    victims = rng.sample(workers, 2)
+    for victim in victims:
+        time.sleep(rng.uniform(0.0, 1.0))
+        os.kill(victim.pid, signal.SIGKILL)
+    workers += [start_worker(url, "kill", log=logs)]
+    survivors = [w for w in workers if w not in victims]
+    assert wait_all(survivors, 300) == [0] * len(survivors), logs.read_text()[-3000:]
+    assert [v.wait() for v in victims] == [-9, -9]
+    rows = check_exact_accounting(engine, url, info.id, 6)
+    lost = rows[rows["message"].str.contains("lost: no heartbeat", na=False)]
+    assert len(lost) >= 1 and set(lost["outcome"]) == {"abandoned"}
+    status = queries.workers(engine, info.id).set_index("pid")["status"]
+    assert {status[v.pid] for v in victims} == {"lost"}
+
+
+@pytest.mark.slow
+def test_postgres_restart_mid_campaign(local_postgres, tmp_path):
+    url = local_postgres.create_database(f"restart_{uuid.uuid4().hex[:8]}")
+    engine, info = create(url, spec_text("restart", batch_sizes=(8, 32), trials_per_cell=4,
+                                         max_steps=200, eval_every=10))
+    logs = tmp_path / "workers.log"
+    # A grace longer than the restart: no live trial is taken for a lost one.
+    workers = [start_worker(url, "restart", grace=30, heartbeat=1, log=logs) for _ in range(3)]
+    wait_for(lambda: (trial_rows(engine, info.id)["trial_number"] >= 0).sum() >= 3, 120,
+             "trials to start")
+    engine.dispose()
+    local_postgres.restart()
+    assert wait_all(workers, 300) == [0, 0, 0], logs.read_text()[-3000:]
+    rows = check_exact_accounting(engine, url, info.id, 4)
+    assert (rows["outcome"] != "abandoned").all()
+    seen = logs.read_text()
+    # They did see the restart (a failed heartbeat or a retried transaction) and carried on.
+    assert "heartbeat failed" in seen or "database unavailable" in seen
