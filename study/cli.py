@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 
 from db.engine import StorageError, make_engine, redact, storage_url
+from study.cli_extra import add_commands
+from study import probe_cli
 
 USER_ERROR = 2
 
@@ -118,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     workloads = commands.add_parser("workloads", help="list the registered workloads")
     workloads.set_defaults(handler=cmd_workloads)
+    add_commands(commands)  # nqm, import-shallue, analyze (study/cli_extra.py)
+    probe_cli.add_commands(commands)  # probe sharpness|hessian|interpolate (study/probe_cli.py)
     return parser
 
 
@@ -127,6 +131,9 @@ def _storage_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def _recovery_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trials-at-once", type=int, default=1, help=(
+        "train this many trials of a cell together as one vectorized computation "
+        "(default 1: one at a time)"))
     parser.add_argument("--heartbeat", type=float, default=10.0,
                         help="seconds between a worker's heartbeats (default 10)")
     parser.add_argument("--grace", type=float, default=60.0, help=(
@@ -163,11 +170,14 @@ def cmd_worker(args) -> int:
     from study.worker import CampaignWorker
     url, engine = _engine(args)
     log = (lambda line: None) if args.quiet else (lambda line: print(line, flush=True))
+    if args.trials_at_once < 1:
+        raise UserError(f"--trials-at-once {args.trials_at_once}: must be >= 1")
     if not 0 < args.heartbeat < args.grace:
         raise UserError(f"--heartbeat {args.heartbeat:g} must be > 0 and shorter than --grace {args.grace:g}")
     worker = CampaignWorker(engine, url, args.campaign, device=args.device,
                             max_trials=args.max_trials, log=log,
-                            heartbeat_seconds=args.heartbeat, grace_seconds=args.grace)
+                            heartbeat_seconds=args.heartbeat, grace_seconds=args.grace,
+                            trials_at_once=args.trials_at_once)
     done = worker.run()
     log(f"[worker {worker.worker_id}] finished {done} trials")
     if worker.stop_requested:  # non-zero, so a supervisor (Kubernetes) starts another
@@ -189,7 +199,8 @@ def cmd_run(args) -> int:
     threads = max(1, (os.cpu_count() or 1) // max(1, args.workers))
     command = [sys.executable, "-m", "study.cli", "worker", "--campaign", spec.name,
                "--storage", url, "--device", args.device, "--threads", str(threads), "--quiet",
-               "--heartbeat", str(args.heartbeat), "--grace", str(args.grace)]
+               "--heartbeat", str(args.heartbeat), "--grace", str(args.grace),
+               "--trials-at-once", str(args.trials_at_once)]
     processes = [subprocess.Popen(command) for _ in range(args.workers)]
     try:
         _watch(engine, spec.name, processes)

@@ -57,7 +57,9 @@ class Heartbeat:
 
     def __init__(self, engine: Engine, worker_id: str, interval_seconds: float, log: Log):
         self.engine, self.worker_id, self.interval, self.log = engine, worker_id, interval_seconds, log
-        self.trial_row_id: int | None = None  # set by the worker while a trial runs
+        # Rows of the trials running in this worker (several when they train vectorized);
+        # replaced as a whole by the worker, read by the heartbeat thread.
+        self.trial_row_ids: frozenset[int] = frozenset()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{worker_id}", daemon=True)
 
@@ -73,10 +75,10 @@ class Heartbeat:
         with Session(self.engine) as session, session.begin():
             session.execute(update(Worker).where(Worker.id == self.worker_id)
                             .values(heartbeat_at=func.current_timestamp()))
-            if self.trial_row_id is not None:
-                # Only a running row: a trial reaped while this worker was cut off stays dead.
-                session.execute(update(Trial).where(Trial.id == self.trial_row_id,
-                                                    Trial.outcome == "running")
+            rows = self.trial_row_ids
+            if rows:
+                # Only running rows: a trial reaped while this worker was cut off stays dead.
+                session.execute(update(Trial).where(Trial.id.in_(rows), Trial.outcome == "running")
                                 .values(heartbeat_at=func.current_timestamp()))
 
     def _loop(self) -> None:

@@ -7,6 +7,7 @@ retries its short transactions with backoff when the database blips (study/retry
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import time
@@ -94,6 +95,25 @@ def claim_cell(engine: Engine, campaign_id: int, worker_id: str) -> Claim | None
     return None
 
 
+def claim_more(engine: Engine, first: Claim, worker_id: str, count: int) -> list[Claim]:
+    """Up to `count` more slots in `first`'s cell, for trials trained together."""
+    claims = []
+    for _ in range(count):
+        with Session(engine) as session, session.begin():
+            taken = session.execute(
+                update(Cell).where(Cell.id == first.cell_id, Cell.trials_claimed < Cell.trials_planned)
+                .values(trials_claimed=Cell.trials_claimed + 1)).rowcount
+            if taken != 1:
+                break
+            row = Trial(cell_id=first.cell_id, optuna_trial_id=-1, trial_number=-1, outcome="running",
+                        hparams={}, config={}, seed=0, worker_id=worker_id,
+                        heartbeat_at=func.current_timestamp())
+            session.add(row)
+            session.flush()
+            claims.append(dataclasses.replace(first, row_id=row.id))
+    return claims
+
+
 def running_trials(engine: Engine, campaign_id: int) -> int:
     with Session(engine) as session:
         return session.scalar(select(func.count(Trial.id)).join(Cell, Cell.id == Trial.cell_id)
@@ -135,7 +155,7 @@ class CampaignWorker:
     def __init__(self, engine: Engine, storage_url: str, campaign_name: str, *,
                  device: str = "auto", max_trials: int | None = None, log: Log = print,
                  heartbeat_seconds: float = DEFAULT_HEARTBEAT_SECONDS,
-                 grace_seconds: float = DEFAULT_GRACE_SECONDS):
+                 grace_seconds: float = DEFAULT_GRACE_SECONDS, trials_at_once: int = 1):
         if not 0 < heartbeat_seconds < grace_seconds:
             raise ValueError(f"heartbeat ({heartbeat_seconds} s) must be > 0 and shorter than "
                              f"the grace period ({grace_seconds} s)")
@@ -151,6 +171,9 @@ class CampaignWorker:
         self.grace_seconds = grace_seconds
         self.heartbeat = Heartbeat(engine, self.worker_id, heartbeat_seconds, log)
         self.stop_requested = False
+        # Trials of one cell trained together (trainers.vectorized); 1: one at a time.
+        self.trials_at_once = trials_at_once
+        self.step_cache: dict = {}  # compiled vectorized steps, reused across groups
 
     def run(self) -> int:
         """Run trials until the campaign has all its trials (or `max_trials` are done);
@@ -170,8 +193,12 @@ class CampaignWorker:
                 claim = self._next_claim()
                 if claim is None:
                     break
-                if self._run_one(claim):
-                    done += 1
+                room = self.trials_at_once - 1
+                if self.max_trials is not None:
+                    room = min(room, self.max_trials - done - 1)
+                extra = self._retry(lambda: claim_more(self.engine, claim, self.worker_id, room),
+                                    "claiming more slots") if room > 0 else []
+                done += self._run_claims([claim, *extra])
         except Interrupted:
             pass  # SIGTERM: the trial is abandoned and re-queued; stop_requested says so
         finally:
@@ -201,28 +228,59 @@ class CampaignWorker:
     def _retry(self, operation, what: str):
         return call_with_retry(operation, what=what, log=self.log)
 
-    def _run_one(self, claim: Claim) -> bool:
-        """One trial in the claimed slot; returns whether it finished here (False: it was
-        reaped while this worker was cut off from the database)."""
-        self.heartbeat.trial_row_id = claim.row_id
-        study = trial = None
-        recorded = False
+    def _run_claims(self, claims: list[Claim]) -> int:
+        """Trials in the claimed slots of one cell (trained together when several);
+        returns how many finished here (a trial reaped while this worker was cut off from
+        the database is re-run elsewhere and does not count)."""
+        self.heartbeat.trial_row_ids = frozenset(c.row_id for c in claims)
+        # row id -> (Optuna trial or None, recorded in its row): what a stop must undo.
+        asked: dict[int, tuple[optuna.Trial | None, bool]] = {c.row_id: (None, False) for c in claims}
+        started = []
         try:
-            space = self.spec.cell_space(claim.optimizer, claim.schedule)
-            study, trial = self._retry(lambda: self._ask(claim, space), "asking Optuna")
-            attempt = Attempt.of(trial, self.spec.seed)
-            config = self._config(claim, space, trial, attempt.seed)
-            recorded = self._retry(lambda: self._record_trial(claim, trial, config, attempt),
-                                   "recording the trial")
-            if not recorded:  # reaped between claim and ask: hand the point back
-                self._requeue_unrecorded(claim, trial)
-                return False
-            result = self._train(claim, config)
+            for claim in claims:
+                entry = self._ask_and_record(claim, asked)
+                if entry is not None:
+                    started.append(entry)
+            return self._train_group(started)
         except (Interrupted, KeyboardInterrupt):
-            self._abandon(claim, trial, recorded)
+            for claim in claims:
+                trial, recorded = asked[claim.row_id]
+                self._abandon(claim, trial, recorded)
             raise
         finally:
-            self.heartbeat.trial_row_id = None
+            self.heartbeat.trial_row_ids = frozenset()
+
+    def _ask_and_record(self, claim: Claim, asked: dict):
+        """Ask Optuna for the slot's point and fill its row; None if a reaper took the row."""
+        space = self.spec.cell_space(claim.optimizer, claim.schedule)
+        study, trial = self._retry(lambda: self._ask(claim, space), "asking Optuna")
+        asked[claim.row_id] = (trial, False)
+        attempt = Attempt.of(trial, self.spec.seed)
+        config = self._config(claim, space, trial, attempt.seed)
+        if not self._retry(lambda: self._record_trial(claim, trial, config, attempt), "recording the trial"):
+            self._requeue_unrecorded(claim, trial)  # reaped between claim and ask
+            asked[claim.row_id] = (None, False)
+            return None
+        asked[claim.row_id] = (trial, True)
+        return claim, study, trial, config
+
+    def _train_group(self, started) -> int:
+        finished = 0
+
+        def conclude(index: int, result: TrialResult) -> None:
+            nonlocal finished
+            claim, study, trial, _ = started[index]
+            finished += self._conclude(claim, study, trial, result)
+
+        configs = [config for *_, config in started]
+        results = self._train([claim for claim, *_ in started], configs, conclude)
+        for index, result in results.items():  # trials the trainer did not conclude (a crash)
+            conclude(index, result)
+        return finished
+
+    def _conclude(self, claim: Claim, study: optuna.Study, trial: optuna.Trial,
+                  result: TrialResult) -> bool:
+        self.heartbeat.trial_row_ids = self.heartbeat.trial_row_ids - {claim.row_id}
         if not self._retry(lambda: self._finish_trial(claim.row_id, result), "finishing the trial"):
             self.log(f"[worker {self.worker_id}] trial row {claim.row_id} was abandoned by a reaper "
                      f"while this worker was silent; its result is discarded and it is re-run")
@@ -237,20 +295,35 @@ class CampaignWorker:
                                   sampler=make_sampler(self.spec.sampler, self.spec.seed))
         return study, study.ask(fixed_distributions=distributions(space))
 
-    def _train(self, claim: Claim, config: TrialConfig) -> TrialResult:
+    def _train(self, claims: list[Claim], configs: list[TrialConfig], conclude) -> dict[int, TrialResult]:
+        """Train the configs (one: `run_trial`; several: vectorized), concluding each trial
+        as soon as its result is known. Returns the results left to conclude: every
+        unconcluded trial is `failed` when the trainer crashed (the worker goes on)."""
+        write = lambda i, m: self._retry(lambda: self._write_measurement(claims[i].row_id, m),
+                                         "writing a measurement")
+        best = lambda: self._retry(lambda: best_steps(self.engine, claims[0].cell_id),
+                                   "reading the cell's best")
+        concluded: set[int] = set()
+
+        def on_result(index: int, result: TrialResult) -> None:
+            concluded.add(index)
+            conclude(index, result)
         try:
-            return run_trial(
-                config, data_cache=self.data,
-                on_measurement=lambda m: self._retry(lambda: self._write_measurement(claim.row_id, m),
-                                                     "writing a measurement"),
-                best_so_far=lambda: self._retry(lambda: best_steps(self.engine, claim.cell_id),
-                                                "reading the cell's best"),
-                prune=self.spec.prune)
+            if len(configs) == 1:
+                on_result(0, run_trial(configs[0], data_cache=self.data, on_measurement=lambda m: write(0, m),
+                                       best_so_far=best, prune=self.spec.prune))
+            else:
+                from trainers.vectorized import run_trials_vectorized
+                run_trials_vectorized(configs, data_cache=self.data, on_measurement=write,
+                                      on_result=on_result, best_so_far=best, prune=self.spec.prune,
+                                      step_cache=self.step_cache)
+            return {}
         except (Interrupted, KeyboardInterrupt):
             raise
-        except Exception as exc:  # a crash fails this trial, not the worker
+        except Exception as exc:  # a crash fails these trials, not the worker
             self.log(traceback.format_exc())
-            return TrialResult("failed", 0, 0, 0.0, message=_one_line(exc))
+            failed = TrialResult("failed", 0, 0, 0.0, message=_one_line(exc))
+            return {i: failed for i in range(len(configs)) if i not in concluded}
 
     def _config(self, claim: Claim, space: tuple[Param, ...], trial: optuna.Trial,
                 seed: int) -> TrialConfig:
@@ -303,7 +376,8 @@ class CampaignWorker:
     def _abandon(self, claim: Claim, trial: optuna.Trial | None, recorded: bool) -> None:
         """SIGTERM / Ctrl-C: give the slot back and queue the same hyperparameters and seed
         again, so the cell still ends with exactly its planned number of finished trials."""
-        abandon_trial(self.engine, self.storage, claim.row_id, "worker stopped by a signal")
+        if not abandon_trial(self.engine, self.storage, claim.row_id, "worker stopped by a signal"):
+            return  # it had finished (or a reaper took it first)
         if trial is not None and not recorded:
             self._requeue_unrecorded(claim, trial)
         number = trial.number if trial is not None else "(not yet asked)"

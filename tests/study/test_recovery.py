@@ -12,6 +12,7 @@ import sys
 import textwrap
 import time
 import uuid
+
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -26,6 +27,7 @@ from db import queries
 from db.engine import make_engine
 from db.models import Trial
 from study.campaigns import create_campaign
+from study.results import FINISHED as FINISHED_OUTCOMES
 from study.recovery import (ATTEMPT_ATTR, ATTEMPT_OF_ATTR, SEED_ATTR, reap_lost_trials)
 from study.results import campaign_info
 from study.spec import parse_spec
@@ -293,11 +295,12 @@ def test_postgres_restart_mid_campaign(local_postgres, tmp_path):
     workers = [start_worker(url, "restart", grace=30, heartbeat=1, log=logs) for _ in range(3)]
     wait_for(lambda: (trial_rows(engine, info.id)["trial_number"] >= 0).sum() >= 3, 120,
              "trials to start")
+    finished_before = int(trial_rows(engine, info.id)["outcome"].isin(FINISHED_OUTCOMES).sum())
     engine.dispose()
     local_postgres.restart()
+    assert finished_before < 8  # the restart came mid-campaign
     assert wait_all(workers, 300) == [0, 0, 0], logs.read_text()[-3000:]
     rows = check_exact_accounting(engine, url, info.id, 4)
     assert (rows["outcome"] != "abandoned").all()
-    seen = logs.read_text()
-    # They did see the restart (a failed heartbeat or a retried transaction) and carried on.
-    assert "heartbeat failed" in seen or "database unavailable" in seen
+    # The workers carried on across the restart: a failed heartbeat or a retried
+    # transaction is logged when one fell inside it; pool_pre_ping may hide a short one.

@@ -1,0 +1,72 @@
+"""A worker that trains K trials of a cell together stores what one-at-a-time stores."""
+import textwrap
+
+import pandas as pd
+import pytest
+
+from db import queries
+from db.engine import make_engine
+from study.campaigns import create_campaign
+from study.results import campaign_info
+from study.spec import parse_spec
+from study.worker import CampaignWorker
+
+pytestmark = pytest.mark.slow
+
+SPEC = textwrap.dedent("""
+    [campaign]
+    name = "vec"
+    workload = "digits_mlp"
+    batch_sizes = [32, 128]
+    optimizers = ["momentum"]
+    schedules = ["constant"]
+    trials_per_cell = 4
+    max_steps = 120
+    eval_every = 10
+
+    [target]
+    metric = "val_error"
+    threshold = 0.08
+
+    [search_space.optimizer.momentum]
+    learning_rate = { low = 0.003, high = 3.0, scale = "log" }
+    momentum = { low = 0.5, high = 0.99, scale = "reverse_log" }
+""")
+
+
+def run_campaign(tmp_path, name: str, trials_at_once: int) -> pd.DataFrame:
+    url = f"sqlite:///{tmp_path / name}.db"
+    engine = make_engine(url)
+    create_campaign(engine, url, parse_spec(SPEC, "vec.toml"))
+    worker = CampaignWorker(engine, url, "vec", device="cpu", log=lambda line: None,
+                            trials_at_once=trials_at_once)
+    assert worker.run() == 8
+    info = campaign_info(engine, "vec")
+    trials = queries.trials(engine, info.id)
+    assert trials.groupby("cell_id").size().tolist() == [4, 4]
+    assert (trials["worker_id"] == worker.worker_id).all()
+    ms = queries.measurements(engine, info.id).merge(
+        trials[["trial_id", "trial_number", "outcome", "steps_to_result"]], on="trial_id")
+    return ms.sort_values(["batch_size", "trial_number", "step"]).reset_index(drop=True)
+
+
+def test_vectorized_worker_equals_sequential_worker(tmp_path):
+    """With pruning on, which trials get pruned depends on the order results arrive (in
+    lockstep here, one after another there), but the cell's steps-to-result cannot: a
+    trial is pruned only at or after a step some other trial already reached at. The
+    measurements both runs recorded agree."""
+    sequential = run_campaign(tmp_path, "seq", 1)
+    vectorized = run_campaign(tmp_path, "vec", 4)
+    keys = ["batch_size", "trial_number", "step"]
+    both = sequential.merge(vectorized, on=keys, suffixes=("_seq", "_vec"))
+    # Unstable trials (too high a learning rate) are chaotic: float32 reductions in
+    # another order part them fast. Compare the ones that are learning.
+    both = both.loc[(both["train_loss_seq"] < 1.0) & (both["outcome_seq"] != "diverged")]
+    assert len(both) >= 4
+    # float32 reductions in another order; chaotic high-lr trials amplify the difference
+    for column in ("train_loss", "val_loss"):
+        assert both[f"{column}_vec"].to_numpy() == pytest.approx(both[f"{column}_seq"].to_numpy(), rel=1e-3)
+    assert (both["examples_seq"] == both["examples_vec"]).all()
+    best = lambda frame: frame.groupby("batch_size")["steps_to_result"].min().to_dict()
+    assert best(vectorized) == best(sequential)
+    assert any(v == v for v in best(sequential).values())  # some cell reached the target
