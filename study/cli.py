@@ -167,11 +167,20 @@ def cmd_worker(args) -> int:
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
+    from study.distributed import follow, init_group, launched_ranks
     from study.worker import CampaignWorker
     url, engine = _engine(args)
     log = (lambda line: None) if args.quiet else (lambda line: print(line, flush=True))
     if args.trials_at_once < 1:
         raise UserError(f"--trials-at-once {args.trials_at_once}: must be >= 1")
+    ranks = launched_ranks()
+    if ranks is not None:  # under torchrun: one trial spans every rank
+        if args.trials_at_once != 1:
+            raise UserError("--trials-at-once must be 1 when a trial spans several processes")
+        args.device = init_group(ranks, args.device)
+        if ranks.rank != 0:
+            follow(args.device)  # rank 0 alone talks to storage
+            return 0
     if not 0 < args.heartbeat < args.grace:
         raise UserError(f"--heartbeat {args.heartbeat:g} must be > 0 and shorter than --grace {args.grace:g}")
     worker = CampaignWorker(engine, url, args.campaign, device=args.device,

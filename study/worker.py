@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 from db.models import Campaign, Cell, Measurement as MeasurementRow, Trial, Worker
 from db.schema import ensure_schema
 from study import provenance
+from study.distributed import announce, launched_ranks
 from study.recovery import (ATTEMPT_ATTR, ATTEMPT_OF_ATTR, DEFAULT_GRACE_SECONDS,
                             DEFAULT_HEARTBEAT_SECONDS, SEED_ATTR, Heartbeat, abandon_trial,
                             reap_lost_trials, requeue)
@@ -174,6 +175,7 @@ class CampaignWorker:
         # Trials of one cell trained together (trainers.vectorized); 1: one at a time.
         self.trials_at_once = trials_at_once
         self.step_cache: dict = {}  # compiled vectorized steps, reused across groups
+        self.ranks = launched_ranks()  # under torchrun, this is rank 0: it leads the others
 
     def run(self) -> int:
         """Run trials until the campaign has all its trials (or `max_trials` are done);
@@ -205,6 +207,8 @@ class CampaignWorker:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             self.heartbeat.stop()
+            if self.ranks is not None:
+                announce(None)  # the other ranks exit with this one
             self._retry(lambda: self._set_status("stopped" if self.stop_requested else "finished"),
                         "recording the worker's status")
         return done
@@ -310,6 +314,8 @@ class CampaignWorker:
             conclude(index, result)
         try:
             if len(configs) == 1:
+                if self.ranks is not None:
+                    announce(configs[0], self.spec.prune)  # the other ranks train it with us
                 on_result(0, run_trial(configs[0], data_cache=self.data, on_measurement=lambda m: write(0, m),
                                        best_so_far=best, prune=self.spec.prune))
             else:
