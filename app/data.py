@@ -1,12 +1,12 @@
 """The dashboard's data: plain functions over a read-only engine, no Streamlit (so they are
 tested directly), never torch.
 
-Everything a page shows is built here from `db.queries`, `study.results` and
-`study.analysis`; the pages only lay it out.
+Everything a page shows is built here from `db.queries`, `study.results`, `study.report`
+(the campaign analysis shared with `batchlab analyze`) and `study.analysis`; the pages
+only lay it out.
 """
 from __future__ import annotations
 
-import json
 import re
 import time
 from dataclasses import dataclass
@@ -14,78 +14,21 @@ from datetime import datetime, timezone
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
-from sqlalchemy.orm import Session
 
-from db import queries
-from db.models import Campaign
-from study.analysis import (bootstrap_steps_to_result, classify_regimes, edge_check,
-                            fit_scaling, search_space_scatter, steps_to_result,
-                            winning_hparams)
-from study.results import FINISHED, CampaignInfo, campaign_info, cell_table
+from study.results import FINISHED
+# The campaign analysis lives in study.report (shared with `batchlab analyze`); these
+# names are re-exported so the pages keep calling data.<name>.
+from study.report import (CampaignData, ScalingAnalysis, campaign_names, campaign_spec,  # noqa: F401,E501
+                          default_budgets, edge_text, edge_warnings, examples_per_epoch,
+                          load_campaign, scaling_analysis, scatter, search_space, series_of,
+                          winners)
 
 # A worker whose last heartbeat is older than this is shown as stale (probably dead).
 STALE_HEARTBEAT_SECONDS = 120
 # Trials per minute are measured over this recent window (falls back to the whole run).
 RATE_WINDOW_MINUTES = 15
-
-
-@dataclass(frozen=True)
-class CampaignData:
-    """One campaign as the pages need it: `info`, the campaign's `spec` (JSON), `cells`,
-    `trials` (all outcomes, running included), `measurements` (with `extra`, the probes'
-    JSON), `table` (`study.results.cell_table`) and `workers`."""
-    info: CampaignInfo
-    spec: dict
-    cells: pd.DataFrame
-    trials: pd.DataFrame
-    measurements: pd.DataFrame
-    table: pd.DataFrame
-    workers: pd.DataFrame
-
-    @property
-    def finished_trials(self) -> pd.DataFrame:
-        return self.trials.loc[self.trials["outcome"].isin(FINISHED)]
-
-    def results(self) -> pd.DataFrame:
-        """Exact steps-to-result per cell (`study.analysis.steps_to_result`)."""
-        return steps_to_result(self.finished_trials, self.measurements,
-                               metric=self.info.metric, threshold=self.info.threshold,
-                               mode=self.info.mode)
-
-
-def campaign_names(engine: Engine) -> list[str]:
-    return list(queries.campaigns(engine)["name"])
-
-
-def campaign_spec(engine: Engine, campaign_id: int) -> dict:
-    with Session(engine) as session:
-        spec = session.execute(select(Campaign.spec).where(Campaign.id == campaign_id)).scalar()
-    return _as_dict(spec)
-
-
-def _as_dict(value) -> dict:
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except ValueError:
-            return {}
-    return value if isinstance(value, dict) else {}
-
-
-def load_campaign(engine: Engine, name: str) -> CampaignData | None:
-    info = campaign_info(engine, name)
-    if info is None:
-        return None
-    measurements = queries.measurements(engine, info.id)
-    measurements["extra"] = measurements["extra"].map(_as_dict)
-    trials = queries.trials(engine, info.id)
-    trials["hparams"] = trials["hparams"].map(_as_dict)
-    return CampaignData(info=info, spec=campaign_spec(engine, info.id),
-                        cells=queries.cells(engine, info.id), trials=trials,
-                        measurements=measurements, table=cell_table(engine, info),
-                        workers=queries.workers(engine, info.id))
 
 
 # ---- progress -----------------------------------------------------------------------------
@@ -187,88 +130,6 @@ def failures(data: CampaignData) -> pd.DataFrame:
     return shown.sort_values("finished_at", ascending=False)[columns].reset_index(drop=True)
 
 
-# ---- scaling ------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ScalingAnalysis:
-    """`summary`: bootstrap summary per cell; `fits`: S(B) fit per series; `regimes`: per
-    cell regime and slope (`classify_regimes`); `resamples`: resampled steps."""
-    summary: pd.DataFrame
-    fits: pd.DataFrame
-    regimes: pd.DataFrame
-
-
-def scaling_analysis(data: CampaignData, *, n_resamples: int = 500, level: float = 0.95,
-                     seed: int = 0) -> ScalingAnalysis:
-    trials = data.finished_trials
-    if trials.empty:
-        empty = pd.DataFrame()
-        return ScalingAnalysis(empty, empty, empty)
-    boot = bootstrap_steps_to_result(trials, data.measurements, metric=data.info.metric,
-                                     threshold=data.info.threshold, mode=data.info.mode,
-                                     n_resamples=n_resamples, level=level, seed=seed)
-    cells = data.cells[["cell_id", "batch_size", "optimizer", "schedule"]]
-    fits = fit_scaling(boot.summary, cells, resampled_steps=boot.steps, level=level)
-    regimes = classify_regimes(boot.summary, cells, fits)
-    return ScalingAnalysis(boot.summary, fits, regimes)
-
-
-def series_of(frame: pd.DataFrame) -> pd.Series:
-    return frame["optimizer"] + " / " + frame["schedule"]
-
-
-# ---- hyperparameters --------------------------------------------------------------------------
-def search_space(spec: dict, optimizer: str, schedule: str) -> dict:
-    """The searched ranges of one cell as `study.analysis.edge_check` wants them:
-    name -> {"low", "high", "scale"} (fixed values and choices left out)."""
-    spaces = spec.get("spaces", {}) if isinstance(spec, dict) else {}
-    out = {}
-    for key in ("all", f"optimizer:{optimizer}", f"schedule:{schedule}"):
-        for param in spaces.get(key, []):
-            if param.get("low") is None or param.get("high") is None:
-                continue
-            scale = param.get("scale") or "linear"
-            if param.get("integer") and scale == "linear":
-                scale = "integer"
-            out[param["name"]] = {"low": float(param["low"]), "high": float(param["high"]),
-                                  "scale": scale}
-    return out
-
-
-def winners(data: CampaignData) -> pd.DataFrame:
-    """The winning trial's hyperparameters per cell with a result."""
-    cells = data.cells[["cell_id", "batch_size", "optimizer", "schedule"]]
-    return winning_hparams(data.results(), data.trials, cells)
-
-
-def edge_warnings(data: CampaignData, winners_frame: pd.DataFrame,
-                  tolerance: float = 0.05) -> pd.DataFrame:
-    """Winners within `tolerance` of a search-range bound (edge_check rows with at_edge),
-    with the cell's optimizer and schedule."""
-    parts = []
-    for (optimizer, schedule), group in winners_frame.groupby(["optimizer", "schedule"]):
-        checked = edge_check(group, search_space(data.spec, optimizer, schedule),
-                             tolerance=tolerance)
-        parts.append(checked.assign(optimizer=optimizer, schedule=schedule))
-    if not parts:
-        return pd.DataFrame(columns=["cell_id", "batch_size", "optimizer", "schedule",
-                                     "parameter", "value", "position", "at_edge"])
-    out = pd.concat(parts, ignore_index=True)
-    return out.loc[out["at_edge"].astype(bool)].reset_index(drop=True)
-
-
-def edge_text(row) -> str:
-    side = "lower" if row["near_low"] else "upper"
-    return (f"{row['optimizer']} / {row['schedule']} B={row['batch_size']}: the winner's "
-            f"{row['parameter']} = {row['value']:.4g} is at the {side} edge of the search "
-            f"space; the optimum may lie outside it")
-
-
-def scatter(data: CampaignData) -> pd.DataFrame:
-    return search_space_scatter(data.trials, data.measurements, data.results(),
-                                metric=data.info.metric, threshold=data.info.threshold,
-                                mode=data.info.mode)
-
-
 # ---- learning curves, traces and probes -------------------------------------------------------
 def run_labels(trials: pd.DataFrame) -> pd.Series:
     """'B=64 momentum/constant #3' per trial (index: trial_id)."""
@@ -311,22 +172,6 @@ def probe_keys(measurements: pd.DataFrame) -> list[str]:
 def winner_trial_ids(data: CampaignData) -> list[int]:
     results = data.results()
     return [int(t) for t in results["winner_trial_id"].dropna()]
-
-
-def examples_per_epoch(measurements: pd.DataFrame) -> float:
-    """The training-set size, read off the measurements (examples / epoch); NaN when no
-    measurement has a positive epoch."""
-    rows = measurements.loc[(measurements["epoch"] > 0) & measurements["examples"].notna()]
-    if rows.empty:
-        return float("nan")
-    return float(np.median(rows["examples"].astype(float) / rows["epoch"].astype(float)))
-
-
-def default_budgets(largest: float, count: int = 4) -> list[float]:
-    """`count` budgets halving down from `largest` (e.g. 1000, 500, 250, 125)."""
-    if not np.isfinite(largest) or largest <= 0:
-        return []
-    return sorted({float(f"{largest / 2 ** k:.3g}") for k in range(count)})
 
 
 def parse_budgets(text: str) -> list[float]:

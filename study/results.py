@@ -45,7 +45,7 @@ def cell_table(engine: Engine, info: CampaignInfo) -> pd.DataFrame:
     reached the target) and the winning trial with its hyperparameters."""
     cells = queries.cells(engine, info.id)
     trials = queries.trials(engine, info.id)
-    measurements = queries.measurements(engine, info.id)
+    measurements = with_metric(queries.measurements(engine, info.id), info.metric)
     finished = trials.loc[trials["outcome"].isin(FINISHED)]
     results = steps_to_result(finished, measurements,
                               metric=info.metric, threshold=info.threshold, mode=info.mode)
@@ -62,6 +62,22 @@ def cell_table(engine: Engine, info: CampaignInfo) -> pd.DataFrame:
         table[column] = table[column].astype("Int64")  # integers, with <NA> for "no result"
     return table[TABLE_COLUMNS + ["cell_id"]].sort_values(
         ["optimizer", "schedule", "batch_size"]).reset_index(drop=True)
+
+
+def with_metric(measurements: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """`measurements` with a `metric` column: metrics outside bl_measurements' own columns
+    (e.g. an imported `val_average_precision`) live in the `extra` JSON; NaN where absent."""
+    if metric in measurements.columns or "extra" not in measurements.columns:
+        return measurements
+    values = [_extra_number(extra, metric) for extra in measurements["extra"]]
+    return measurements.assign(**{metric: np.asarray(values, dtype=float)})
+
+
+def _extra_number(extra, key: str) -> float:
+    if isinstance(extra, str):
+        extra = json.loads(extra or "{}")
+    value = extra.get(key) if isinstance(extra, dict) else None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else np.nan
 
 
 def _outcome_counts(trials: pd.DataFrame) -> pd.DataFrame:
