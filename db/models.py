@@ -12,7 +12,7 @@ from sqlalchemy import (JSON, BigInteger, DateTime, Float, ForeignKey, Index, In
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 # Bump together with a new step in db/migrations (ensure_schema applies the missing ones).
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 def utcnow() -> datetime:
@@ -104,6 +104,9 @@ class Trial(Base):
     attempt: Mapped[int] = mapped_column(Integer, default=1, server_default="1")  # 1, 2, ...
     # The first attempt's bl_trials.id on re-runs of an abandoned trial; NULL on first attempts.
     attempt_of: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # Schema v3: the trial's final weights (a torch state_dict file), when the campaign
+    # keeps checkpoints; the path is as the worker saw it (a folder all machines share).
+    checkpoint_path: Mapped[str | None] = mapped_column(String(1000), nullable=True)
 
 
 class Measurement(Base):
@@ -122,6 +125,25 @@ class Measurement(Base):
     val_loss: Mapped[float | None] = mapped_column(Float, nullable=True)
     val_error: Mapped[float | None] = mapped_column(Float, nullable=True)
     extra: Mapped[dict] = mapped_column(JSON, default=dict)  # probes: noise scale, norms, ...
+
+
+class ProbeResult(Base):
+    """Schema v3: one result of a probe run after training (`batchlab probe`): Keskar
+    sharpness or Hessian eigenvalue/trace of one trial's final weights, or an
+    interpolation between two trials (cell_id and trial_id NULL, both ids in params).
+    `kind`: sharpness | hessian | interpolation; `params`: the probe's settings;
+    `result`: its numbers (JSON)."""
+
+    __tablename__ = "bl_probe_results"
+    __table_args__ = (Index("ix_bl_probe_results_campaign_kind", "campaign_id", "kind"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    campaign_id: Mapped[int] = mapped_column(ForeignKey("bl_campaigns.id", ondelete="CASCADE"))
+    cell_id: Mapped[int | None] = mapped_column(ForeignKey("bl_cells.id", ondelete="CASCADE"), nullable=True)
+    trial_id: Mapped[int | None] = mapped_column(ForeignKey("bl_trials.id", ondelete="CASCADE"), nullable=True)
+    kind: Mapped[str] = mapped_column(String(50))
+    params: Mapped[dict] = mapped_column(JSON, default=dict)
+    result: Mapped[dict] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class Worker(Base):

@@ -5,7 +5,7 @@ import pandas as pd
 from sqlalchemy import Engine, select, text
 from sqlalchemy.orm import Session
 
-from db.models import Campaign, Cell, Measurement, Trial, Worker
+from db.models import Campaign, Cell, Measurement, ProbeResult, Trial, Worker
 
 
 def campaigns(engine: Engine) -> pd.DataFrame:
@@ -64,6 +64,30 @@ def workers(engine: Engine, campaign_id: int) -> pd.DataFrame:
     query = (select(Worker.id, Worker.host, Worker.pid, Worker.device, Worker.status,
                     Worker.started_at, Worker.heartbeat_at, Worker.trials_done, Worker.current_trial_id)
              .where(Worker.campaign_id == campaign_id).order_by(Worker.started_at))
+    return _frame(engine, query)
+
+
+def trial_checkpoints(engine: Engine, campaign_id: int) -> pd.DataFrame:
+    """Trials with their cell, outcome, steps to result, saved weights (`checkpoint_path`,
+    NULL when none) and resolved config (JSON), for the post-training probes."""
+    query = (select(Trial.id.label("trial_id"), Trial.cell_id, Trial.trial_number, Trial.outcome,
+                    Trial.steps_to_result, Trial.checkpoint_path, Trial.config, Cell.batch_size,
+                    Cell.optimizer, Cell.schedule)
+             .join(Cell, Cell.id == Trial.cell_id)
+             .where(Cell.campaign_id == campaign_id).order_by(Trial.cell_id, Trial.trial_number))
+    return _frame(engine, query)
+
+
+def probe_results(engine: Engine, campaign_id: int, kind: str | None = None) -> pd.DataFrame:
+    """Rows of bl_probe_results (params and result as stored JSON), with the cell's batch
+    size, optimizer and schedule where the row names a cell; oldest first."""
+    query = (select(ProbeResult.id, ProbeResult.cell_id, ProbeResult.trial_id, ProbeResult.kind,
+                    ProbeResult.params, ProbeResult.result, ProbeResult.created_at,
+                    Cell.batch_size, Cell.optimizer, Cell.schedule)
+             .outerjoin(Cell, Cell.id == ProbeResult.cell_id)
+             .where(ProbeResult.campaign_id == campaign_id).order_by(ProbeResult.id))
+    if kind is not None:
+        query = query.where(ProbeResult.kind == kind)
     return _frame(engine, query)
 
 

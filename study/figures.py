@@ -509,3 +509,60 @@ def progress_chart(table: pd.DataFrame, *, workload: str, target: str, eval_ever
     return chart.properties(
         title=figure_title("Trials per cell", workload=workload, target=target, eval_every=eval_every),
         width=width, height=height or max(120, 18 * len(frame)))
+
+
+# ---- post-training probes (Keskar et al.): interpolation and sharpness -------------------
+def interpolation_frame(alphas, curves: dict[str, Sequence[float]]) -> pd.DataFrame:
+    """Long frame (alpha, quantity, split, value) from `curves`: "<split>_loss" and
+    "<split>_accuracy" -> values per alpha (as stored in bl_probe_results)."""
+    rows = []
+    for name, values in curves.items():
+        split, _, quantity = name.rpartition("_")
+        for alpha, value in zip(alphas, values):
+            if value is not None and np.isfinite(float(value)):
+                rows.append({"alpha": float(alpha), "quantity": quantity, "split": split,
+                             "value": float(value)})
+    return pd.DataFrame(rows, columns=["alpha", "quantity", "split", "value"])
+
+
+def interpolation_chart(frame: pd.DataFrame, *, workload: str, target: str, eval_every: int,
+                        small_label: str, large_label: str, batch_norm: str = "",
+                        width: int = 520, height: int = 320) -> alt.Chart:
+    """Keskar et al.'s 1-D parametric plot: cross-entropy (left axis, log) and accuracy
+    (right axis) along alpha x_large + (1 - alpha) x_small; alpha = 0 is the small-batch
+    solution, alpha = 1 the large-batch one. `frame`: `interpolation_frame`."""
+    x = alt.X("alpha:Q", title="alpha (0: small-batch solution, 1: large-batch solution)")
+    dash = alt.StrokeDash("split:N", title="split")
+    loss = alt.Chart(frame.loc[frame["quantity"] == "loss"]).mark_line(point=True, color="#2c7fb8").encode(
+        x=x, y=alt.Y("value:Q", title="cross-entropy", scale=alt.Scale(type="log"),
+                     axis=alt.Axis(titleColor="#2c7fb8")),
+        strokeDash=dash, tooltip=["split", "alpha", alt.Tooltip("value:Q", format=".4g")])
+    accuracy = alt.Chart(frame.loc[frame["quantity"] == "accuracy"]).mark_line(
+        point=True, color="#d7301f").encode(
+        x=x, y=alt.Y("value:Q", title="accuracy", scale=alt.Scale(domain=[0, 1]),
+                     axis=alt.Axis(titleColor="#d7301f")),
+        strokeDash=dash, tooltip=["split", "alpha", alt.Tooltip("value:Q", format=".4f")])
+    notes = [f"alpha = 0: {small_label}; alpha = 1: {large_label}",
+             f"batch norm: {batch_norm}" if batch_norm else ""]
+    return alt.layer(loss, accuracy).resolve_scale(y="independent").properties(
+        title=figure_title("Loss and accuracy between the small- and large-batch solutions",
+                           workload=workload, target=target, eval_every=eval_every, notes=notes),
+        width=width, height=height)
+
+
+def sharpness_chart(frame: pd.DataFrame, *, workload: str, target: str, eval_every: int,
+                    y: str = "sharpness", width: int = 520, height: int = 320) -> alt.Chart:
+    """A post-training probe of each cell's winner vs batch size (log2 x, log y): Keskar
+    sharpness (one line per `setting`, e.g. "full, eps 1e-3") or a Hessian quantity.
+    `frame`: batch_size, setting, and the `y` column."""
+    shown = frame.loc[frame[y].notna() & (frame[y] > 0)]
+    chart = alt.Chart(shown).mark_line(point=True).encode(
+        x=alt.X("batch_size:Q", title="Batch size", scale=LOG2, axis=_batch_axis(shown["batch_size"])),
+        y=alt.Y(f"{y}:Q", title=y.replace("_", " "), scale=alt.Scale(type="log")),
+        color=alt.Color("setting:N", title="setting"),
+        tooltip=["setting", "batch_size", alt.Tooltip(f"{y}:Q", format=".4g")])
+    return chart.properties(
+        title=figure_title(f"{y.replace('_', ' ').capitalize()} of each cell's winner",
+                           workload=workload, target=target, eval_every=eval_every,
+                           notes=["Keskar et al.: large-batch solutions are sharper"]),
+        width=width, height=height)

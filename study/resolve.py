@@ -3,6 +3,8 @@ trainer runs: the one place where campaign-level rules (learning-rate scaling wi
 batch size, regime adaptation) are applied, so the stored config is exactly what ran."""
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
 from typing import Mapping
 
 from study.spec import CampaignSpec
@@ -30,7 +32,27 @@ def resolve_trial_config(spec: CampaignSpec, *, batch_size: int, optimizer: str,
         schedule=definition.lr_schedule, hparams=hparams, max_steps=spec.max_steps,
         max_epochs=max_epochs, batch_plan=batch_plan, eval_every=spec.eval_every,
         target=spec.target, seed=seed, device=device, data_dir=spec.data_dir,
-        download=spec.download, val_size=spec.val_size, divergence_factor=spec.divergence_factor)
+        download=spec.download, val_size=spec.val_size, divergence_factor=spec.divergence_factor,
+        probes=spec.probes, noise_scale_batches=spec.noise_scale_batches)
+
+
+def checkpoint_file(spec: CampaignSpec, trial_row_id: int) -> Path:
+    """Where a trial's final weights go: CHECKPOINT_DIR/CAMPAIGN/trial_ROWID.pt (the
+    bl_trials row id is unique across workers and machines; the folder must be shared
+    by every worker's machine for the probe commands to find the files)."""
+    return Path(spec.checkpoint_dir) / spec.name / f"trial_{trial_row_id}.pt"
+
+
+def with_checkpoint(spec: CampaignSpec, config: TrialConfig, trial_row_id: int) -> TrialConfig:
+    """`config` with the campaign's checkpoint settings: "winners" saves every reached
+    trial (a worker cannot know the cell's final winner in advance; the probe commands
+    pick each cell's winner later), "all" every finished trial, "none" nothing."""
+    if spec.checkpoints == "none":
+        return config
+    return dataclasses.replace(
+        config, checkpoint_path=str(checkpoint_file(spec, trial_row_id)),
+        checkpoint_reached_only=spec.checkpoints == "winners",
+        checkpoint_max_bytes=int(spec.checkpoint_max_mb * 1e6))
 
 
 def _scale_learning_rate(hparams: dict, rule: str, batch_size: int, base: int) -> dict:

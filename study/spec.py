@@ -18,6 +18,7 @@ from trainers.schedules import SCHEDULES
 from trainers.workloads import WORKLOADS
 
 SCALES = ("log", "linear", "reverse_log")
+CHECKPOINT_MODES = ("none", "winners", "all")
 SAMPLERS = ("quasi_random", "tpe", "random")
 # Hyperparameters the training loop itself reads, valid in any cell.
 LOOP_HPARAMS = ("ghost_batch_size", "grad_clip_norm")
@@ -92,6 +93,12 @@ class CampaignSpec:
     val_size: int | None = None
     schedule_defs: Mapping[str, ScheduleDef] = field(default_factory=dict)
     scaling: Scaling | None = None
+    # Probes during training (trainers.probe_hooks.PROBES) and final-weight checkpoints.
+    probes: tuple[str, ...] = ()
+    noise_scale_batches: int = 10
+    checkpoints: Literal["none", "winners", "all"] = "none"
+    checkpoint_dir: str = "checkpoints"
+    checkpoint_max_mb: float = 1000.0
     source: str = "<spec>"
     text: str = field(default="", compare=False)
 
@@ -110,7 +117,16 @@ class CampaignSpec:
         out.pop("text")
         out.pop("source")  # the same spec may be read from another path
         out["spaces"] = {k: [asdict(p) for p in v] for k, v in self.spaces.items()}
+        # Probe and checkpoint options left at their defaults are not written, so a
+        # campaign created before they existed still compares equal to its spec.
+        for name, default in _PROBE_DEFAULTS.items():
+            if out.get(name) == default:
+                out.pop(name)
         return json.loads(json.dumps(out))
+
+
+_PROBE_DEFAULTS = {"probes": (), "noise_scale_batches": 10, "checkpoints": "none",
+                   "checkpoint_dir": "checkpoints", "checkpoint_max_mb": 1000.0}
 
 
 def load_spec(path: str | Path) -> CampaignSpec:
@@ -186,7 +202,7 @@ class _Validator:
         self.unknown_keys(campaign, "campaign", {
             "name", "workload", "batch_sizes", "optimizers", "schedules", "trials_per_cell",
             "max_steps", "eval_every", "seed", "prune", "data_dir", "download",
-            "divergence_factor", "max_epochs", "val_size"})
+            "divergence_factor", "max_epochs", "val_size", *_PROBE_DEFAULTS})
         name = self.get(campaign, "campaign", "name", str, check=_check_name)
         workload = self.get(campaign, "campaign", "workload", str,
                             check=lambda w: None if w in WORKLOADS else
@@ -221,9 +237,29 @@ class _Validator:
             max_epochs=self.get(campaign, "campaign", "max_epochs", int, None, check=positive),
             val_size=self.get(campaign, "campaign", "val_size", int, None, check=positive),
             schedule_defs={n: d for n, d in schedule_defs.items() if n in schedules},
-            scaling=self.scaling(), source=self.source, text=text)
+            scaling=self.scaling(), source=self.source, text=text, **self.probe_options(campaign))
         self.check_cells_complete(spec)
         return spec
+
+    def probe_options(self, campaign: dict) -> dict:
+        """campaign.probes, noise_scale_batches, checkpoints, checkpoint_dir, checkpoint_max_mb."""
+        from trainers.probe_hooks import PROBES
+        probes = self.get(campaign, "campaign", "probes", list, [])
+        for probe in probes:
+            if probe not in PROBES:
+                self.fail("campaign.probes", f"unknown probe {probe!r}; choose from {', '.join(PROBES)}")
+        if len(set(probes)) != len(probes):
+            self.fail("campaign.probes", "has duplicates")
+        return dict(
+            probes=tuple(probes),
+            noise_scale_batches=self.get(campaign, "campaign", "noise_scale_batches", int, 10,
+                                         check=lambda n: None if n >= 2 else "must be >= 2"),
+            checkpoints=self.get(campaign, "campaign", "checkpoints", str, "none", check=lambda m: (
+                None if m in CHECKPOINT_MODES else f"must be one of {', '.join(CHECKPOINT_MODES)}")),
+            checkpoint_dir=self.get(campaign, "campaign", "checkpoint_dir", str, "checkpoints",
+                                    check=lambda d: None if d.strip() else "must not be empty"),
+            checkpoint_max_mb=self.get(campaign, "campaign", "checkpoint_max_mb", float, 1000.0,
+                                       check=lambda v: None if v > 0 else "must be > 0"))
 
     def schedule_defs(self) -> dict[str, ScheduleDef]:
         """`[schedule.NAME]` tables: lr_schedule (a registry name) and an optional batch plan."""

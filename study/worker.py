@@ -25,11 +25,12 @@ from db.models import Campaign, Cell, Measurement as MeasurementRow, Trial, Work
 from db.schema import ensure_schema
 from study import provenance
 from study.distributed import announce, launched_ranks
+from study.importer import IMPORTED_SAMPLER
 from study.recovery import (ATTEMPT_ATTR, ATTEMPT_OF_ATTR, DEFAULT_GRACE_SECONDS,
                             DEFAULT_HEARTBEAT_SECONDS, SEED_ATTR, Heartbeat, abandon_trial,
                             reap_lost_trials, requeue)
 from study.retry import call_with_retry
-from study.resolve import resolve_trial_config
+from study.resolve import resolve_trial_config, with_checkpoint
 from study.spec import Param, parse_spec
 from study.tuning import (distributions, hparams_from_optuna, make_sampler, optuna_storage, tell)
 from trainers.config import Measurement, TrialConfig, TrialResult
@@ -163,6 +164,9 @@ class CampaignWorker:
         self.engine, self.storage_url, self.log = engine, storage_url, log
         ensure_schema(engine)  # upgrades a database made by an older batchlab
         self.campaign = load_campaign(engine, campaign_name)
+        if self.campaign.sampler == IMPORTED_SAMPLER:
+            raise CampaignNotFound(f"campaign {campaign_name!r} holds imported published data; "
+                                   f"it has no trials to run (use results, analyze or the dashboard)")
         self.spec = parse_spec(self.campaign.spec_text, f"campaign {campaign_name}")
         self.device = resolve_device(device)
         self.max_trials = max_trials
@@ -260,7 +264,7 @@ class CampaignWorker:
         study, trial = self._retry(lambda: self._ask(claim, space), "asking Optuna")
         asked[claim.row_id] = (trial, False)
         attempt = Attempt.of(trial, self.spec.seed)
-        config = self._config(claim, space, trial, attempt.seed)
+        config = with_checkpoint(self.spec, self._config(claim, space, trial, attempt.seed), claim.row_id)
         if not self._retry(lambda: self._record_trial(claim, trial, config, attempt), "recording the trial"):
             self._requeue_unrecorded(claim, trial)  # reaped between claim and ask
             asked[claim.row_id] = (None, False)
@@ -373,7 +377,8 @@ class CampaignWorker:
                 wall_seconds=result.wall_seconds, steps_to_result=result.steps_to_result,
                 examples_to_result=result.examples_to_result,
                 seconds_to_result=result.seconds_to_result, best_metric=result.best_metric,
-                message=result.message, finished_at=func.current_timestamp())).rowcount
+                message=result.message, checkpoint_path=result.checkpoint_path,
+                finished_at=func.current_timestamp())).rowcount
             session.execute(update(Worker).where(Worker.id == self.worker_id).values(
                 current_trial_id=None, heartbeat_at=func.current_timestamp(),
                 trials_done=Worker.trials_done + finished))

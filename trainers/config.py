@@ -75,9 +75,24 @@ class TrialConfig:
     eval_batch_size: int = 4096
     # "auto": bf16 autocast (and channels_last) on CUDA, fp32 on CPU; "fp32" everywhere.
     precision: str = "auto"
+    # Probes recorded at each evaluation (trainers.probe_hooks.PROBES): "distance",
+    # "norms", "noise_scale". Empty: none, and the loop runs no probe code at all.
+    probes: tuple[str, ...] = ()
+    # Gradient noise scale on one device: B_big = noise_scale_batches x B_small, by
+    # accumulating that many consecutive steps' gradients; EMA factor of the estimates.
+    noise_scale_batches: int = 10
+    noise_scale_beta: float = 0.99
+    # Where to save the final weights (a state_dict file), or None for no checkpoint;
+    # `checkpoint_reached_only`: save only when the trial reached the target (a cell's
+    # winner is always a reached trial). A checkpoint over `checkpoint_max_bytes` is not
+    # written (the trial's result stands; its message says why).
+    checkpoint_path: str | None = None
+    checkpoint_reached_only: bool = True
+    checkpoint_max_bytes: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hparams", frozen_mapping(self.hparams))
+        object.__setattr__(self, "probes", tuple(self.probes))  # JSON gives a list
         if self.batch_plan is not None:
             object.__setattr__(self, "batch_plan", frozen_mapping(self.batch_plan))
 
@@ -123,3 +138,4 @@ class TrialResult:
     seconds_to_result: float | None = None
     best_metric: float | None = None
     message: str = ""
+    checkpoint_path: str | None = None  # the final weights, when the config asked for them

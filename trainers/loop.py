@@ -11,6 +11,7 @@ steps-to-result (it is then pruned: censored at that step).
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import time
@@ -26,6 +27,8 @@ from trainers.batches import LoaderBatches, ResidentBatches, Shard
 from trainers.config import Measurement, TrialConfig, TrialResult
 from trainers.data.splits import ArraySplits
 from trainers.optim import GRAD_CLIP_NORM, clip_gradients, get_optimizer
+from trainers.probe_hooks import TrialProbes, make_probes
+from trainers.probes.checkpoints import CheckpointBudgetError, save_checkpoint
 from trainers.scaling import noise_scale
 from trainers.schedules import get_schedule
 from trainers.workloads import DataOptions, ModelOptions, Workload, get_workload
@@ -173,6 +176,7 @@ def run_trial(config: TrialConfig, *, data_cache: DataCache | None = None,
     generator_device = device if isinstance(batches, ResidentBatches) else torch.device("cpu")
     generator = torch.Generator(device=generator_device).manual_seed(config.seed)
     progress = _Progress()
+    probes = make_probes(config, model, shard.world)  # None unless the campaign asks
     train_size = batches.train_size
     model.train()
     clock = time.perf_counter()
@@ -184,7 +188,7 @@ def run_trial(config: TrialConfig, *, data_cache: DataCache | None = None,
         for position, (inputs, labels, global_count) in enumerate(batches.epoch(batch_size, generator)):
             lr = base_lr * plan_factor * lr_factor(progress.step, progress.examples / train_size)
             _train_step(model, workload, optimizer, inputs, labels, global_count, lr, clip_norm,
-                        device, config.precision, shard, progress)
+                        device, config.precision, shard, progress, probes)
             progress.batch_size = batch_size
             epoch_done = last_epoch and position + 1 == steps_in_epoch
             if progress.step % config.eval_every and progress.step < config.max_steps and not epoch_done:
@@ -192,22 +196,26 @@ def run_trial(config: TrialConfig, *, data_cache: DataCache | None = None,
             _sync(device)
             progress.train_seconds += time.perf_counter() - clock
             result = _evaluate_and_decide(model, workload, batches, config, progress, on_measurement,
-                                          best_so_far, prune, train_size, device, shard)
+                                          best_so_far, prune, train_size, device, shard, probes)
             clock = time.perf_counter()
             if result is not None:
-                return result
+                return _with_checkpoint(result, model, config, shard)
 
 
 def _train_step(model, workload, optimizer, inputs, labels, global_count, lr, clip_norm,
-                device, precision, shard: Shard, progress):
+                device, precision, shard: Shard, progress, probes: TrialProbes | None = None):
     with _autocast(device, precision):
         loss_sum, count, _ = workload.loss(model(_memory_format(inputs, device)), labels)
     optimizer.zero_grad(set_to_none=True)
     # Divide by the global batch: with gradients summed over ranks below, every rank
     # applies exactly the single-process mean gradient.
     (loss_sum / global_count).backward()
+    if probes is not None and shard.world > 1:
+        probes.before_all_reduce(model, count, global_count)
     if shard.world > 1:
         _all_reduce_gradients(model)
+    if probes is not None:
+        probes.after_backward(model, global_count)  # before clipping and the step
     clip_gradients(model.parameters(), clip_norm)
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -236,18 +244,22 @@ def _sync(device: torch.device) -> None:
 
 
 def _evaluate_and_decide(model, workload, batches, config, progress, on_measurement,
-                         best_so_far, prune, train_size, device, shard) -> TrialResult | None:
+                         best_so_far, prune, train_size, device, shard,
+                         probes: TrialProbes | None = None) -> TrialResult | None:
     eval_start = time.perf_counter()
     val_loss, val_error = _evaluate_batches(model, workload, batches.eval_batches(config.eval_batch_size),
                                             device, shard, config.precision)
     progress.eval_seconds += time.perf_counter() - eval_start
     train_loss = _interval_train_loss(progress, device, shard)
+    extra = measurement_extras(config, progress.last_lr, progress.batch_size, train_size)
+    if probes is not None:
+        extra = {**extra, **probes.extras(model)}
     measurement = Measurement(
         step=progress.step, examples=progress.examples, epoch=progress.examples / train_size,
         wall_seconds=progress.train_seconds, eval_seconds=progress.eval_seconds,
         learning_rate=progress.last_lr, batch_size=progress.batch_size,
         train_loss=train_loss, val_loss=val_loss, val_error=val_error,
-        extra=measurement_extras(config, progress.last_lr, progress.batch_size, train_size))
+        extra=extra)
     if shard.rank == 0:
         on_measurement(measurement)
     cell_best = lambda: _from_rank_zero(best_so_far() if prune and shard.rank == 0 else None, shard)
@@ -262,6 +274,22 @@ def _evaluate_and_decide(model, workload, batches, config, progress, on_measurem
         examples_to_result=measurement.examples if outcome == "reached" else None,
         seconds_to_result=measurement.wall_seconds if outcome == "reached" else None,
         best_metric=progress.stop.best_metric, message=message)
+
+
+def _with_checkpoint(result: TrialResult, model, config: TrialConfig, shard: Shard) -> TrialResult:
+    """Save the final weights where the config asks (rank 0 writes; every rank returns the
+    path). Over the size budget, nothing is written and the trial's result stands."""
+    if config.checkpoint_path is None:
+        return result
+    if config.checkpoint_reached_only and result.outcome != "reached":
+        return result
+    try:
+        if shard.rank == 0:
+            save_checkpoint(model, config.checkpoint_path, max_bytes=config.checkpoint_max_bytes)
+    except CheckpointBudgetError as exc:
+        note = f"checkpoint not saved: {exc}"
+        return dataclasses.replace(result, message=f"{result.message}; {note}" if result.message else note)
+    return dataclasses.replace(result, checkpoint_path=str(config.checkpoint_path))
 
 
 @dataclass

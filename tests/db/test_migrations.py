@@ -17,6 +17,7 @@ from db.schema import ensure_schema, schema_version
 
 FIXTURES = Path(__file__).parent / "fixtures"
 V2_COLUMNS = {"heartbeat_at", "attempt", "attempt_of"}
+V3_PROBE_COLUMNS = {"id", "campaign_id", "cell_id", "trial_id", "kind", "params", "result", "created_at"}
 
 
 def load_v1(engine: sa.Engine, dialect: str) -> None:
@@ -51,8 +52,10 @@ def load_v1(engine: sa.Engine, dialect: str) -> None:
 
 def check_upgraded(engine: sa.Engine) -> None:
     columns = {c["name"] for c in sa.inspect(engine).get_columns("bl_trials")}
-    assert V2_COLUMNS <= columns
-    assert schema_version(engine) == SCHEMA_VERSION == 2
+    assert V2_COLUMNS <= columns and "checkpoint_path" in columns
+    assert schema_version(engine) == SCHEMA_VERSION == 3
+    probe_columns = {c["name"] for c in sa.inspect(engine).get_columns("bl_probe_results")}
+    assert probe_columns == V3_PROBE_COLUMNS
     with engine.connect() as connection:
         rows = connection.execute(sa.text(
             "SELECT id, outcome, steps_to_result, hparams, attempt, attempt_of, heartbeat_at, "
@@ -68,8 +71,23 @@ def check_upgraded(engine: sa.Engine) -> None:
     # The running v1 trial got its start time as heartbeat, so the reaper can judge it.
     assert rows[0].heartbeat_at is None and rows[1].heartbeat_at is not None
     assert str(rows[1].heartbeat_at)[:19] == str(rows[1].started_at)[:19]
-    assert versions == [1, 2]
+    assert versions == [1, 2, 3]
     assert tuple(view) == (1, 1, 40) and measurements == 1
+    check_v3_usable(engine)
+
+
+def check_v3_usable(engine: sa.Engine) -> None:
+    """Old trials have no checkpoint; the new table takes a probe result with JSON."""
+    from sqlalchemy.orm import Session
+    from db.models import ProbeResult, Trial
+    with Session(engine) as session, session.begin():
+        assert [t.checkpoint_path for t in session.query(Trial).order_by(Trial.id)] == [None, None]
+        session.query(ProbeResult).delete()  # idempotence check runs this twice
+        session.add(ProbeResult(campaign_id=1, cell_id=1, trial_id=1, kind="sharpness",
+                                params={"epsilon": 1e-3}, result={"sharpness": 1.5}))
+    with Session(engine) as session:
+        row = session.query(ProbeResult).one()
+        assert (row.kind, row.params, row.result) == ("sharpness", {"epsilon": 1e-3}, {"sharpness": 1.5})
 
 
 def test_sqlite_v1_database_is_upgraded(tmp_path):
