@@ -405,3 +405,21 @@ def test_colour_workloads_normalise_per_channel(workload):
     assert out.abs().max().item() < 0.5 / 255 / stds.min() + 1e-6
     brighter = torch.tensor(np.round((means + stds) * 255), dtype=torch.uint8).view(1, 3, 1, 1)
     assert w.preprocess(brighter).flatten().tolist() == pytest.approx([1, 1, 1], abs=0.01)
+
+
+def test_imagenet_pre_resized_tensors_are_cached_once(tmp_path, monkeypatch):
+    """The first load decodes the JPEGs and writes a tensor file; the next one reads it
+    and decodes nothing; another resolution gets its own file."""
+    import trainers.data.imagenet as imagenet
+
+    write_image_folder(tmp_path, {"train": 4, "val": 2})
+    first = load_imagenet_splits(tmp_path, resolution=8, val_size=3, num_workers=1)
+    files = list((tmp_path / ".batchlab_cache").glob("imagenet_8px_*.pt"))
+    assert len(files) == 1
+    monkeypatch.setattr(imagenet, "decode_all", lambda *a, **k: pytest.fail("decoded again"))
+    again = load_imagenet_splits(tmp_path, resolution=8, val_size=3, num_workers=1)
+    for name in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y"):
+        assert torch.equal(getattr(first, name), getattr(again, name))
+    monkeypatch.undo()
+    load_imagenet_splits(tmp_path, resolution=4, val_size=3, num_workers=1)
+    assert len(list((tmp_path / ".batchlab_cache").glob("*.pt"))) == 2

@@ -19,6 +19,9 @@ Two paths:
 """
 from __future__ import annotations
 
+import hashlib
+import os
+
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,10 +137,38 @@ def load_imagenet_splits(data_dir: str | Path, *, resolution: int = 64, split_se
     index = np.arange(len(train.paths))
     train_idx, _, val_idx, _ = carve_validation(index, train.labels, val_size, split_seed)
     parts = [train.take(train_idx), train.take(val_idx), test]
+    cache = _cache_file(Path(data_dir), resolution, parts)
+    if cache.exists():  # decoded once: later workers and campaigns load the tensors
+        return ArraySplits(**torch.load(cache, weights_only=True))
     tensors = []
     for part in parts:
         tensors += [decode_all(part, resolution, num_workers), torch.from_numpy(part.labels)]
-    return ArraySplits(*tensors, num_classes=len(train.classes))
+    splits = ArraySplits(*tensors, num_classes=len(train.classes))
+    _write_cache(cache, splits)
+    return splits
+
+
+def _cache_file(data_dir: Path, resolution: int, parts: list[ImageList]) -> Path:
+    """A tensor file per resolution and exact image lists (so any other split, subset or
+    set of files on disk gets its own file)."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update("\n".join(map(str, part.paths)).encode())
+        digest.update(part.labels.tobytes())
+    return data_dir / ".batchlab_cache" / f"imagenet_{resolution}px_{digest.hexdigest()[:16]}.pt"
+
+
+def _write_cache(path: Path, splits: ArraySplits) -> None:
+    """Atomic: a half-written file never looks like a cache (and a read-only data
+    directory just means no cache)."""
+    try:
+        path.parent.mkdir(exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.tmp")
+        torch.save({name: getattr(splits, name) for name in
+                    ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y", "num_classes")}, partial)
+        os.replace(partial, path)
+    except OSError:
+        pass
 
 
 @dataclass(frozen=True)
