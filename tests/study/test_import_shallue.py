@@ -151,3 +151,12 @@ def test_bad_paths_are_one_line_user_errors(tmp_path, capsys):
     junk.write_bytes(b"not an archive at all")
     code, _, err = run(capsys, "import-shallue", str(junk), "--storage", url)
     assert code == 2 and "not a readable tar archive" in err and len(err.strip().splitlines()) == 1
+
+
+def test_worker_on_an_imported_campaign_is_one_line_exit_2(archive, tmp_path, capsys):
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    assert run(capsys, "import-shallue", str(archive[0]), "--storage", url)[0] == 0
+    code, _, err = run(capsys, "worker", "--campaign", "shallue/mnist/simple_cnn", "--storage", url)
+    assert code == 2
+    assert err.strip() == ("error: campaign 'shallue/mnist/simple_cnn' holds imported published "
+                           "data; it has no trials to run (use results, analyze or the dashboard)")
