@@ -82,18 +82,9 @@ def claim_cell(engine: Engine, campaign_id: int, worker_id: str) -> Claim | None
             .where(Cell.campaign_id == campaign_id, Cell.trials_claimed < Cell.trials_planned)
             .order_by(Cell.trials_claimed, Cell.id)).all()
     for cell in cells:
-        with Session(engine) as session, session.begin():
-            taken = session.execute(
-                update(Cell).where(Cell.id == cell.id, Cell.trials_claimed < Cell.trials_planned)
-                .values(trials_claimed=Cell.trials_claimed + 1)).rowcount
-            if taken != 1:
-                continue
-            row = Trial(cell_id=cell.id, optuna_trial_id=-1, trial_number=-1, outcome="running",
-                        hparams={}, config={}, seed=0, worker_id=worker_id,
-                        heartbeat_at=func.current_timestamp())
-            session.add(row)
-            session.flush()
-            return Claim(*cell, row_id=row.id)
+        row_id = _take_slot(engine, cell.id, worker_id)
+        if row_id is not None:
+            return Claim(*cell, row_id=row_id)
     return None
 
 
@@ -101,19 +92,28 @@ def claim_more(engine: Engine, first: Claim, worker_id: str, count: int) -> list
     """Up to `count` more slots in `first`'s cell, for trials trained together."""
     claims = []
     for _ in range(count):
-        with Session(engine) as session, session.begin():
-            taken = session.execute(
-                update(Cell).where(Cell.id == first.cell_id, Cell.trials_claimed < Cell.trials_planned)
-                .values(trials_claimed=Cell.trials_claimed + 1)).rowcount
-            if taken != 1:
-                break
-            row = Trial(cell_id=first.cell_id, optuna_trial_id=-1, trial_number=-1, outcome="running",
-                        hparams={}, config={}, seed=0, worker_id=worker_id,
-                        heartbeat_at=func.current_timestamp())
-            session.add(row)
-            session.flush()
-            claims.append(dataclasses.replace(first, row_id=row.id))
+        row_id = _take_slot(engine, first.cell_id, worker_id)
+        if row_id is None:
+            break
+        claims.append(dataclasses.replace(first, row_id=row_id))
     return claims
+
+
+def _take_slot(engine: Engine, cell_id: int, worker_id: str) -> int | None:
+    """One slot of the cell and its running trial row (trial_number -1 until asked), or
+    None when the cell has no free slot."""
+    with Session(engine) as session, session.begin():
+        taken = session.execute(
+            update(Cell).where(Cell.id == cell_id, Cell.trials_claimed < Cell.trials_planned)
+            .values(trials_claimed=Cell.trials_claimed + 1)).rowcount
+        if taken != 1:
+            return None
+        row = Trial(cell_id=cell_id, optuna_trial_id=-1, trial_number=-1, outcome="running",
+                    hparams={}, config={}, seed=0, worker_id=worker_id,
+                    heartbeat_at=func.current_timestamp())
+        session.add(row)
+        session.flush()
+        return row.id
 
 
 def running_trials(engine: Engine, campaign_id: int) -> int:
