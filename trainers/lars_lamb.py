@@ -28,7 +28,26 @@ def _is_adapted(param: torch.Tensor, exclude_1d: bool) -> bool:
     return not (exclude_1d and param.ndim <= 1)
 
 
-class LARS(torch.optim.Optimizer):
+class _PerTensorOptimizer(torch.optim.Optimizer):
+    """Layer-wise optimizers update each tensor on its own (`_update`)."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    self._update(param, group)
+        return loss
+
+    def _update(self, param: torch.Tensor, group: dict) -> None:
+        raise NotImplementedError
+
+
+class LARS(_PerTensorOptimizer):
     """Layer-wise Adaptive Rate Scaling (You, Gitman & Ginsburg 2017, Algorithm 1).
 
     For each adapted tensor w with gradient g:
@@ -48,18 +67,6 @@ class LARS(torch.optim.Optimizer):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
                         trust_coefficient=trust_coefficient, exclude_1d=exclude_1d)
         super().__init__(params, defaults)
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for param in group["params"]:
-                if param.grad is not None:
-                    self._update(param, group)
-        return loss
 
     def _update(self, param: torch.Tensor, group: dict) -> None:
         grad = param.grad
@@ -81,7 +88,7 @@ class LARS(torch.optim.Optimizer):
         param.sub_(velocity)
 
 
-class LAMB(torch.optim.Optimizer):
+class LAMB(_PerTensorOptimizer):
     """Layer-wise Adaptive Moments for Batch training (You et al. 2019, Algorithm 2).
 
     For each tensor x with gradient g at step t (t = 1, 2, ...):
@@ -99,18 +106,6 @@ class LAMB(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         exclude_1d=exclude_1d)
         super().__init__(params, defaults)
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for param in group["params"]:
-                if param.grad is not None:
-                    self._update(param, group)
-        return loss
 
     def _adam_direction(self, param: torch.Tensor, group: dict) -> torch.Tensor:
         grad = param.grad
