@@ -14,7 +14,7 @@ import pytest
 
 from tests.study.conftest import TINY_SPEC, batchlab
 
-MNIST_T10K = Path("/work/shared/datasets/mnist-t10k")
+from tests.shared_data import MNIST_T10K
 PASSWORD = "s3cret-Pa55"
 MNIST_SPEC = TINY_SPEC.replace('workload = "digits_mlp"', 'workload = "mnist10k_mlp"\ndata_dir = "DATA"')
 

@@ -7,15 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.study.test_probe_cli import checkpointing_worker  # noqa: F401 (fixture)
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 import keskar_digits_report as report  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
 
-def test_large_batch_winner_has_the_larger_top_eigenvalue(tmp_path, checkpointing_worker):  # noqa: F811
+def test_large_batch_winner_has_the_larger_top_eigenvalue(tmp_path):
     url = report.run_campaign(tmp_path)  # 2 learning rates per cell: lr 1e-3 at B=1024 misses
     from study.cli import main
     assert main(["probe", "hessian", "--campaign", "keskar_digits", "--storage", url]) == 0

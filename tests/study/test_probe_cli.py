@@ -1,11 +1,8 @@
 """Probe and checkpoint options in campaign specs, and `batchlab probe sharpness|hessian|
 interpolate` on a tiny campaign whose workers saved their winners' weights."""
-import inspect
-import math
 import textwrap
 
 import pytest
-import sqlalchemy as sa
 import torch
 import torch.nn.functional as F
 
@@ -14,7 +11,7 @@ from db.engine import make_engine
 from study import worker as worker_module
 from study.campaigns import create_campaign
 from study.cli import main
-from study.resolve import checkpoint_file, resolve_trial_config, with_checkpoint
+from study.resolve import resolve_trial_config, with_checkpoint
 from study.results import campaign_info
 from study.spec import SpecError, parse_spec
 
@@ -85,31 +82,7 @@ def test_default_options_keep_old_spec_json_unchanged(tmp_path):
 
 
 @pytest.fixture
-def checkpointing_worker(monkeypatch):
-    """The two worker lines (checkpoint path in, checkpoint_path stored) until
-    study/worker.py carries them itself."""
-    if "with_checkpoint" in inspect.getsource(worker_module):
-        return
-    from db.models import Trial
-    cls = worker_module.CampaignWorker
-    config, finish = cls._config, cls._finish_trial
-
-    def _config(self, claim, space, trial, seed):
-        return with_checkpoint(self.spec, config(self, claim, space, trial, seed), claim.row_id)
-
-    def _finish_trial(self, row_id, result):
-        finished = finish(self, row_id, result)
-        with self.engine.begin() as connection:
-            connection.execute(sa.update(Trial).where(Trial.id == row_id)
-                               .values(checkpoint_path=result.checkpoint_path))
-        return finished
-
-    monkeypatch.setattr(cls, "_config", _config)
-    monkeypatch.setattr(cls, "_finish_trial", _finish_trial)
-
-
-@pytest.fixture
-def campaign(tmp_path, checkpointing_worker):
+def campaign(tmp_path):
     url = f"sqlite:///{tmp_path / 'probe.db'}"
     engine = make_engine(url)
     create_campaign(engine, url, parse_spec(spec_text(tmp_path)))

@@ -23,7 +23,7 @@ from trainers.data.splits import ArraySplits
 from trainers.data.subsets import (choose_classes, class_subset_indices, example_subset_indices,
                                    subset_classes, subset_examples)
 
-T10K_DIR = Path("/work/shared/datasets/mnist-t10k")
+from tests.shared_data import MNIST_T10K as T10K_DIR
 # Label histogram of the official MNIST test set (digits 0..9).
 T10K_HISTOGRAM = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 

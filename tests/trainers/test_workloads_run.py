@@ -10,7 +10,9 @@ from trainers.config import Target, TrialConfig
 from trainers.loop import run_trial
 from trainers.workloads import WORKLOADS
 
-T10K = "/work/shared/datasets/mnist-t10k"
+from tests.shared_data import MNIST_T10K
+
+T10K = str(MNIST_T10K)
 pytestmark = pytest.mark.slow
 VAL_SIZE = {"MNIST": 10, "FashionMNIST": 10, "cifar": 8, "imagenet": 3}
 
