@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=int, default=1)
     run.add_argument("--device", default="auto")
     run.add_argument("--figure", default=None, help="write the scaling figure here (.png or .svg)")
+    run.add_argument("--threads", type=int, default=None,
+                     help="CPU threads for each worker's torch (default: cores / workers)")
     _recovery_args(run)
     _storage_arg(run)
     run.set_defaults(handler=cmd_run)
@@ -205,7 +207,7 @@ def cmd_run(args) -> int:
     result = create_campaign(engine, url, spec)
     print(f"campaign {spec.name!r}: {result.cells} cells x {spec.trials_per_cell} trials, "
           f"{args.workers} workers, storage {redact(url)}", flush=True)
-    threads = max(1, (os.cpu_count() or 1) // max(1, args.workers))
+    threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, args.workers))
     command = [sys.executable, "-m", "study.cli", "worker", "--campaign", spec.name,
                "--storage", url, "--device", args.device, "--threads", str(threads), "--quiet",
                "--heartbeat", str(args.heartbeat), "--grace", str(args.grace),

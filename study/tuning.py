@@ -112,10 +112,11 @@ def make_sampler(kind: str, seed: int) -> optuna.samplers.BaseSampler:
 def tell(study: optuna.Study, trial: optuna.Trial, outcome: str, steps_to_result: int | None) -> None:
     """Optuna minimises steps-to-result: a reached trial is COMPLETE with that value;
     trials that stopped without reaching the target are PRUNED (censored); diverged and
-    crashed trials are FAIL."""
+    crashed trials are FAIL. A trial already finished (a retried tell whose first commit
+    went through, or a reaper that settled it) is left as it is."""
     if outcome == "reached":
-        study.tell(trial, float(steps_to_result))
+        study.tell(trial, float(steps_to_result), skip_if_finished=True)
     elif outcome in ("pruned", "not_reached"):
-        study.tell(trial, state=TrialState.PRUNED)
+        study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
     else:
-        study.tell(trial, state=TrialState.FAIL)
+        study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import optuna
-from optuna.exceptions import UpdateFinishedTrialError
 from sqlalchemy import Engine, func, select, update
 from sqlalchemy.orm import Session
 
@@ -179,6 +178,7 @@ class CampaignWorker:
         # Trials of one cell trained together (trainers.vectorized); 1: one at a time.
         self.trials_at_once = trials_at_once
         self.step_cache: dict = {}  # compiled vectorized steps, reused across groups
+        self._studies: dict[str, optuna.Study] = {}  # the cells' studies, loaded once
         self.ranks = launched_ranks()  # under torchrun, this is rank 0: it leads the others
 
     def run(self) -> int:
@@ -293,14 +293,17 @@ class CampaignWorker:
             self.log(f"[worker {self.worker_id}] trial row {claim.row_id} was abandoned by a reaper "
                      f"while this worker was silent; its result is discarded and it is re-run")
             return False
-        self._retry(lambda: _tell_once(study, trial, result), "telling Optuna")
+        self._retry(lambda: tell(study, trial, result.outcome, result.steps_to_result), "telling Optuna")
         self.log(f"[worker {self.worker_id}] bs={claim.batch_size} {claim.optimizer}/{claim.schedule} "
                  f"trial {trial.number}: {_describe(result)}")
         return True
 
     def _ask(self, claim: Claim, space) -> tuple[optuna.Study, optuna.Trial]:
-        study = optuna.load_study(study_name=claim.study_name, storage=self.storage,
-                                  sampler=make_sampler(self.spec.sampler, self.spec.seed))
+        study = self._studies.get(claim.study_name)
+        if study is None:  # loading a study costs a few queries: once per cell per worker
+            study = optuna.load_study(study_name=claim.study_name, storage=self.storage,
+                                      sampler=make_sampler(self.spec.sampler, self.spec.seed))
+            self._studies[claim.study_name] = study
         return study, study.ask(fixed_distributions=distributions(space))
 
     def _train(self, claims: list[Claim], configs: list[TrialConfig], conclude) -> dict[int, TrialResult]:
@@ -411,20 +414,6 @@ class CampaignWorker:
         with Session(self.engine) as session, session.begin():
             session.execute(update(Worker).where(Worker.id == self.worker_id).values(
                 status=status, heartbeat_at=func.current_timestamp(), current_trial_id=None))
-
-
-def _tell_once(study: optuna.Study, trial: optuna.Trial, result: TrialResult) -> None:
-    """Tell the outcome; a retry after a commit whose acknowledgement was lost, or a
-    reaper's sweep that settled it first, finds the trial finished: that is success."""
-    if study._storage.get_trial(trial._trial_id).state.is_finished():
-        return
-    try:
-        tell(study, trial, result.outcome, result.steps_to_result)
-    except (UpdateFinishedTrialError, ValueError):
-        # Optuna says "Cannot tell a PRUNED trial" (ValueError) when it was settled
-        # between the check and the tell; anything else is a real error.
-        if not study._storage.get_trial(trial._trial_id).state.is_finished():
-            raise
 
 
 def _device_name(device) -> str:

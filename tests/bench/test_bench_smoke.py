@@ -1,0 +1,55 @@
+"""Smoke test of the end-to-end benchmarks (bench/study_wall_time.py, bench/overhead.py):
+each runs with its smallest options, as a user runs it, and prints the device header and
+a ratio line that parses. Numbers are not checked (a shared CPU makes them noise)."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+WALL_RATIO = re.compile(r"^ratio (?P<method>.+) vs baseline: (?P<ratio>\d+\.\d+)x trials/s$", re.M)
+OVERHEAD_RATIO = re.compile(
+    r"^ratio storage/trial (?P<backend>\w+) K=(?P<k>\d+): (?P<share>\d+\.\d+) \(", re.M)
+
+
+def _run(module: str, *args: str) -> str:
+    done = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, f"{module} failed:\n{done.stdout}\n{done.stderr}"
+    assert done.stdout.startswith("device: "), done.stdout
+    assert re.search(r"^torch \S+, .*\d{4}-\d\d-\d\dT", done.stdout, re.M), done.stdout
+    return done.stdout
+
+
+def _postgres_usable() -> bool:
+    try:
+        import psycopg  # noqa: F401
+        from db.local_postgres import postgres_available
+    except ImportError:
+        return False
+    return postgres_available()
+
+
+def test_study_wall_time_smallest_run_prints_a_ratio():
+    out = _run("bench.study_wall_time", "--workload", "digits_mlp", "--trials", "2",
+               "--batch-sizes", "16", "--optimizers", "momentum", "--max-steps", "10",
+               "--eval-every", "5", "--ks", "", "--prune", "off")
+    ratios = WALL_RATIO.findall(out)
+    assert len(ratios) == 1 and ratios[0][0].endswith("1 worker, K=1, prune=off"), out
+    assert float(ratios[0][1]) > 0
+    assert "| 2 |" in out  # both methods ran the 2 trials
+
+
+def test_overhead_smallest_run_prints_a_share_per_backend():
+    backends = "sqlite,postgresql" if _postgres_usable() else "sqlite"
+    out = _run("bench.overhead", "--workload", "digits_mlp", "--trials", "1", "--batch-sizes", "16",
+               "--max-steps", "10", "--eval-every", "5", "--ks", "1", "--backends", backends)
+    shares = {backend: float(share) for backend, _, share in OVERHEAD_RATIO.findall(out)}
+    assert set(shares) == set(backends.split(",")), out
+    assert all(0 < share < 1 for share in shares.values()), shares
