@@ -3,6 +3,7 @@ sidebar, cached loads and the live-refresh fragment. Never imports torch."""
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import Callable
 
 import altair as alt
@@ -32,30 +33,118 @@ def engine():
 
 
 @st.cache_data(ttl=CACHE_SECONDS, show_spinner=False)
-def _campaign_names(storage: str) -> list[str]:
+def _version(storage: str) -> tuple:
+    return data.data_version(_engine(storage))
+
+
+def version() -> tuple:
+    """The database's data version (`db.queries.data_version`): every cache below is keyed
+    on it, so a rerun (widget change, live-refresh tick) with no new writes reuses what the
+    last run computed, and a write by any worker invalidates it."""
+    return _version(url())
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def _campaign_names(storage: str, version: tuple) -> list[str]:
     return data.campaign_names(_engine(storage))
 
 
 def campaign_names() -> list[str]:
-    return _campaign_names(url())
+    return _campaign_names(url(), version())
 
 
-@st.cache_data(ttl=CACHE_SECONDS, show_spinner=False)
-def _campaign(storage: str, name: str):
-    return data.load_campaign(_engine(storage), name)
+# Large frames are held with cache_resource (shared, not copied per call: st.cache_data
+# would unpickle millions of rows on every hit); the pages only read them.
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _campaign(storage: str, name: str, version: tuple):
+    return data.load_campaign_fast(_engine(storage), name)
+
+
+@st.cache_resource(show_spinner=False, max_entries=16)
+def _progress(storage: str, name: str, version: tuple):
+    return data.load_progress(_engine(storage), name)
+
+
+def _fresh_workers(campaign, storage: str):
+    """Workers heartbeat without writing trials: read them on every run (a small table)."""
+    if campaign is None:
+        return None
+    return replace(campaign, workers=data.queries.workers(_engine(storage), campaign.info.id))
 
 
 def load(name: str) -> data.CampaignData | None:
-    return _campaign(url(), name)
+    """The campaign with its measurements (cached until the data version changes)."""
+    return _fresh_workers(_campaign(url(), name, version()), url())
 
 
-@st.cache_data(ttl=CACHE_SECONDS, show_spinner=False)
-def _scaling(storage: str, name: str, n_resamples: int) -> data.ScalingAnalysis:
-    return data.scaling_analysis(_campaign(storage, name), n_resamples=n_resamples)
+def progress(name: str) -> data.CampaignData | None:
+    """The campaign's cells, trials and workers only (no measurements): for the overview."""
+    return _fresh_workers(_progress(url(), name, version()), url())
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def _scaling(storage: str, name: str, n_resamples: int, version: tuple) -> data.ScalingAnalysis:
+    return data.scaling_analysis(_campaign(storage, name, version), n_resamples=n_resamples)
 
 
 def scaling(name: str, n_resamples: int = 500) -> data.ScalingAnalysis:
-    return _scaling(url(), name, n_resamples)
+    return _scaling(url(), name, n_resamples, version())
+
+
+@st.cache_resource(show_spinner=False, max_entries=16)
+def _derived(storage: str, name: str, what: str, version: tuple):
+    campaign = _campaign(storage, name, version)
+    if what == "results":
+        return campaign.results()
+    if what == "winners":
+        return data.winners_from(campaign, _derived(storage, name, "results", version))
+    if what == "scatter":
+        return data.scatter_from(campaign, _derived(storage, name, "results", version))
+    if what == "probe_keys":
+        return data.probe_keys(campaign.measurements)
+    if what == "examples_per_epoch":
+        return data.examples_per_epoch(campaign.measurements)
+    raise ValueError(what)
+
+
+def results(name: str):
+    """Exact steps-to-result per cell (`CampaignData.results`), cached."""
+    return _derived(url(), name, "results", version())
+
+
+def winners(name: str):
+    return _derived(url(), name, "winners", version())
+
+
+def scatter(name: str):
+    return _derived(url(), name, "scatter", version())
+
+
+def probe_keys(name: str) -> list[str]:
+    return _derived(url(), name, "probe_keys", version())
+
+
+def examples_per_epoch(name: str) -> float:
+    return _derived(url(), name, "examples_per_epoch", version())
+
+
+@st.cache_resource(show_spinner=False, max_entries=32)
+def _budget(storage: str, name: str, budgets: tuple, kind: str, size: float, version: tuple):
+    return data.budget_frame(_campaign(storage, name, version), list(budgets), kind, size)
+
+
+def budget(name: str, budgets: list[float], kind: str, size: float = float("nan")):
+    """`study.report.budget_frame` (best value under each budget), cached."""
+    return _budget(url(), name, tuple(budgets), kind, float(size), version())
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _probe_results(storage: str, campaign_id: int, version: tuple):
+    return data.probe_results(_engine(storage), campaign_id)
+
+
+def probe_results(campaign_id: int):
+    return _probe_results(url(), campaign_id, version())
 
 
 def sidebar() -> str | None:

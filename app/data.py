@@ -7,6 +7,7 @@ only lay it out.
 """
 from __future__ import annotations
 
+import json
 import re
 import time
 from dataclasses import dataclass
@@ -20,10 +21,13 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from study.results import FINISHED
 # The campaign analysis lives in study.report (shared with `batchlab analyze`); these
 # names are re-exported so the pages keep calling data.<name>.
-from study.report import (CampaignData, ScalingAnalysis, campaign_names, campaign_spec,  # noqa: F401,E501
-                          default_budgets, edge_text, edge_warnings, examples_per_epoch,
-                          load_campaign, scaling_analysis, scatter, search_space, series_of,
-                          winners)
+from db import queries  # noqa: F401
+from db.queries import data_version  # noqa: F401
+from study.analysis import search_space_scatter, winning_hparams
+from study.report import (CampaignData, ScalingAnalysis, budget_frame, campaign_names,  # noqa: F401,E501
+                          campaign_spec, default_budgets, edge_text, edge_warnings,
+                          examples_per_epoch, load_campaign, load_campaign_fast, load_progress,
+                          scaling_analysis, scatter, search_space, series_of, winners)
 
 # A worker whose last heartbeat is older than this is shown as stale (probably dead).
 STALE_HEARTBEAT_SECONDS = 120
@@ -169,9 +173,22 @@ def probe_keys(measurements: pd.DataFrame) -> list[str]:
     return sorted(keys)
 
 
-def winner_trial_ids(data: CampaignData) -> list[int]:
-    results = data.results()
+def winner_trial_ids(data: CampaignData, results: pd.DataFrame | None = None) -> list[int]:
+    results = data.results() if results is None else results
     return [int(t) for t in results["winner_trial_id"].dropna()]
+
+
+def winners_from(data: CampaignData, results: pd.DataFrame) -> pd.DataFrame:
+    """`study.report.winners` with the campaign's `results()` already computed."""
+    cells = data.cells[["cell_id", "batch_size", "optimizer", "schedule"]]
+    return winning_hparams(results, data.trials, cells)
+
+
+def scatter_from(data: CampaignData, results: pd.DataFrame) -> pd.DataFrame:
+    """`study.report.scatter` with the campaign's `results()` already computed."""
+    return search_space_scatter(data.trials, data.measurements, results,
+                                metric=data.info.metric, threshold=data.info.threshold,
+                                mode=data.info.mode)
 
 
 def parse_budgets(text: str) -> list[float]:
@@ -298,3 +315,186 @@ EXAMPLE_QUERIES = {
         "SELECT id, host, pid, device, status, heartbeat_at, trials_done\n"
         "FROM bl_workers ORDER BY heartbeat_at DESC"),
 }
+
+
+# ---- provenance of one trial -------------------------------------------------------------------
+_CODE_VERSION = re.compile(r"^(?P<version>[^+]*)(?:\+g(?P<commit>[0-9a-f]+)(?P<dirty>\.dirty)?)?$")
+# package_versions keys shown first, with readable names (the rest follow, sorted)
+_PACKAGES = {"python": "Python", "torch": "torch", "cuda": "CUDA (torch build)", "cudnn": "cuDNN",
+             "cuda_devices": "CUDA devices", "optuna": "optuna"}
+
+
+def parse_code_version(text: str | None) -> dict:
+    """'0.1.0+g0123456789ab.dirty' -> version 0.1.0, commit 0123456789ab, dirty 'yes'.
+    Without a commit (not run from a git checkout, or imported) commit is '' and dirty
+    'unknown'."""
+    match = _CODE_VERSION.match(text or "")
+    if not text or match is None:
+        return {"version": text or "", "commit": "", "dirty": "unknown"}
+    commit = match.group("commit") or ""
+    dirty = ("yes" if match.group("dirty") else "no") if commit else "unknown"
+    return {"version": match.group("version"), "commit": commit, "dirty": dirty}
+
+
+def _text(value) -> str:
+    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+        return "-"
+    try:
+        if pd.isna(value):
+            return "-"
+    except (TypeError, ValueError):
+        pass
+    return str(value)
+
+
+def provenance_table(row: dict) -> pd.DataFrame:
+    """One trial's provenance as (field, value) rows of text: where and with what code it
+    ran (`db.queries.trial_provenance`)."""
+    code = parse_code_version(row.get("code_version"))
+    versions = _as_mapping(row.get("package_versions"))
+    attempt_of = row.get("attempt_of")
+    fields = [
+        ("trial id", row.get("trial_id")),
+        ("cell", f"B={row.get('batch_size')} {row.get('optimizer')}/{row.get('schedule')}"),
+        ("trial number", row.get("trial_number")),
+        ("outcome", row.get("outcome")),
+        ("attempt", row.get("attempt")),
+        ("attempt of", "- (first attempt)" if attempt_of is None or pd.isna(attempt_of)
+         else f"trial id {int(attempt_of)}"),
+        ("batchlab version", code["version"] or "-"),
+        ("git commit", code["commit"] or "-"),
+        ("uncommitted changes (dirty)", code["dirty"]),
+        ("code version (as stored)", row.get("code_version") or "-"),
+    ]
+    for key, label in _PACKAGES.items():
+        fields.append((label, versions.get(key, "-")))
+    fields += [(f"{key} version", value) for key, value in sorted(versions.items())
+               if key not in _PACKAGES]
+    fields += [
+        ("device", row.get("device") or "-"),
+        ("host", row.get("host") or "-"),
+        ("worker", row.get("worker_id")),
+        ("seed", row.get("seed")),
+        ("started at", row.get("started_at")),
+        ("finished at", row.get("finished_at")),
+        ("checkpoint", row.get("checkpoint_path")),
+        ("message", row.get("message") or "-"),
+    ]
+    return pd.DataFrame([(name, _text(value)) for name, value in fields], columns=["field", "value"])
+
+
+def trial_provenance(engine: Engine, trial_id: int) -> dict | None:
+    row = queries.trial_provenance(engine, trial_id)
+    if row is not None:
+        for key in ("config", "hparams", "package_versions"):
+            row[key] = _as_mapping(row.get(key))
+    return row
+
+
+def _as_mapping(value) -> dict:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return {}
+    return value if isinstance(value, dict) else {}
+
+
+def trial_choice_label(row) -> str:
+    attempt = int(row["attempt"]) if "attempt" in row and pd.notna(row["attempt"]) else 1
+    return (f"#{int(row['trial_number'])} {row['outcome']}"
+            + (f" (attempt {attempt})" if attempt > 1 else "") + f" · id {int(row['trial_id'])}")
+
+
+# ---- post-training probes (bl_probe_results, `batchlab probe`) -----------------------------------
+PROBE_KINDS = ("sharpness", "hessian", "interpolation")
+
+
+def probe_results(engine: Engine, campaign_id: int) -> pd.DataFrame:
+    """bl_probe_results of the campaign with `params` and `result` as dicts."""
+    frame = queries.probe_results(engine, campaign_id)
+    for column in ("params", "result"):
+        frame[column] = frame[column].map(_as_mapping)
+    return frame
+
+
+def _series_setting(frame: pd.DataFrame) -> pd.Series:
+    return frame["optimizer"].astype(str) + " / " + frame["schedule"].astype(str)
+
+
+def sharpness_table(probes: pd.DataFrame) -> pd.DataFrame:
+    """Keskar sharpness per winner, space and epsilon (the newest row of each), with a
+    `setting` label ('full, eps 0.001', plus the series when there are several)."""
+    columns = ["batch_size", "optimizer", "schedule", "trial_id", "space", "epsilon",
+               "subspace_dim", "sharpness", "train_loss", "max_loss", "steps_to_result",
+               "setting", "created_at"]
+    rows = probes.loc[probes["kind"] == "sharpness"] if len(probes) else probes
+    if rows.empty:
+        return pd.DataFrame(columns=columns)
+    out = pd.DataFrame({
+        "batch_size": rows["batch_size"].astype("Int64"), "optimizer": rows["optimizer"],
+        "schedule": rows["schedule"], "trial_id": rows["trial_id"].astype("Int64"),
+        "space": rows["params"].map(lambda p: p.get("space", "full")),
+        "epsilon": rows["params"].map(lambda p: _number(p.get("epsilon"))),
+        "subspace_dim": rows["params"].map(lambda p: p.get("subspace_dim")),
+        "sharpness": rows["result"].map(lambda r: _number(r.get("sharpness"))),
+        "train_loss": rows["result"].map(lambda r: _number(r.get("loss"))),
+        "max_loss": rows["result"].map(lambda r: _number(r.get("max_loss"))),
+        "steps_to_result": rows["result"].map(lambda r: _number(r.get("steps_to_result"))),
+        "created_at": rows["created_at"]})
+    out = out.drop_duplicates(["trial_id", "space", "epsilon", "subspace_dim"], keep="last")
+    series = _series_setting(out)
+    several = series.nunique() > 1
+    out["setting"] = (out["space"] + ", eps " + out["epsilon"].map(lambda e: f"{e:g}")
+                      + ((" · " + series) if several else ""))
+    return out[columns].sort_values(["optimizer", "schedule", "setting", "batch_size"]).reset_index(drop=True)
+
+
+def hessian_table(probes: pd.DataFrame) -> pd.DataFrame:
+    """Top Hessian eigenvalue and Hutchinson trace per winner (the newest row of each)."""
+    columns = ["batch_size", "optimizer", "schedule", "trial_id", "top_eigenvalue", "converged",
+               "eigen_iterations", "trace", "trace_samples", "steps_to_result", "setting",
+               "created_at"]
+    rows = probes.loc[probes["kind"] == "hessian"] if len(probes) else probes
+    if rows.empty:
+        return pd.DataFrame(columns=columns)
+    out = pd.DataFrame({
+        "batch_size": rows["batch_size"].astype("Int64"), "optimizer": rows["optimizer"],
+        "schedule": rows["schedule"], "trial_id": rows["trial_id"].astype("Int64"),
+        "top_eigenvalue": rows["result"].map(lambda r: _number(r.get("top_eigenvalue"))),
+        "converged": rows["result"].map(lambda r: r.get("converged")),
+        "eigen_iterations": rows["result"].map(lambda r: r.get("eigen_iterations")),
+        "trace": rows["result"].map(lambda r: _number(r.get("trace"))),
+        "trace_samples": rows["result"].map(lambda r: r.get("trace_samples")),
+        "steps_to_result": rows["result"].map(lambda r: _number(r.get("steps_to_result"))),
+        "created_at": rows["created_at"]})
+    out = out.drop_duplicates(["trial_id"], keep="last")
+    out["setting"] = _series_setting(out)
+    return out[columns].sort_values(["optimizer", "schedule", "batch_size"]).reset_index(drop=True)
+
+
+@dataclass(frozen=True)
+class Interpolation:
+    id: int
+    label: str
+    small_label: str
+    large_label: str
+    batch_norm: str
+    frame: pd.DataFrame  # study.figures.interpolation_frame: alpha, quantity, split, value
+
+
+def interpolations(probes: pd.DataFrame) -> list[Interpolation]:
+    """Each stored interpolation between two winners, newest first."""
+    from study.figures import interpolation_frame
+    rows = probes.loc[probes["kind"] == "interpolation"] if len(probes) else probes
+    out = []
+    for row in rows.iloc[::-1].itertuples():
+        params, result = row.params, row.result
+        small = f"B={params.get('small_batch_size')} (trial {params.get('small_trial_id')})"
+        large = f"B={params.get('large_batch_size')} (trial {params.get('large_trial_id')})"
+        curves = {k: v for k, v in result.items() if k != "alphas" and isinstance(v, list)}
+        frame = interpolation_frame(result.get("alphas", []), curves)
+        out.append(Interpolation(int(row.id), f"{small} -> {large} (probe {int(row.id)}, "
+                                 f"{row.created_at})", small, large,
+                                 str(params.get("batch_norm") or ""), frame))
+    return out

@@ -95,3 +95,53 @@ def _frame(engine: Engine, query) -> pd.DataFrame:
     with Session(engine) as session:
         result = session.execute(query)
         return pd.DataFrame(result.all(), columns=list(result.keys()))
+
+
+# ---- for the dashboard: cheap change detection, fast bulk loads, one trial's provenance ----
+def data_version(engine: Engine) -> tuple:
+    """A cheap fingerprint that changes whenever workers write: campaigns, cells, trials
+    (count, newest id, latest finish, how many run), newest measurement and probe result.
+    The dashboard keys its caches on it (MAX(id) is an index lookup; the one scan is over
+    bl_trials, not bl_measurements)."""
+    sql = ("SELECT (SELECT MAX(id) FROM bl_campaigns), (SELECT COUNT(*) FROM bl_cells), "
+           "(SELECT MAX(id) FROM bl_measurements), (SELECT MAX(id) FROM bl_probe_results), "
+           "COUNT(*), MAX(id), MAX(finished_at), "
+           "SUM(CASE WHEN outcome = 'running' THEN 1 ELSE 0 END), "
+           "SUM(CASE WHEN outcome = 'abandoned' THEN 1 ELSE 0 END), MAX(trial_number) "
+           "FROM bl_trials")
+    with engine.connect() as connection:
+        row = connection.exec_driver_sql(sql).one()
+    return tuple(str(v) for v in row)
+
+
+def measurements_fast(engine: Engine, campaign_id: int) -> pd.DataFrame:
+    """What `measurements` returns (same columns, rows and order; `extra` still the stored
+    JSON text) through one raw query, without building ORM rows: for large campaigns."""
+    sql = ("SELECT m.trial_id, m.step, m.examples, m.epoch, m.wall_seconds, m.eval_seconds, "
+           "m.learning_rate, m.batch_size, m.train_loss, m.val_loss, m.val_error, m.extra "
+           "FROM bl_measurements m WHERE m.trial_id IN (SELECT t.id FROM bl_trials t "
+           "JOIN bl_cells c ON c.id = t.cell_id WHERE c.campaign_id = :cid) "
+           "ORDER BY m.trial_id, m.step")  # IN: walks the (trial_id, step) index, no sort
+    with engine.connect() as connection:
+        result = connection.execute(text(sql), {"cid": int(campaign_id)})
+        columns = list(result.keys())
+        frame = pd.DataFrame(result.cursor.fetchall(), columns=columns)
+    for column in ("train_loss", "val_loss", "val_error"):
+        frame[column] = frame[column].astype(float)
+    frame["val_accuracy"] = 1.0 - frame["val_error"]
+    return frame
+
+
+def trial_provenance(engine: Engine, trial_id: int) -> dict | None:
+    """One trial's provenance: code version (git commit, dirty flag), package versions,
+    device, host, seed, attempt / attempt_of, worker, times, checkpoint and the resolved
+    config, with its cell and campaign; None when there is no such trial."""
+    query = (select(Trial.id.label("trial_id"), Trial.trial_number, Trial.optuna_trial_id,
+                    Trial.outcome, Trial.code_version, Trial.package_versions, Trial.device,
+                    Trial.host, Trial.seed, Trial.attempt, Trial.attempt_of, Trial.worker_id,
+                    Trial.started_at, Trial.finished_at, Trial.heartbeat_at, Trial.checkpoint_path,
+                    Trial.hparams, Trial.config, Trial.message, Trial.cell_id, Cell.batch_size,
+                    Cell.optimizer, Cell.schedule, Cell.study_name, Cell.campaign_id)
+             .join(Cell, Cell.id == Trial.cell_id).where(Trial.id == int(trial_id)))
+    frame = _frame(engine, query)
+    return None if frame.empty else frame.iloc[0].to_dict()

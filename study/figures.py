@@ -566,3 +566,31 @@ def sharpness_chart(frame: pd.DataFrame, *, workload: str, target: str, eval_eve
                            workload=workload, target=target, eval_every=eval_every,
                            notes=["Keskar et al.: large-batch solutions are sharper"]),
         width=width, height=height)
+
+
+def smith_schedules_chart(curves: pd.DataFrame, *, workload: str, target: str, eval_every: int,
+                          metric: str = "val_error", log_y: bool = True,
+                          width: int = 380, height: int = 300) -> alt.HConcatChart:
+    """Smith et al.'s comparison with one colour per schedule and one line per seed:
+    `metric` vs epochs (left) and vs parameter updates (right), side by side, on a shared
+    (log, by default) y axis. `curves` has columns schedule, seed, epoch, step, `metric`."""
+    frame = curves.loc[curves[metric].notna()]
+    if log_y:
+        frame = frame.loc[frame[metric] > 0]
+    y = alt.Y(f"{metric}:Q", title=metric.replace("_", " "),
+              scale=alt.Scale(type="log") if log_y else alt.Scale(zero=False))
+
+    def panel(x: str, heading: str) -> alt.Chart:
+        return alt.Chart(frame).mark_line(strokeWidth=1.4, opacity=0.85).encode(
+            x=alt.X(f"{x}:Q", title=CURVE_X.get(x, x).replace("Steps", "Updates (steps)")),
+            y=y, color=alt.Color("schedule:N", title="schedule"),
+            strokeDash=alt.StrokeDash("seed:N", title="seed"),
+            detail="seed:N",
+            tooltip=["schedule", "seed", alt.Tooltip(f"{x}:Q", format=",.4g"),
+                     alt.Tooltip(f"{metric}:Q", format=".4f")],
+        ).properties(title=heading, width=width, height=height)
+
+    title = figure_title("Same runs against epochs and against updates (Smith et al.)",
+                         workload=workload, target=target, eval_every=eval_every)
+    return alt.hconcat(panel("epoch", f"{metric.replace('_', ' ')} vs epochs"),
+                       panel("step", f"{metric.replace('_', ' ')} vs updates")).properties(title=title)

@@ -212,3 +212,73 @@ def budget_frame(data: CampaignData, budgets: list[float], kind: str,
     best["series"] = series_of(best)
     best["budget_label"] = best["budget"].map(lambda a: labels.get(a, f"{a:g}"))
     return best
+
+
+# ---- the dashboard's loader: one pass over the measurements --------------------------------
+def _parse_extras(values: pd.Series) -> pd.Series:
+    """`_as_dict` per stored JSON text, parsing each distinct text once (most rows hold the
+    same few texts, e.g. '{}'); rows with equal text share one dict: treat it as read-only."""
+    parsed: dict = {}
+
+    def one(value):
+        if isinstance(value, str):
+            if value not in parsed:
+                parsed[value] = _as_dict(value)
+            return parsed[value]
+        return _as_dict(value)
+    return values.map(one)
+
+
+def cell_table_from(info: CampaignInfo, cells: pd.DataFrame, trials: pd.DataFrame,
+                    measurements: pd.DataFrame) -> pd.DataFrame:
+    """`study.results.cell_table` computed from frames already loaded (same rows, columns
+    and values), so a loader reads the measurements once instead of twice."""
+    from study.results import TABLE_COLUMNS, _outcome_counts
+    finished = trials.loc[trials["outcome"].isin(FINISHED)]
+    results = steps_to_result(finished, measurements, metric=info.metric,
+                              threshold=info.threshold, mode=info.mode)
+    table = cells.merge(results, on="cell_id", how="left")
+    counts = _outcome_counts(trials)
+    table = table.merge(counts, left_on="cell_id", right_index=True, how="left")
+    table[list(counts.columns)] = table[list(counts.columns)].fillna(0).astype(int)
+    hparams = trials.set_index("trial_id")["hparams"]
+    table["winner_trial"] = table["winner_trial_number"].astype("Int64")
+    table["winner_hparams"] = [
+        json.dumps(hparams[t], sort_keys=True) if not pd.isna(t) else "" for t in table["winner_trial_id"]]
+    table = table.rename(columns={"trials_planned": "planned"})
+    for column in ("steps_to_result", "examples_to_result"):
+        table[column] = table[column].astype("Int64")
+    return table[TABLE_COLUMNS + ["cell_id"]].sort_values(
+        ["optimizer", "schedule", "batch_size"]).reset_index(drop=True)
+
+
+def load_campaign_fast(engine: Engine, name: str) -> CampaignData | None:
+    """`load_campaign` with the same frames, for large databases: the measurements are read
+    once (one raw query, `queries.measurements_fast`; each distinct extra JSON parsed
+    once) and the cell table is computed from them (`cell_table_from`)."""
+    info = campaign_info(engine, name)
+    if info is None:
+        return None
+    measurements = queries.measurements_fast(engine, info.id)
+    measurements["extra"] = _parse_extras(measurements["extra"])
+    measurements = with_metric(measurements, info.metric)
+    trials = queries.trials(engine, info.id)
+    trials["hparams"] = trials["hparams"].map(_as_dict)
+    cells = queries.cells(engine, info.id)
+    return CampaignData(info=info, spec=campaign_spec(engine, info.id), cells=cells,
+                        trials=trials, measurements=measurements,
+                        table=cell_table_from(info, cells, trials, measurements),
+                        workers=queries.workers(engine, info.id))
+
+
+def load_progress(engine: Engine, name: str) -> CampaignData | None:
+    """A campaign's cells, trials and workers without its measurements (`measurements`
+    and `table` empty): what progress, rate and ETA need."""
+    info = campaign_info(engine, name)
+    if info is None:
+        return None
+    trials = queries.trials(engine, info.id)
+    trials["hparams"] = trials["hparams"].map(_as_dict)
+    return CampaignData(info=info, spec={}, cells=queries.cells(engine, info.id), trials=trials,
+                        measurements=pd.DataFrame(), table=pd.DataFrame(),
+                        workers=queries.workers(engine, info.id))

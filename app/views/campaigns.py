@@ -1,5 +1,7 @@
 """Campaigns: every campaign's progress; per cell finished / running / planned trials,
-live workers with heartbeat age, trials per minute, ETA, failures with their messages."""
+live workers with heartbeat age, trials per minute, ETA, failures with their messages;
+and the trial inspector: one trial's provenance (code version and git commit, package
+versions, device, host, seed, attempt) and its resolved config."""
 from __future__ import annotations
 
 import pandas as pd
@@ -13,7 +15,7 @@ def overview() -> pd.DataFrame:
     """One row per campaign: progress, rate, ETA, live workers, failures."""
     rows = []
     for name in common.campaign_names():
-        campaign = common.load(name)
+        campaign = common.progress(name)  # no measurements: cheap for every campaign
         if campaign is None:
             continue
         rate = data.throughput(campaign)
@@ -52,13 +54,14 @@ def details(name: str) -> None:
     columns[3].metric("Live workers", int((workers["state"] == "live").sum()) if len(workers) else 0)
 
     progress = data.progress_table(campaign)
-    left, right = st.columns([3, 2])
-    with left:
-        st.markdown("**Progress per cell**")
-        common.table(progress.drop(columns=["cell_id"]), key="progress_table",
-                     file_name=f"{name}_progress.csv")
-    with right:
-        common.chart(progress_chart(progress, **common.context(info)))
+    st.markdown("**Progress per cell**")
+    common.table(progress.drop(columns=["cell_id"]), key="progress_table",
+                 file_name=f"{name}_progress.csv")
+    if len(progress):
+        # an explicit pixel height: with height="content" this nominal-y bar chart was
+        # drawn one row high in Chromium (docs/screenshots)
+        st.altair_chart(progress_chart(progress, **common.context(info)), width="content",
+                        height=max(120, 18 * len(progress)) + 110)
 
     st.markdown("**Workers**")
     if workers.empty:
@@ -83,6 +86,51 @@ def details(name: str) -> None:
         st.dataframe(failed, hide_index=True, width="stretch", key="failures_table")
 
 
+def inspector(name: str) -> None:
+    """Pick a cell, then one of its trials: where and with what code it ran."""
+    st.subheader("Trial inspector")
+    campaign = common.progress(name)
+    if campaign is None:
+        return
+    trials = campaign.trials
+    if trials.empty:
+        st.info("No trial has started in this campaign yet: provenance (code version, "
+                "packages, device, host, seed, config) appears here once workers run it.")
+        return
+    cells = campaign.cells.loc[campaign.cells["cell_id"].isin(trials["cell_id"])].sort_values(
+        ["optimizer", "schedule", "batch_size"])
+    labels = {int(r["cell_id"]): f"{r['optimizer']} / {r['schedule']} / B={r['batch_size']}"
+              for r in cells.to_dict("records")}
+    controls = st.columns(2)
+    cell_id = controls[0].selectbox("Cell", list(labels), format_func=labels.get,
+                                    key="inspect_cell")
+    in_cell = trials.loc[trials["cell_id"] == cell_id]
+    choices = {int(r["trial_id"]): data.trial_choice_label(r) for r in in_cell.to_dict("records")}
+    trial_id = controls[1].selectbox("Trial", list(choices), format_func=choices.get,
+                                     key="inspect_trial")
+    row = data.trial_provenance(common.engine(), trial_id) if trial_id is not None else None
+    if row is None:
+        st.warning("that trial no longer exists")
+        return
+    left, right = st.columns([2, 3])
+    with left:
+        st.markdown("**Provenance**")
+        table = data.provenance_table(row)
+        st.dataframe(table, hide_index=True, width="stretch", key="provenance_table",
+                     height=35 * (len(table) + 1) + 3)
+        st.download_button("Download CSV", table.to_csv(index=False),
+                           file_name=f"{name}_trial_{trial_id}_provenance.csv", mime="text/csv",
+                           key="download_provenance")
+    with right:
+        st.markdown("**Hyperparameters**")
+        st.json(row["hparams"], expanded=True)
+        st.markdown("**Resolved config**")
+        if row["config"]:
+            st.json(row["config"], expanded=True)
+        else:
+            st.caption("no resolved config stored for this trial (e.g. an imported one)")
+
+
 def body(name: str | None) -> None:
     table = overview()
     st.markdown("**All campaigns**")
@@ -97,6 +145,7 @@ def render() -> None:
     if name is None:
         return
     common.live(body, name)
+    inspector(name)
 
 
 if __name__ == "__main__":

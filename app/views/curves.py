@@ -11,6 +11,8 @@ from study.figures import (CURVE_X, learning_curve_chart, smith_comparison_chart
                            training_trace_chart)
 
 METRICS = ["val_error", "val_loss", "train_loss"]
+# above this many trials "Also show trials" takes typed trial ids instead of a picker
+MAX_TRIAL_OPTIONS = 2000
 
 
 def body(name: str, trial_ids: list[int], x: str, metric: str) -> None:
@@ -27,12 +29,12 @@ def body(name: str, trial_ids: list[int], x: str, metric: str) -> None:
     common.chart(smith_comparison_chart(rows, metric=metric, threshold=threshold,
                                         **common.context(info)), stretch=False)
     st.subheader("Over training")
-    columns = st.columns(3)
+    columns = st.columns(2)  # three in a row leave the plots no room beside their legends
     with columns[0]:
         common.chart(training_trace_chart(rows, "learning_rate", x=x, **common.context(info)))
     with columns[1]:
         common.chart(training_trace_chart(rows, "batch_size", x=x, **common.context(info)))
-    with columns[2]:
+    with columns[0]:
         if rows["noise_scale"].notna().any():
             common.chart(training_trace_chart(rows, "noise_scale", x=x, log_y=True,
                                               **common.context(info)))
@@ -51,12 +53,17 @@ def render() -> None:
     campaign = common.load(name)
     common.header(campaign.info, "Learning curves")
     labels = data.run_labels(campaign.trials)
-    winners = data.winner_trial_ids(campaign)
+    winners = data.winner_trial_ids(campaign, common.results(name))
     controls = st.columns([2, 3, 1, 1])
     show_winners = controls[0].toggle("Winner of each cell", value=True, key="curves_winners")
-    chosen = controls[1].multiselect("Also show trials", list(labels.index),
-                                     format_func=lambda t: labels.get(t, str(t)),
-                                     key="curves_trials")
+    if len(labels) <= MAX_TRIAL_OPTIONS:
+        chosen = controls[1].multiselect("Also show trials", list(labels.index),
+                                         format_func=lambda t: labels.get(t, str(t)),
+                                         key="curves_trials")
+    else:  # a picker with tens of thousands of options is slow to send and to use
+        typed = controls[1].text_input("Also show trial ids", key="curves_trial_ids",
+                                       placeholder="e.g. 17, 2048 (ids: Campaigns > Trial inspector)")
+        chosen = [int(t) for t in data.parse_budgets(typed) if int(t) == t and int(t) in labels.index]
     x = controls[2].radio("x axis", list(CURVE_X), format_func=CURVE_X.get, key="curves_x")
     metric = controls[3].selectbox("Metric", METRICS, key="curves_metric")
     trial_ids = list(dict.fromkeys((winners if show_winners else []) + list(chosen)))

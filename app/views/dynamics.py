@@ -1,20 +1,31 @@
-"""Dynamics: the probes recorded in measurements.extra (gradient noise scale, distance
-from initialisation, sharpness, ...) vs step."""
+"""Dynamics: the probes recorded during training in measurements.extra (gradient noise
+scale, distance from initialisation, ...) vs step, and the probes run after training by
+`batchlab probe` (bl_probe_results): Keskar sharpness and Hessian eigenvalue / trace of
+each cell's winner vs batch size, and the interpolation between two winners."""
 from __future__ import annotations
 
 import streamlit as st
 
 from app import common, data
-from study.figures import training_trace_chart
+from study.figures import interpolation_chart, sharpness_chart, training_trace_chart
 
 NO_PROBES = "No probe data recorded for this campaign."
+# "all trials" plots at most this many runs (a chart of every measurement of a campaign
+# with thousands of trials is neither readable nor fast)
+MAX_RUNS = 200
 
 
 def body(name: str, scope: str, keys: list[str]) -> None:
     campaign = common.load(name)
     info = campaign.info
-    trial_ids = (data.winner_trial_ids(campaign) if scope == "winners"
-                 else list(campaign.trials["trial_id"]))
+    if scope == "winners":
+        trial_ids = data.winner_trial_ids(campaign, common.results(name))
+    else:
+        with_probes = campaign.measurements.loc[
+            campaign.measurements["extra"].map(lambda e: bool(e)), "trial_id"].unique()
+        trial_ids = list(with_probes[:MAX_RUNS])
+        if len(with_probes) > MAX_RUNS:
+            st.caption(f"showing the first {MAX_RUNS} of {len(with_probes)} trials with probes")
     rows = data.curves(campaign, trial_ids)
     present = [k for k in keys if k in rows.columns and rows[k].notna().any()]
     if not present:
@@ -30,21 +41,71 @@ def body(name: str, scope: str, keys: list[str]) -> None:
                  file_name=f"{name}_probes.csv")
 
 
+def training_probes(name: str, keys: list[str]) -> None:
+    st.subheader("During training")
+    controls = st.columns([3, 1])
+    chosen = controls[0].multiselect("Probes", keys, default=keys[:6], key="dynamics_keys")
+    scope = controls[1].radio("Runs", ["winners", "all trials"], key="dynamics_scope")
+    common.live(body, name, scope, chosen)
+
+
+def after_training(name: str) -> None:
+    """bl_probe_results: sharpness and Hessian tables per cell, the interpolation plot."""
+    campaign = common.load(name)
+    info = campaign.info
+    probes = common.probe_results(info.id)
+    st.subheader("After training (`batchlab probe`)")
+    sharpness = data.sharpness_table(probes)
+    hessian = data.hessian_table(probes)
+    if len(sharpness):
+        common.chart(sharpness_chart(sharpness, y="sharpness", **common.context(info)),
+                     stretch=False)
+        common.table(sharpness.drop(columns=["setting"]), key="sharpness_table",
+                     file_name=f"{name}_sharpness.csv")
+    if len(hessian):
+        st.markdown("**Hessian of the training loss** (top eigenvalue by power iteration, "
+                    "trace by Hutchinson's estimator)")
+        common.chart(sharpness_chart(hessian, y="top_eigenvalue", **common.context(info)),
+                     stretch=False)
+        common.table(hessian.drop(columns=["setting"]), key="hessian_table",
+                     file_name=f"{name}_hessian.csv")
+    found = data.interpolations(probes)
+    if found:
+        labels = {item.id: item.label for item in found}
+        chosen = (st.selectbox("Interpolation", list(labels), format_func=labels.get,
+                               key="dynamics_interpolation") if len(found) > 1 else found[0].id)
+        item = next(i for i in found if i.id == chosen)
+        if item.frame.empty:
+            st.info("This interpolation stored no finite values.")
+        else:
+            common.chart(interpolation_chart(item.frame, small_label=item.small_label,
+                                             large_label=item.large_label,
+                                             batch_norm=item.batch_norm, **common.context(info)),
+                         stretch=False)
+    if not (len(sharpness) or len(hessian) or found):
+        st.caption("No post-training probe results: run `batchlab probe sharpness|hessian|"
+                   f"interpolate --campaign {name}` on a campaign that keeps checkpoints.")
+
+
 def render() -> None:
     name = common.current_campaign()
     if name is None:
         return
     campaign = common.load(name)
     common.header(campaign.info, "Dynamics")
-    keys = data.probe_keys(campaign.measurements)
-    if not keys:
+    keys = common.probe_keys(name)
+    has_results = len(common.probe_results(campaign.info.id)) > 0
+    if not keys and not has_results:
         st.info(NO_PROBES + " Probes (gradient noise scale, distance from initialisation, "
-                "sharpness) are written to bl_measurements.extra when a campaign enables them.")
+                "sharpness) are written to bl_measurements.extra when a campaign enables them; "
+                "`batchlab probe` stores sharpness, Hessian and interpolation results after "
+                "training.")
         return
-    controls = st.columns([3, 1])
-    chosen = controls[0].multiselect("Probes", keys, default=keys[:6], key="dynamics_keys")
-    scope = controls[1].radio("Runs", ["winners", "all trials"], key="dynamics_scope")
-    common.live(body, name, scope, chosen)
+    if keys:
+        training_probes(name, keys)
+    else:
+        st.caption("No probes were recorded during training (bl_measurements.extra).")
+    after_training(name)
 
 
 if __name__ == "__main__":

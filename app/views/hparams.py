@@ -19,12 +19,12 @@ def body(name: str, cell_id: int) -> None:
     campaign = common.load(name)
     info = campaign.info
     cells = campaign.cells.set_index("cell_id")
-    winners = data.winners(campaign)
+    winners = common.winners(name)
     edges = data.edge_warnings(campaign, winners)
     for row in edges.to_dict("records"):
         st.warning(data.edge_text(row))
 
-    scatter = data.scatter(campaign)
+    scatter = common.scatter(name)
     cell_scatter = scatter.loc[scatter["cell_id"] == cell_id]
     label = cell_label(cells.loc[cell_id].to_dict() | {"batch_size": int(cells.loc[cell_id, "batch_size"])})
     left, right = st.columns([3, 2])
@@ -54,14 +54,16 @@ def body(name: str, cell_id: int) -> None:
     if winners.empty:
         st.info("No cell has a winning trial yet.")
         return
-    columns = st.columns(3)
-    for column, parameter, heuristics, log_y in (
-            (columns[0], "learning_rate", True, True),
-            (columns[1], "momentum", False, False),
-            (columns[2], "effective_learning_rate", True, True)):
-        with column:
+    # one tab per parameter: three side by side leave the plots no room beside their legends
+    tabs = st.tabs(["Learning rate", "Momentum", "Effective learning rate"])
+    for tab, parameter, heuristics, log_y in (
+            (tabs[0], "learning_rate", True, True),
+            (tabs[1], "momentum", False, False),
+            (tabs[2], "effective_learning_rate", True, True)):
+        with tab:
             common.chart(hparam_scaling_chart(winners, parameter, heuristics=heuristics,
-                                              log_y=log_y, width=320, **common.context(info)))
+                                              log_y=log_y, width=560, **common.context(info)),
+                         stretch=False)
     shown = winners[["batch_size", "optimizer", "schedule", "winner_trial_id", "steps_to_result",
                      "learning_rate", "momentum", "effective_learning_rate"]]
     common.table(shown, key="winners_table", file_name=f"{name}_optimal_hparams.csv")
@@ -77,6 +79,9 @@ def render() -> None:
     campaign = common.load(name)
     common.header(campaign.info, "Hyperparameters")
     cells = campaign.cells.sort_values(["optimizer", "schedule", "batch_size"])
+    if cells.empty:
+        st.info("This campaign has no cells yet.")
+        return
     labels = {int(r["cell_id"]): cell_label(r) for r in cells.to_dict("records")}
     cell_id = st.selectbox("Cell", list(labels), format_func=labels.get, key="hparams_cell")
     common.live(body, name, cell_id)

@@ -6,10 +6,11 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from db.engine import make_engine
-from db.models import Campaign, Cell, Measurement, Trial, Worker
+from db.models import Campaign, Cell, Measurement, ProbeResult, Trial, Worker
 from db.schema import ensure_schema
 
 APP = Path(__file__).resolve().parents[2] / "app" / "main.py"
@@ -140,6 +141,72 @@ def build_database(path: Path) -> str:
         session.commit()
     engine.dispose()
     return url
+
+
+CODE_VERSION = "0.3.1+g0123456789ab.dirty"
+PACKAGES = {"python": "3.11.7", "torch": "2.5.1", "cuda": "12.4", "cudnn": "90100",
+            "optuna": "4.1.0", "numpy": "2.1.0"}
+CONFIG = {"workload": "digits_mlp", "batch_size": 16, "optimizer": "momentum",
+          "hparams": {"learning_rate": 0.01, "momentum": 0.9}, "max_steps": 300}
+
+
+def _winner(session: Session, batch_size: int) -> Trial:
+    return session.execute(
+        select(Trial).join(Cell, Cell.id == Trial.cell_id).join(Campaign)
+        .where(Campaign.name == CAMPAIGN, Cell.batch_size == batch_size,
+               Trial.trial_number == 0)).scalar_one()
+
+
+def add_provenance_and_probes(url: str) -> dict:
+    """Provenance on B=16's trials of `build_database` (the second one a re-run, attempt 2
+    of the first) and bl_probe_results rows (sharpness, Hessian, interpolation) for B=16
+    and B=128's winners; returns the ids involved."""
+    engine = make_engine(url)
+    now = datetime.now(timezone.utc)
+    with Session(engine) as session:
+        small, large = _winner(session, 16), _winner(session, 128)
+        small.code_version, small.package_versions = CODE_VERSION, PACKAGES
+        small.device, small.host, small.seed, small.config = ("cuda:0 (NVIDIA H100 80GB HBM3)",
+                                                              "gpu-node-7", 123456789, CONFIG)
+        small.worker_id = "worker-live"
+        rerun = session.execute(select(Trial).where(Trial.cell_id == small.cell_id,
+                                                    Trial.trial_number == 1)).scalar_one()
+        rerun.attempt, rerun.attempt_of, rerun.code_version = 2, small.id, "0.3.1"
+        campaign_id = session.execute(select(Campaign.id).where(Campaign.name == CAMPAIGN)).scalar()
+
+        def probe(trial, kind, params, result, minutes_ago):
+            session.add(ProbeResult(campaign_id=campaign_id,
+                                    cell_id=trial.cell_id if trial else None,
+                                    trial_id=trial.id if trial else None, kind=kind,
+                                    params=params, result=result,
+                                    created_at=now - timedelta(minutes=minutes_ago)))
+
+        sharp = {"space": "full", "epsilon": 0.001, "subspace_dim": None, "maxiter": 10}
+        probe(small, "sharpness", sharp, {"sharpness": 99.0, "loss": 1.0, "max_loss": 2.0,
+                                          "batch_size": 16, "steps_to_result": 160}, 30)  # older
+        probe(small, "sharpness", sharp, {"sharpness": 0.5, "loss": 0.05, "max_loss": 0.06,
+                                          "batch_size": 16, "steps_to_result": 160}, 10)
+        probe(large, "sharpness", sharp, {"sharpness": 2.0, "loss": 0.04, "max_loss": 0.08,
+                                          "batch_size": 128, "steps_to_result": 40}, 9)
+        probe(small, "hessian", {"max_iter": 30}, {"top_eigenvalue": 10.0, "converged": True,
+                                                   "eigen_iterations": 12, "trace": 150.0,
+                                                   "trace_samples": 30, "batch_size": 16,
+                                                   "steps_to_result": 160}, 8)
+        probe(large, "hessian", {"max_iter": 30}, {"top_eigenvalue": 40.0, "converged": True,
+                                                   "eigen_iterations": 9, "trace": 420.0,
+                                                   "trace_samples": 30, "batch_size": 128,
+                                                   "steps_to_result": 40}, 7)
+        probe(None, "interpolation",
+              {"small_trial_id": small.id, "large_trial_id": large.id, "small_batch_size": 16,
+               "large_batch_size": 128, "batch_norm": "batch_stats"},
+              {"alphas": [-1.0, 0.0, 1.0, 2.0], "train_loss": [2.0, 0.05, 0.04, 3.0],
+               "train_accuracy": [0.4, 0.99, 0.99, 0.3], "test_loss": [2.2, 0.1, 0.12, 3.1],
+               "test_accuracy": [0.35, 0.97, 0.96, 0.28]}, 5)
+        ids = {"small": small.id, "large": large.id, "small_cell": small.cell_id,
+               "rerun": rerun.id}
+        session.commit()
+    engine.dispose()
+    return ids
 
 
 @pytest.fixture(scope="session")
