@@ -22,7 +22,8 @@ from db.models import Campaign
 from study.analysis import (best_under_budget, bootstrap_steps_to_result, classify_regimes,
                             edge_check, fit_scaling, search_space_scatter,
                             steps_to_result, winning_hparams)
-from study.results import FINISHED, CampaignInfo, campaign_info, cell_table, with_metric
+from study.results import (FINISHED, CampaignInfo, campaign_info, cell_table, cell_table_from,
+                           with_metric)
 
 
 @dataclass(frozen=True)
@@ -227,29 +228,6 @@ def _parse_extras(values: pd.Series) -> pd.Series:
             return parsed[value]
         return _as_dict(value)
     return values.map(one)
-
-
-def cell_table_from(info: CampaignInfo, cells: pd.DataFrame, trials: pd.DataFrame,
-                    measurements: pd.DataFrame) -> pd.DataFrame:
-    """`study.results.cell_table` computed from frames already loaded (same rows, columns
-    and values), so a loader reads the measurements once instead of twice."""
-    from study.results import TABLE_COLUMNS, _outcome_counts
-    finished = trials.loc[trials["outcome"].isin(FINISHED)]
-    results = steps_to_result(finished, measurements, metric=info.metric,
-                              threshold=info.threshold, mode=info.mode)
-    table = cells.merge(results, on="cell_id", how="left")
-    counts = _outcome_counts(trials)
-    table = table.merge(counts, left_on="cell_id", right_index=True, how="left")
-    table[list(counts.columns)] = table[list(counts.columns)].fillna(0).astype(int)
-    hparams = trials.set_index("trial_id")["hparams"]
-    table["winner_trial"] = table["winner_trial_number"].astype("Int64")
-    table["winner_hparams"] = [
-        json.dumps(hparams[t], sort_keys=True) if not pd.isna(t) else "" for t in table["winner_trial_id"]]
-    table = table.rename(columns={"trials_planned": "planned"})
-    for column in ("steps_to_result", "examples_to_result"):
-        table[column] = table[column].astype("Int64")
-    return table[TABLE_COLUMNS + ["cell_id"]].sort_values(
-        ["optimizer", "schedule", "batch_size"]).reset_index(drop=True)
 
 
 def load_campaign_fast(engine: Engine, name: str) -> CampaignData | None:

@@ -43,9 +43,15 @@ def campaign_info(engine: Engine, name: str) -> CampaignInfo | None:
 def cell_table(engine: Engine, info: CampaignInfo) -> pd.DataFrame:
     """One row per cell: progress, steps/examples/seconds to result (NaN where no trial
     reached the target) and the winning trial with its hyperparameters."""
-    cells = queries.cells(engine, info.id)
-    trials = queries.trials(engine, info.id)
-    measurements = with_metric(queries.measurements(engine, info.id), info.metric)
+    return cell_table_from(info, queries.cells(engine, info.id), queries.trials(engine, info.id),
+                           queries.measurements(engine, info.id))
+
+
+def cell_table_from(info: CampaignInfo, cells: pd.DataFrame, trials: pd.DataFrame,
+                    measurements: pd.DataFrame) -> pd.DataFrame:
+    """`cell_table` from frames already loaded (a loader that has the measurements for
+    other figures reads them once)."""
+    measurements = with_metric(measurements, info.metric)
     finished = trials.loc[trials["outcome"].isin(FINISHED)]
     results = steps_to_result(finished, measurements,
                               metric=info.metric, threshold=info.threshold, mode=info.mode)
