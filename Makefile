@@ -19,6 +19,7 @@ test: $(STAMP)
 
 # A real campaign on scikit-learn's digits, on an embedded SQLite file.
 demo: $(STAMP)
+	mkdir -p out
 	$(BIN)/batchlab run examples/demo_digits.toml --storage sqlite:///out/demo.db --workers 2 --figure out/demo_scaling.png
 
 dashboard: $(STAMP)
