@@ -158,6 +158,8 @@ def _mnist_like() -> list[Workload]:
                FASHION_MNIST_MEAN, FASHION_MNIST_STD, 0.1, 30000),
         _entry("mnist_f1", f"{mnist}, Keskar's F1: 784 -> 5 x [512, BN, ReLU] -> 10",
                mnist_data, keskar_f1, MNIST_MEAN, MNIST_STD, 0.02, 20000),
+        _entry("mnist10k_f1", "MNIST official test files only (8,000 train / 2,000 val), Keskar's F1",
+               mnist_t10k_data, keskar_f1, MNIST_MEAN, MNIST_STD, 0.05, 5000),
     ]
 
 

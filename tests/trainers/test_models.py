@@ -135,7 +135,7 @@ def test_paper_workloads_are_unique_and_carry_shallue_targets():
     from trainers.workloads_papers import paper_workloads
 
     workloads = {w.name: w for w in paper_workloads()}
-    assert len(workloads) == len(paper_workloads()) == 14
+    assert len(workloads) == len(paper_workloads()) == 15
     for name, threshold in SHALLUE_TARGETS.items():
         assert workloads[name].default_target.metric == "val_error"
         assert workloads[name].default_target.threshold == threshold
