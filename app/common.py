@@ -44,6 +44,23 @@ def version() -> tuple:
     return _version(url())
 
 
+@st.cache_resource(show_spinner=False)
+def _marks(storage: str) -> dict:
+    return {}
+
+
+@st.cache_data(ttl=CACHE_SECONDS, show_spinner=False, max_entries=64)
+def _campaign_version(storage: str, name: str) -> tuple:
+    return data.campaign_version(_engine(storage), name, _marks(storage))
+
+
+def campaign_version(name: str) -> tuple:
+    """One campaign's data version (`data.campaign_version`): the caches of a campaign's
+    frames and analyses are keyed on it, so a worker writing to another campaign does not
+    invalidate them."""
+    return _campaign_version(url(), name)
+
+
 @st.cache_data(show_spinner=False, max_entries=8)
 def _campaign_names(storage: str, version: tuple) -> list[str]:
     return data.campaign_names(_engine(storage))
@@ -65,6 +82,11 @@ def _progress(storage: str, name: str, version: tuple):
     return data.load_progress(_engine(storage), name)
 
 
+@st.cache_resource(show_spinner=False, max_entries=8)
+def _light(storage: str, name: str, version: tuple):
+    return data.load_campaign_light(_engine(storage), name)
+
+
 def _fresh_workers(campaign, storage: str):
     """Workers heartbeat without writing trials: read them on every run (a small table)."""
     if campaign is None:
@@ -74,32 +96,57 @@ def _fresh_workers(campaign, storage: str):
 
 def load(name: str) -> data.CampaignData | None:
     """The campaign with its measurements (cached until the data version changes)."""
-    return _fresh_workers(_campaign(url(), name, version()), url())
+    return _fresh_workers(_campaign(url(), name, campaign_version(name)), url())
 
 
 def progress(name: str) -> data.CampaignData | None:
     """The campaign's cells, trials and workers only (no measurements): for the overview."""
-    return _fresh_workers(_progress(url(), name, version()), url())
+    return _fresh_workers(_progress(url(), name, campaign_version(name)), url())
+
+
+def light(name: str) -> data.CampaignData | None:
+    """The campaign with only each trial's first on-target measurement
+    (`data.load_campaign_light`): enough for the cell table, results, winners and the
+    bootstrap; cached until the campaign's data version changes."""
+    return _fresh_workers(_light(url(), name, campaign_version(name)), url())
+
+
+@st.cache_resource(show_spinner=False, max_entries=16)
+def _trial_rows(storage: str, name: str, trial_ids: tuple, version: tuple):
+    campaign = _light(storage, name, version)
+    rows = data.measurements_of_trials(_engine(storage), campaign.info, trial_ids)
+    return replace(campaign, measurements=rows)
+
+
+def with_trials(name: str, trial_ids) -> data.CampaignData | None:
+    """`light(name)` whose `measurements` are all the rows of `trial_ids` (what a page that
+    plots those trials needs), cached."""
+    if light(name) is None:
+        return None
+    ids = tuple(sorted({int(t) for t in trial_ids}))
+    return _fresh_workers(_trial_rows(url(), name, ids, campaign_version(name)), url())
 
 
 @st.cache_resource(show_spinner=False, max_entries=8)
 def _scaling(storage: str, name: str, n_resamples: int, version: tuple) -> data.ScalingAnalysis:
-    return data.scaling_analysis(_campaign(storage, name, version), n_resamples=n_resamples)
+    return data.scaling_analysis(_light(storage, name, version), n_resamples=n_resamples)
 
 
 def scaling(name: str, n_resamples: int = 500) -> data.ScalingAnalysis:
-    return _scaling(url(), name, n_resamples, version())
+    return _scaling(url(), name, n_resamples, campaign_version(name))
 
 
 @st.cache_resource(show_spinner=False, max_entries=16)
 def _derived(storage: str, name: str, what: str, version: tuple):
-    campaign = _campaign(storage, name, version)
-    if what == "results":
-        return campaign.results()
+    if what == "results":  # only the first on-target rows are read: the light load
+        return _light(storage, name, version).results()
     if what == "winners":
-        return data.winners_from(campaign, _derived(storage, name, "results", version))
-    if what == "scatter":
-        return data.scatter_from(campaign, _derived(storage, name, "results", version))
+        return data.winners_from(_light(storage, name, version),
+                                 _derived(storage, name, "results", version))
+    if what == "scatter":  # first on-target rows only, as results
+        return data.scatter_from(_light(storage, name, version),
+                                 _derived(storage, name, "results", version))
+    campaign = _campaign(storage, name, version)
     if what == "probe_keys":
         return data.probe_keys(campaign.measurements)
     if what == "examples_per_epoch":
@@ -109,23 +156,23 @@ def _derived(storage: str, name: str, what: str, version: tuple):
 
 def results(name: str):
     """Exact steps-to-result per cell (`CampaignData.results`), cached."""
-    return _derived(url(), name, "results", version())
+    return _derived(url(), name, "results", campaign_version(name))
 
 
 def winners(name: str):
-    return _derived(url(), name, "winners", version())
+    return _derived(url(), name, "winners", campaign_version(name))
 
 
 def scatter(name: str):
-    return _derived(url(), name, "scatter", version())
+    return _derived(url(), name, "scatter", campaign_version(name))
 
 
 def probe_keys(name: str) -> list[str]:
-    return _derived(url(), name, "probe_keys", version())
+    return _derived(url(), name, "probe_keys", campaign_version(name))
 
 
 def examples_per_epoch(name: str) -> float:
-    return _derived(url(), name, "examples_per_epoch", version())
+    return _derived(url(), name, "examples_per_epoch", campaign_version(name))
 
 
 @st.cache_resource(show_spinner=False, max_entries=32)
@@ -135,7 +182,7 @@ def _budget(storage: str, name: str, budgets: tuple, kind: str, size: float, ver
 
 def budget(name: str, budgets: list[float], kind: str, size: float = float("nan")):
     """`study.report.budget_frame` (best value under each budget), cached."""
-    return _budget(url(), name, tuple(budgets), kind, float(size), version())
+    return _budget(url(), name, tuple(budgets), kind, float(size), campaign_version(name))
 
 
 @st.cache_data(show_spinner=False, max_entries=16)

@@ -26,7 +26,8 @@ from db.queries import data_version  # noqa: F401
 from study.analysis import search_space_scatter, winning_hparams
 from study.report import (CampaignData, ScalingAnalysis, budget_frame, campaign_names,  # noqa: F401,E501
                           campaign_spec, default_budgets, edge_text, edge_warnings,
-                          examples_per_epoch, load_campaign, load_campaign_fast, load_progress,
+                          examples_per_epoch, load_campaign, load_campaign_fast, load_campaign_light,
+                          load_progress, measurements_of_trials,
                           scaling_analysis, scatter, search_space, series_of, winners)
 
 # A worker whose last heartbeat is older than this is shown as stale (probably dead).
@@ -153,6 +154,28 @@ def curves(data: CampaignData, trial_ids) -> pd.DataFrame:
     if "noise_scale" not in rows.columns:
         rows["noise_scale"] = np.nan
     return rows.reset_index(drop=True)
+
+
+def campaign_version(engine: Engine, name: str, marks: dict) -> tuple:
+    """A fingerprint of one campaign that changes when workers write to it (and not when
+    they write to another campaign): its trials, cells and probe results
+    (`queries.campaign_trial_version`) and a marker of its newest measurement. `marks`
+    (campaign id -> (database's newest measurement id, marker)) persists between calls:
+    only the measurement rows written since the last call are looked at."""
+    row = queries.campaign_by_name(engine, name)
+    if row is None:
+        return ("none", name)
+    cid = int(row["id"])
+    newest = queries.max_measurement_id(engine)
+    seen, mark = marks.get(cid, (None, None))
+    if seen is None or newest < seen:
+        mark = newest  # first look (or a replaced database): start from here
+    elif newest > seen:
+        found = queries.campaign_measurement_max(engine, cid, seen)
+        if found is not None:
+            mark = found
+    marks[cid] = (newest, mark)
+    return (cid, str(row["created_at"]), mark) + queries.campaign_trial_version(engine, cid)
 
 
 def _number(value) -> float:

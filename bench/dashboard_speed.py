@@ -229,7 +229,12 @@ def time_after_write(path: Path, url: str, campaign: str, pages: list[str]) -> d
             at.switch_page(f"views/{page}.py")
             at.run()
         con = sqlite3.connect(path)
-        trial = con.execute("SELECT MAX(id) FROM bl_trials WHERE outcome = 'reached'").fetchone()[0]
+        # a reached trial of the campaign being timed (the newest one of the database
+        # belongs to another campaign, whose writes no longer invalidate this one's caches)
+        trial = con.execute(
+            "SELECT MAX(t.id) FROM bl_trials t JOIN bl_cells c ON c.id = t.cell_id "
+            "JOIN bl_campaigns p ON p.id = c.campaign_id "
+            "WHERE t.outcome = 'reached' AND p.name = ?", (campaign,)).fetchone()[0]
         step = con.execute("SELECT MAX(step) FROM bl_measurements WHERE trial_id = ?",
                            (trial,)).fetchone()[0] + EVAL_EVERY
         con.execute("INSERT INTO bl_measurements (trial_id, step, examples, epoch, wall_seconds, "

@@ -145,3 +145,88 @@ def trial_provenance(engine: Engine, trial_id: int) -> dict | None:
              .join(Cell, Cell.id == Trial.cell_id).where(Trial.id == int(trial_id)))
     frame = _frame(engine, query)
     return None if frame.empty else frame.iloc[0].to_dict()
+
+
+# ---- per-campaign change detection and SQL-side steps-to-result (dashboard hot paths) ----
+def max_measurement_id(engine: Engine) -> int:
+    """The newest measurement id in the database (a primary-key lookup); 0 when none."""
+    with engine.connect() as connection:
+        return int(connection.exec_driver_sql("SELECT MAX(id) FROM bl_measurements").scalar() or 0)
+
+
+def campaign_measurement_max(engine: Engine, campaign_id: int, after_id: int) -> int | None:
+    """The newest id among the campaign's measurements with id > `after_id` (None when there
+    is none): walks only the rows written since `after_id` (primary-key range)."""
+    sql = ("SELECT MAX(m.id) FROM bl_measurements m JOIN bl_trials t ON t.id = m.trial_id "
+           "JOIN bl_cells c ON c.id = t.cell_id WHERE m.id > :after AND c.campaign_id = :cid")
+    with engine.connect() as connection:
+        value = connection.execute(text(sql), {"after": int(after_id),
+                                               "cid": int(campaign_id)}).scalar()
+    return None if value is None else int(value)
+
+
+def campaign_trial_version(engine: Engine, campaign_id: int) -> tuple:
+    """A fingerprint of one campaign's campaign row, cells, trials and probe results: what
+    `data_version` checks, restricted to the campaign (bl_trials rows of its cells only)."""
+    sql = ("SELECT (SELECT COUNT(*) FROM bl_cells WHERE campaign_id = :cid), "
+           "(SELECT MAX(id) FROM bl_probe_results WHERE campaign_id = :cid), "
+           "COUNT(*), MAX(t.id), MAX(t.finished_at), "
+           "SUM(CASE WHEN t.outcome = 'running' THEN 1 ELSE 0 END), "
+           "SUM(CASE WHEN t.outcome = 'abandoned' THEN 1 ELSE 0 END), MAX(t.trial_number), "
+           "SUM(CASE WHEN t.outcome = 'reached' THEN 1 ELSE 0 END) "
+           "FROM bl_trials t JOIN bl_cells c ON c.id = t.cell_id WHERE c.campaign_id = :cid")
+    with engine.connect() as connection:
+        row = connection.execute(text(sql), {"cid": int(campaign_id)}).one()
+    return tuple(str(v) for v in row)
+
+
+# metrics the SQL side can compare (bl_measurements columns; val_accuracy is derived)
+SQL_METRICS = {"val_error": "m.val_error", "val_loss": "m.val_loss",
+               "train_loss": "m.train_loss", "val_accuracy": "(1.0 - m.val_error)"}
+
+
+def first_beating_measurements(engine: Engine, campaign_id: int, metric: str,
+                               threshold: float, mode: str) -> pd.DataFrame | None:
+    """Per trial of the campaign (any outcome), its first measurement whose `metric`
+    strictly beats `threshold` (NULL never beats): columns as `measurements_fast`, rows
+    ordered by (trial_id, step). `study.analysis.steps_to_result` and the bootstrap only
+    read these rows, so they give the same results from this frame as from all rows.
+    None when `metric` is not a column the query can compare (see SQL_METRICS)."""
+    if metric not in SQL_METRICS or mode not in ("min", "max"):
+        return None
+    expr, op = SQL_METRICS[metric], "<" if mode == "min" else ">"
+    beats = f"{expr} {op} :thr"
+    sql = ("SELECT m.trial_id, m.step, m.examples, m.epoch, m.wall_seconds, m.eval_seconds, "
+           "m.learning_rate, m.batch_size, m.train_loss, m.val_loss, m.val_error, m.extra "
+           "FROM bl_measurements m JOIN (SELECT m.trial_id AS tid, MIN(m.step) AS first_step "
+           "FROM bl_measurements m WHERE m.trial_id IN (SELECT t.id FROM bl_trials t "
+           "JOIN bl_cells c ON c.id = t.cell_id WHERE c.campaign_id = :cid) "
+           f"AND {beats} GROUP BY m.trial_id) f ON f.tid = m.trial_id AND f.first_step = m.step "
+           f"WHERE {beats} ORDER BY m.trial_id, m.step")
+    with engine.connect() as connection:
+        result = connection.execute(text(sql), {"cid": int(campaign_id), "thr": float(threshold)})
+        frame = pd.DataFrame(result.cursor.fetchall(), columns=list(result.keys()))
+    for column in ("train_loss", "val_loss", "val_error"):
+        frame[column] = frame[column].astype(float)
+    frame["val_accuracy"] = 1.0 - frame["val_error"]
+    return frame
+
+
+def measurements_of_trials(engine: Engine, trial_ids) -> pd.DataFrame:
+    """`measurements_fast`'s columns for the given trials only, ordered by (trial_id, step)."""
+    ids = sorted({int(t) for t in trial_ids})
+    columns = ["trial_id", "step", "examples", "epoch", "wall_seconds", "eval_seconds",
+               "learning_rate", "batch_size", "train_loss", "val_loss", "val_error", "extra"]
+    rows = []
+    with engine.connect() as connection:
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            params = {f"t{i}": t for i, t in enumerate(chunk)}
+            sql = (f"SELECT m.{', m.'.join(columns)} FROM bl_measurements m WHERE m.trial_id IN "
+                   f"({', '.join(':' + k for k in params)}) ORDER BY m.trial_id, m.step")
+            rows.extend(connection.execute(text(sql), params).cursor.fetchall())
+    frame = pd.DataFrame(rows, columns=columns)
+    for column in ("train_loss", "val_loss", "val_error"):
+        frame[column] = frame[column].astype(float)
+    frame["val_accuracy"] = 1.0 - frame["val_error"]
+    return frame

@@ -260,3 +260,34 @@ def load_progress(engine: Engine, name: str) -> CampaignData | None:
     return CampaignData(info=info, spec={}, cells=queries.cells(engine, info.id), trials=trials,
                         measurements=pd.DataFrame(), table=pd.DataFrame(),
                         workers=queries.workers(engine, info.id))
+
+
+def load_campaign_light(engine: Engine, name: str) -> CampaignData | None:
+    """`load_campaign_fast` without reading every measurement: `measurements` holds only
+    each trial's first evaluation that beats the target (`queries.first_beating_measurements`,
+    computed in SQL), which is all that `results()`, the cell table, winners and the
+    bootstrap read, so they equal `load_campaign_fast`'s. Pages that plot curves load the
+    rows of the trials they show (`queries.measurements_of_trials`). Falls back to
+    `load_campaign_fast` for a metric that lives in the extra JSON."""
+    info = campaign_info(engine, name)
+    if info is None:
+        return None
+    firsts = queries.first_beating_measurements(engine, info.id, info.metric, info.threshold,
+                                                info.mode)
+    if firsts is None:
+        return load_campaign_fast(engine, name)
+    firsts["extra"] = _parse_extras(firsts["extra"])
+    trials = queries.trials(engine, info.id)
+    trials["hparams"] = trials["hparams"].map(_as_dict)
+    cells = queries.cells(engine, info.id)
+    return CampaignData(info=info, spec=campaign_spec(engine, info.id), cells=cells,
+                        trials=trials, measurements=firsts,
+                        table=cell_table_from(info, cells, trials, firsts),
+                        workers=queries.workers(engine, info.id))
+
+
+def measurements_of_trials(engine: Engine, info: CampaignInfo, trial_ids) -> pd.DataFrame:
+    """The rows `load_campaign_fast` holds for `trial_ids` (same columns and order)."""
+    frame = queries.measurements_of_trials(engine, trial_ids)
+    frame["extra"] = _parse_extras(frame["extra"])
+    return with_metric(frame, info.metric)

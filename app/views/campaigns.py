@@ -33,7 +33,7 @@ def overview() -> pd.DataFrame:
 
 
 def details(name: str) -> None:
-    campaign = common.load(name)
+    campaign = common.light(name)
     if campaign is None:
         st.warning(f"campaign {name!r} no longer exists")
         return

@@ -16,7 +16,7 @@ MAX_TRIAL_OPTIONS = 2000
 
 
 def body(name: str, trial_ids: list[int], x: str, metric: str) -> None:
-    campaign = common.load(name)
+    campaign = common.with_trials(name, trial_ids)  # only the plotted trials' rows
     info = campaign.info
     rows = data.curves(campaign, trial_ids)
     if rows.empty:
@@ -50,7 +50,7 @@ def render() -> None:
     name = common.current_campaign()
     if name is None:
         return
-    campaign = common.load(name)
+    campaign = common.light(name)
     common.header(campaign.info, "Learning curves")
     labels = data.run_labels(campaign.trials)
     winners = data.winner_trial_ids(campaign, common.results(name))

@@ -16,7 +16,7 @@ def cell_label(row) -> str:
 
 
 def body(name: str, cell_id: int) -> None:
-    campaign = common.load(name)
+    campaign = common.light(name)
     info = campaign.info
     cells = campaign.cells.set_index("cell_id")
     winners = common.winners(name)
@@ -76,7 +76,7 @@ def render() -> None:
     name = common.current_campaign()
     if name is None:
         return
-    campaign = common.load(name)
+    campaign = common.light(name)
     common.header(campaign.info, "Hyperparameters")
     cells = campaign.cells.sort_values(["optimizer", "schedule", "batch_size"])
     if cells.empty:

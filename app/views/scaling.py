@@ -15,7 +15,7 @@ N_RESAMPLES = 500
 
 
 def _campaign_points(name: str, y: str, normalize_at, series: list[str] | None, prefix: str = ""):
-    campaign = common.load(name)
+    campaign = common.light(name)
     analysis = common.scaling(name, N_RESAMPLES)
     table = campaign.table
     if series is not None:
@@ -88,7 +88,7 @@ def render() -> None:
     name = common.current_campaign()
     if name is None:
         return
-    campaign = common.load(name)
+    campaign = common.light(name)
     common.header(campaign.info, "Scaling")
     all_series = list(dict.fromkeys(data.series_of(campaign.table)))
     controls = st.columns([2, 2, 1, 2, 2])
