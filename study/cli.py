@@ -169,22 +169,34 @@ def cmd_worker(args) -> int:
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
-    from study.distributed import follow, init_group, launched_ranks
-    from study.worker import CampaignWorker
+    from study.distributed import follow, init_group, launched_ranks, leave_group
     url, engine = _engine(args)
     log = (lambda line: None) if args.quiet else (lambda line: print(line, flush=True))
     if args.trials_at_once < 1:
         raise UserError(f"--trials-at-once {args.trials_at_once}: must be >= 1")
-    ranks = launched_ranks()
-    if ranks is not None:  # under torchrun: one trial spans every rank
-        if args.trials_at_once != 1:
-            raise UserError("--trials-at-once must be 1 when a trial spans several processes")
-        args.device = init_group(ranks, args.device)
-        if ranks.rank != 0:
-            follow(args.device)  # rank 0 alone talks to storage
-            return 0
     if not 0 < args.heartbeat < args.grace:
         raise UserError(f"--heartbeat {args.heartbeat:g} must be > 0 and shorter than --grace {args.grace:g}")
+    ranks = launched_ranks()
+    if ranks is None:
+        return _work(args, engine, url, log)
+    if args.trials_at_once != 1:  # under torchrun: one trial spans every rank
+        raise UserError("--trials-at-once must be 1 when a trial spans several processes")
+    args.device = init_group(ranks, args.device)
+    clean = False
+    try:
+        if ranks.rank != 0:
+            follow(args.device)  # rank 0 alone talks to storage
+            code = 0
+        else:
+            code = _work(args, engine, url, log)
+        clean = True
+        return code
+    finally:
+        leave_group(clean)
+
+
+def _work(args, engine, url, log) -> int:
+    from study.worker import CampaignWorker
     worker = CampaignWorker(engine, url, args.campaign, device=args.device,
                             max_trials=args.max_trials, log=log,
                             heartbeat_seconds=args.heartbeat, grace_seconds=args.grace,

@@ -41,6 +41,18 @@ def init_group(ranks: Ranks, device: str) -> str:
     return f"cuda:{ranks.local_rank}" if use_cuda else "cpu"
 
 
+def leave_group(clean: bool) -> None:
+    """Every rank, on the way out. After a clean run the ranks meet once more before the
+    group is torn down: a rank that exits while gloo's threads still serve a peer dies
+    with "terminate called without an active exception" (SIGABRT)."""
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        return
+    if clean:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def announce(config: TrialConfig | None, prune: bool = True) -> None:
     """Rank 0: the next trial for every rank (None: no more work)."""
     import torch.distributed as dist
