@@ -224,7 +224,7 @@ def write_report(data: dict, path: Path, figure_path: Path | None, wall_seconds:
         f"{noise['epochs_compared']} (seed, epoch) pairs all three measured (largest relative spread "
         f"{noise['max_relative_spread']:.1e}) and {'equals' if noise['matches_plan'] else 'does NOT equal'} "
         f"lr0 / B0 / {plan.factor:g}^k after k milestones.",
-        f"- Final validation error, mean over seeds: "
+        "- Final validation error, mean over seeds: "
         + ", ".join(f"{s} {mean_final[s]:.4f}" for s in SCHEDULES)
         + f" (spread {spread_final:.4f} = {spread_final * n_val:.0f} of {n_val:,} validation examples).",
         "",

@@ -18,9 +18,11 @@ import pandas as pd
 from study import report
 from study.analysis import hparam_scaling, relative_change, steps_vs_trial_count
 from study.analysis.bootstrap import DEFAULT_POOL
-from study.figures import (budget_chart, hparam_scaling_chart, hparam_scatter_chart,
-                           regime_bands, save_chart, scaling_fit_curves, scaling_points,
-                           scaling_study_chart)
+from study.analysis.distance import distance_fits, distance_series, fit_distance_growth
+from study.figures import (budget_chart, distance_growth_chart, distance_growth_frame,
+                           hparam_scaling_chart, hparam_scatter_chart, interpolation_chart,
+                           interpolation_frame, regime_bands, save_chart, scaling_fit_curves,
+                           scaling_points, scaling_study_chart, sharpness_chart)
 
 CENSORING_NOTE = (
     "Steps-to-result of a cell is the fewest steps at which any eligible trial (reached, "
@@ -232,9 +234,104 @@ def _budget_figures(writer, data, context) -> dict:
     return out
 
 
+def _winner_labels(winners: pd.DataFrame) -> dict[int, str]:
+    return {int(r.winner_trial_id): f"B={int(r.batch_size)} {r.optimizer}/{r.schedule} "
+                                    f"(trial {int(r.winner_trial_id)})"
+            for r in winners.itertuples() if pd.notna(r.winner_trial_id)}
+
+
+def _distance_section(writer, data, winners, context) -> list[dict]:
+    """Hoffer et al.'s d = a + b ln t per cell winner whose measurements hold the
+    "distance" probe (`study.analysis.distance`), plus the figure; [] when none do."""
+    if winners.empty or data.measurements.empty or "extra" not in data.measurements:
+        return []
+    labels = _winner_labels(winners)
+    rows, series, fits = [], {}, {}
+    for r in winners.sort_values(["optimizer", "schedule", "batch_size"]).itertuples():
+        if pd.isna(r.winner_trial_id):
+            continue
+        trial = data.measurements.loc[data.measurements["trial_id"] == r.winner_trial_id]
+        points = distance_series(trial)
+        if points.empty:
+            continue
+        fit = fit_distance_growth(trial)
+        label = labels[int(r.winner_trial_id)]
+        series[label], fits[label] = points, fit
+        layers = distance_fits(trial).iloc[1:]  # the global fit is the row itself
+        rows.append({"cell_id": r.cell_id, "batch_size": r.batch_size, "optimizer": r.optimizer,
+                     "schedule": r.schedule, "trial_id": r.winner_trial_id,
+                     "final_distance": float(points["distance"].iloc[-1]),
+                     **({k: getattr(fit, k) for k in ("intercept", "slope", "r_squared", "n_points",
+                                                        "first_step", "last_step", "phase_end_step")}
+                        if fit is not None else {}),
+                     "per_layer": _records(layers)})
+    if series:
+        writer.save(distance_growth_chart(distance_growth_frame(series, fits), **context),
+                    "distance_from_init")
+    return _clean(rows)
+
+
+def _json_dict(value) -> dict:
+    return json.loads(value) if isinstance(value, str) else dict(value or {})
+
+
+def _probe_section(writer, probes: pd.DataFrame | None, context) -> dict:
+    """Post-training probes stored by `batchlab probe` (bl_probe_results, e.g.
+    `db.queries.probe_results`): sharpness and Hessian per probed trial (newest row per
+    setting), the newest interpolation per batch-norm mode; figures of each."""
+    if probes is None or probes.empty:
+        return {}
+    rows = []
+    for r in probes.itertuples():
+        params, result = _json_dict(r.params), _json_dict(r.result)
+        if r.kind == "sharpness":
+            setting = f"{params.get('space')}, eps {params.get('epsilon'):g}"
+            rows.append({"trial_id": r.trial_id, "batch_size": result.get("batch_size", r.batch_size),
+                         "kind": "sharpness", "setting": setting, "value": result.get("sharpness"),
+                         "train_loss": result.get("loss")})
+        elif r.kind == "hessian":
+            for quantity in ("top_eigenvalue", "trace"):
+                rows.append({"trial_id": r.trial_id, "batch_size": result.get("batch_size", r.batch_size),
+                             "kind": "hessian", "setting": quantity, "value": result.get(quantity),
+                             "train_loss": None})
+    out: dict = {}
+    if rows:
+        frame = pd.DataFrame(rows).drop_duplicates(["trial_id", "kind", "setting"], keep="last")
+        frame = frame.sort_values(["kind", "setting", "batch_size"])
+        out["values"] = _records(frame)
+        sharp = frame.loc[frame["kind"] == "sharpness"].rename(columns={"value": "sharpness"})
+        if len(sharp):
+            writer.save(sharpness_chart(sharp, **context), "probe_sharpness_vs_batch_size")
+        hess = frame.loc[frame["kind"] == "hessian"].rename(columns={"value": "hessian_value"})
+        if len(hess):
+            writer.save(sharpness_chart(hess, y="hessian_value", **context), "probe_hessian_vs_batch_size")
+    interpolations = probes.loc[probes["kind"] == "interpolation"]
+    if len(interpolations):
+        out["interpolation"] = []
+        newest = {}
+        for r in interpolations.itertuples():
+            params = _json_dict(r.params)
+            newest[params.get("batch_norm", "")] = (params, _json_dict(r.result))
+        for mode, (params, result) in newest.items():
+            out["interpolation"].append(_clean({"params": params, **result}))
+            curves = {k: v for k, v in result.items() if k != "alphas"}
+            chart = interpolation_chart(
+                interpolation_frame(result["alphas"], curves),
+                small_label=f"B={params.get('small_batch_size')} (trial {params.get('small_trial_id')})",
+                large_label=f"B={params.get('large_batch_size')} (trial {params.get('large_trial_id')})",
+                batch_norm=mode, **context)
+            writer.save(chart, f"probe_interpolation_{_safe(mode) or 'default'}")
+    return out
+
+
 def analyze_campaign(data: report.CampaignData, output: str | Path,
-                     options: AnalyzeOptions = AnalyzeOptions()) -> AnalyzeResult:
-    """Write summary.json and the figures for one loaded campaign into `output`."""
+                     options: AnalyzeOptions = AnalyzeOptions(),
+                     probes: pd.DataFrame | None = None) -> AnalyzeResult:
+    """Write summary.json and the figures for one loaded campaign into `output`.
+
+    `probes`: the campaign's bl_probe_results rows (`db.queries.probe_results`), reported
+    and drawn when given. The distance-from-initialization fits come from the measurements
+    (campaigns with the "distance" probe) and need nothing extra."""
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     analysis = report.scaling_analysis(data, n_resamples=options.n_resamples,
@@ -247,6 +344,17 @@ def analyze_campaign(data: report.CampaignData, output: str | Path,
     _scaling_figures(writer, data, analysis, context)
     _hparam_figures(writer, winners, context)
     summary["budgets"] = _clean(_budget_figures(writer, data, context))
+    distance = _distance_section(writer, data, winners, context)
+    if distance:
+        summary["distance_from_init"] = {
+            "note": ("Hoffer et al.: d = a + b ln t (natural log) fitted to each cell winner's "
+                     "||w_t - w_0|| over the initial-learning-rate phase (evaluations before "
+                     "the learning rate first drops below 99% of its peak; constant "
+                     "schedules: all)"),
+            "winners": distance}
+    probe_summary = _probe_section(writer, probes, context)
+    if probe_summary:
+        summary["probes"] = _clean(probe_summary)
     if options.cell_figures:
         _scatter_figures(writer, data, edges, context)
     summary["figures"] = [str(p.relative_to(output)) for p in writer.paths]

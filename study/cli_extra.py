@@ -135,7 +135,9 @@ def cmd_analyze(args) -> int:
                                + (f"; known campaigns: {', '.join(known)}" if known else ""))
     options = AnalyzeOptions(n_resamples=args.resamples, seed=args.seed,
                              cell_figures=not args.no_cell_figures)
-    result = analyze_campaign(data, Path(args.output), options)
+    from db import queries
+    result = analyze_campaign(data, Path(args.output), options,
+                              probes=queries.probe_results(engine, data.info.id))
     fits = result.summary.get("fits", [])
     print(f"{args.campaign}: target {data.info.target_text}, "
           f"evaluation interval {result.summary['evaluation_interval']['steps']} steps")

@@ -594,3 +594,45 @@ def smith_schedules_chart(curves: pd.DataFrame, *, workload: str, target: str, e
                          workload=workload, target=target, eval_every=eval_every)
     return alt.hconcat(panel("epoch", f"{metric.replace('_', ' ')} vs epochs"),
                        panel("step", f"{metric.replace('_', ' ')} vs updates")).properties(title=title)
+
+
+# ---- Hoffer et al.'s ultra-slow diffusion: distance from initialization vs log step ------
+def distance_growth_frame(series: dict[str, pd.DataFrame], fits: dict[str, object] | None = None,
+                          n_line: int = 50) -> pd.DataFrame:
+    """Long frame (trial, kind, step, distance) for `distance_growth_chart`: `series`:
+    label -> `study.analysis.distance.distance_series` frame (kind "measured"); `fits`:
+    label -> its `DistanceFit` or None (kind "fit": the fitted line over the fitted steps)."""
+    from study.analysis.distance import fit_line
+    parts = []
+    for label, frame in series.items():
+        shown = frame.loc[frame["step"] >= 1, ["step", "distance"]]
+        parts.append(shown.assign(trial=label, kind="measured"))
+        fit = (fits or {}).get(label)
+        if fit is not None:
+            parts.append(fit_line(fit, n_line).assign(trial=label, kind="fit"))
+    columns = ["trial", "kind", "step", "distance"]
+    if not parts:
+        return pd.DataFrame(columns=columns)
+    return pd.concat(parts, ignore_index=True)[columns]
+
+
+def distance_growth_chart(frame: pd.DataFrame, *, workload: str, target: str, eval_every: int,
+                          notes: Iterable[str] = (), width: int = 520,
+                          height: int = 320) -> alt.LayerChart:
+    """||w_t - w_0|| vs step on a log axis, one colour per trial (points: measured; line:
+    the fit d = a + b ln t over the initial-learning-rate phase, a straight line here).
+    `frame`: `distance_growth_frame`."""
+    x = alt.X("step:Q", title="Step (log scale)", scale=alt.Scale(type="log"))
+    y = alt.Y("distance:Q", title="||w_t - w_0|| (L2, all parameters)")
+    color = alt.Color("trial:N", title="trial")
+    points = alt.Chart(frame.loc[frame["kind"] == "measured"]).mark_point(filled=True, size=30).encode(
+        x=x, y=y, color=color,
+        tooltip=["trial", alt.Tooltip("step:Q", format=",d"), alt.Tooltip("distance:Q", format=".4g")])
+    lines = alt.Chart(frame.loc[frame["kind"] == "fit"]).mark_line(strokeDash=[5, 3]).encode(
+        x=x, y=y, color=color, detail="trial:N")
+    return alt.layer(points, lines).properties(
+        title=figure_title("Distance from initialization (Hoffer et al.: d = a + b ln t)",
+                           workload=workload, target=target, eval_every=eval_every,
+                           notes=["points: measured; dashed: least-squares fit over the "
+                                  "initial-learning-rate phase", *notes]),
+        width=width, height=height)

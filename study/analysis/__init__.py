@@ -17,6 +17,14 @@ from study.analysis.budgets import (
     best_under_step_budget,
     examples_seen,
 )
+from study.analysis.distance import (
+    DistanceFit,
+    distance_fits,
+    distance_series,
+    fit_distance_growth,
+    fit_log_growth,
+    initial_lr_phase,
+)
 from study.analysis.hparams import (
     edge_check,
     effective_learning_rate,
@@ -47,8 +55,9 @@ from study.analysis.steps import (
 )
 
 __all__ = [
-    "ELIGIBLE_OUTCOMES", "BootstrapResult", "ScalingFit",
-    "beats", "best_under_budget", "best_under_example_budget", "best_under_step_budget",
+    "ELIGIBLE_OUTCOMES", "BootstrapResult", "DistanceFit", "ScalingFit",
+    "beats", "distance_fits", "distance_series", "fit_distance_growth", "fit_log_growth",
+    "initial_lr_phase", "best_under_budget", "best_under_example_budget", "best_under_step_budget",
     "bootstrap_steps_to_result", "classify_regimes", "edge_check", "effective_learning_rate",
     "examples_seen", "first_beating_rows", "first_trials", "fit_power_law", "fit_scaling",
     "fit_steps_curve", "hparam_scaling", "linear_heuristic", "local_slopes", "plateau_start",

@@ -1,10 +1,14 @@
 """`batchlab analyze` on an imported archive whose steps follow S(B) = S_min (1 + B_crit / B)."""
 import json
+import sys
+from pathlib import Path
 
 import pytest
 
 from study.cli import main
-from tests.study.shallue_fixtures import scaling_archive
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `tests.` under plain `pytest` too
+from tests.study.shallue_fixtures import scaling_archive  # noqa: E402
 
 S_MIN, B_CRIT = 1000.0, 256.0
 BATCH_SIZES = tuple(2 ** k for k in range(4, 15))
@@ -78,3 +82,81 @@ def test_unknown_campaign_is_a_one_line_error(tmp_path, capsys, analyzed):
     url = f"sqlite:///{tmp_path / 'none.db'}"
     assert main(["analyze", "--campaign", "nope", "--output", str(tmp_path), "--storage", url]) == 2
     assert "no such database" in capsys.readouterr().err
+
+
+PROBED = """
+[campaign]
+name = "probed_analysis"
+workload = "digits_mlp"
+batch_sizes = [16, 256]
+optimizers = ["adam"]
+schedules = ["constant"]
+trials_per_cell = 1
+max_steps = 300
+eval_every = 5
+probes = ["distance"]
+checkpoints = "winners"
+checkpoint_dir = "CKPT"
+
+[target]
+metric = "val_error"
+threshold = 0.15
+
+[search_space.optimizer.adam]
+learning_rate = 0.01
+"""
+
+
+def test_analyze_reports_distance_fits_and_stored_probes(tmp_path):
+    """A campaign with the distance probe: `batchlab analyze` fits d = a + b ln t to each
+    winner's stored distances (the same numbers as study.analysis.distance on the rows);
+    given bl_probe_results, it reports and draws them too."""
+    import numpy as np
+
+    from db import queries
+    from db.engine import make_engine
+    from study import report
+    from study.analysis.distance import fit_distance_growth
+    from study.analyze import AnalyzeOptions, analyze_campaign
+    from study.campaigns import create_campaign
+    from study.spec import parse_spec
+    from study.worker import CampaignWorker
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    engine = make_engine(url)
+    create_campaign(engine, url, parse_spec(PROBED.replace("CKPT", str(tmp_path / "ckpt"))))
+    CampaignWorker(engine, url, "probed_analysis", device="cpu", log=lambda line: None).run()
+    out = tmp_path / "cli"
+    assert main(["analyze", "--campaign", "probed_analysis", "--output", str(out),
+                 "--resamples", "20", "--no-cell-figures", "--storage", url]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    fits = summary["distance_from_init"]["winners"]
+    assert [f["batch_size"] for f in fits] == [16, 256]
+    measurements = queries.measurements(engine, 1)
+    for f in fits:
+        trial = measurements.loc[measurements["trial_id"] == f["trial_id"]]
+        expected = fit_distance_growth(trial)
+        if expected is None:  # fewer than 3 evaluations
+            assert "slope" not in f
+            continue
+        assert (f["intercept"], f["slope"], f["n_points"]) == pytest.approx(
+            (expected.intercept, expected.slope, expected.n_points))
+        stored = set(trial["extra"].iloc[-1]["distance_per_layer"])
+        assert stored and {r["layer"] for r in f["per_layer"]} == stored
+    assert "distance_from_init.png" in summary["figures"]
+    assert "probes" not in summary  # the CLI passes no probe rows
+
+    assert main(["probe", "hessian", "--campaign", "probed_analysis", "--max-iter", "5",
+                 "--storage", url]) == 0
+    assert main(["probe", "interpolate", "--campaign", "probed_analysis", "--alphas", "4",
+                 "--storage", url]) == 0
+    probes = queries.probe_results(engine, 1)
+    data = report.load_campaign(engine, "probed_analysis")
+    result = analyze_campaign(data, tmp_path / "api", AnalyzeOptions(n_resamples=20, cell_figures=False,
+                                                                     formats=("png",)), probes=probes)
+    values = {(v["trial_id"], v["setting"]): v["value"] for v in result.summary["probes"]["values"]}
+    for row in probes.loc[probes["kind"] == "hessian"].itertuples():
+        assert values[(row.trial_id, "top_eigenvalue")] == row.result["top_eigenvalue"]
+    (interpolation,) = result.summary["probes"]["interpolation"]
+    assert np.allclose(interpolation["alphas"], [-1, 0, 1, 2])
+    assert {"probe_hessian_vs_batch_size.png", "probe_interpolation_batch_stats.png"} <= set(
+        result.summary["figures"])

@@ -1,7 +1,6 @@
 """A real campaign on real data (scikit-learn's digits), end to end through the CLI,
 workers, Optuna and SQL; then the exact semantics checked on what was stored."""
 import json
-import textwrap
 
 import optuna
 import pandas as pd

@@ -3,7 +3,6 @@ probes never change the trajectory, distances and norms match hand computations 
 saved weights, and the noise-scale probe converges to tr(Sigma)/|G|^2 on a model whose
 per-example gradients are known."""
 import json
-import math
 
 import pytest
 import torch

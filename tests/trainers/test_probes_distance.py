@@ -1,12 +1,12 @@
-"""Distance from initialization and the d = a + b log t fit (methods.md 2.4)."""
+"""Distance from initialization (methods.md 2.4); the d = a + b log t fit over stored
+measurements is tested in tests/study/test_distance_fit.py."""
 import math
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from trainers.probes.distance import distance_from_init, fit_log_growth, snapshot_parameters
+from trainers.probes.distance import distance_from_init, snapshot_parameters
 
 
 def _model():
@@ -36,25 +36,3 @@ def test_snapshot_is_a_copy():
     with torch.no_grad():
         model[0].bias.fill_(1.0)
     assert not torch.equal(initial["0.bias"], model[0].bias)
-
-
-def test_log_fit_recovers_intercept_and_slope_exactly():
-    steps = np.unique(np.geomspace(1, 10000, 40).round())
-    fit = fit_log_growth(steps, 0.7 + 1.3 * np.log(steps))
-    # Noise-free data: least squares is exact up to float64 rounding.
-    assert fit.intercept == pytest.approx(0.7, abs=1e-10)
-    assert fit.slope == pytest.approx(1.3, abs=1e-10)
-
-
-def test_log_fit_with_noise_matches_numpy_polyfit():
-    rng = np.random.default_rng(0)
-    steps = np.arange(1, 500)
-    d = 2.0 + 0.4 * np.log(steps) + rng.normal(scale=0.05, size=steps.size)
-    fit = fit_log_growth(list(steps), list(d))
-    slope, intercept = np.polyfit(np.log(steps), d, 1)
-    assert (fit.slope, fit.intercept) == pytest.approx((slope, intercept), rel=1e-9)
-
-
-def test_log_fit_rejects_step_zero():
-    with pytest.raises(ValueError, match="steps must be >= 1"):
-        fit_log_growth([0, 1, 2], [0.0, 1.0, 2.0])

@@ -18,7 +18,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from trainers.data.download import check_md5, download_mnist, md5_of  # noqa: F401 (re-export)
+from trainers.data.download import check_md5, download_mnist
 from trainers.data.errors import DataError
 from trainers.data.splits import ArraySplits, as_tensors, carve_validation
 

@@ -6,7 +6,7 @@ between trials (trackers and operators are per-instance).
 from trainers.probes.checkpoints import (
     CheckpointBudgetError, CheckpointInfo, load_checkpoint, save_checkpoint)
 from trainers.probes.distance import (
-    DistanceFromInit, LogFit, distance_from_init, fit_log_growth, snapshot_parameters)
+    DistanceFromInit, distance_from_init, snapshot_parameters)
 from trainers.probes.hessian import (
     EigenResult, HessianOperator, TraceResult, evaluation_mode, hutchinson_trace, top_eigenvalue)
 from trainers.probes.interpolation import (
@@ -21,10 +21,10 @@ from trainers.probes.sharpness import (
 
 __all__ = [
     "BATCH_NORM_MODES", "CheckpointBudgetError", "CheckpointInfo", "DistanceFromInit",
-    "EigenResult", "GradientNormSample", "HessianOperator", "InterpolationCurve", "LogFit",
+    "EigenResult", "GradientNormSample", "HessianOperator", "InterpolationCurve",
     "NoiseEstimate", "NoiseScaleTracker", "SharpnessResult", "TraceResult",
     "accumulate_gradient_norms", "box_half_widths", "ddp_estimates", "distance_from_init",
-    "evaluate_state", "evaluation_mode", "fit_log_growth", "flatten_parameters",
+    "evaluate_state", "evaluation_mode", "flatten_parameters",
     "grad_sq_norm", "hutchinson_trace", "interpolate_states", "interpolation_curve",
     "keskar_alphas", "keskar_sharpness", "load_checkpoint", "model_loss_closure",
     "model_sharpness", "random_subspace", "reestimate_batch_norm", "save_checkpoint",
