@@ -1,14 +1,11 @@
 """`batchlab analyze` on an imported archive whose steps follow S(B) = S_min (1 + B_crit / B)."""
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 from study.cli import main
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `tests.` under plain `pytest` too
-from tests.study.shallue_fixtures import scaling_archive  # noqa: E402
+from tests.study.shallue_fixtures import scaling_archive
 
 S_MIN, B_CRIT = 1000.0, 256.0
 BATCH_SIZES = tuple(2 ** k for k in range(4, 15))
