@@ -79,12 +79,19 @@ def _campaign(storage: str, name: str, version: tuple):
 
 @st.cache_resource(show_spinner=False, max_entries=16)
 def _progress(storage: str, name: str, version: tuple):
-    return data.load_progress(_engine(storage), name)
+    return data.load_progress_incremental(_engine(storage), name, _state(storage))
+
+
+@st.cache_resource(show_spinner=False)
+def _state(storage: str) -> data.IncrementalState:
+    """The aggregates over measurements kept up to date from the rows written since the
+    last refresh (`data.folded`), shared by every session."""
+    return data.IncrementalState()
 
 
 @st.cache_resource(show_spinner=False, max_entries=8)
 def _light(storage: str, name: str, version: tuple):
-    return data.load_campaign_light(_engine(storage), name)
+    return data.load_light_incremental(_engine(storage), name, _state(storage))
 
 
 def _fresh_workers(campaign, storage: str):
@@ -127,9 +134,24 @@ def with_trials(name: str, trial_ids) -> data.CampaignData | None:
     return _fresh_workers(_trial_rows(url(), name, ids, campaign_version(name)), url())
 
 
+@st.cache_resource(show_spinner=False)
+def _scaling_store(storage: str) -> dict:
+    return {}
+
+
 @st.cache_resource(show_spinner=False, max_entries=8)
 def _scaling(storage: str, name: str, n_resamples: int, version: tuple) -> data.ScalingAnalysis:
-    return data.scaling_analysis(_light(storage, name, version), n_resamples=n_resamples)
+    # The bootstrap and its refits depend only on each trial's first on-target row: a write
+    # that changes none (a measurement of a running trial, a heartbeat) reuses the last one.
+    campaign = _light(storage, name, version)
+    key = data.scaling_inputs_key(campaign, n_resamples=n_resamples)
+    store = _scaling_store(storage)
+    held = store.get((name, n_resamples))
+    if held is not None and held[0] == key:
+        return held[1]
+    analysis = data.scaling_analysis(campaign, n_resamples=n_resamples)
+    store[(name, n_resamples)] = (key, analysis)
+    return analysis
 
 
 def scaling(name: str, n_resamples: int = 500) -> data.ScalingAnalysis:
@@ -146,11 +168,18 @@ def _derived(storage: str, name: str, what: str, version: tuple):
     if what == "scatter":  # first on-target rows only, as results
         return data.scatter_from(_light(storage, name, version),
                                  _derived(storage, name, "results", version))
-    campaign = _campaign(storage, name, version)
-    if what == "probe_keys":
-        return data.probe_keys(campaign.measurements)
-    if what == "examples_per_epoch":
-        return data.examples_per_epoch(campaign.measurements)
+    if what in ("probe_keys", "probe_trials"):
+        campaign = _light(storage, name, version)
+        found = data.probe_summary(_engine(storage), campaign.info, _state(storage))
+        if found is not None:  # from the database's JSON functions, folded incrementally
+            return found[0] if what == "probe_keys" else found[1]
+        rows = _campaign(storage, name, version).measurements
+        if what == "probe_keys":
+            return data.probe_keys(rows)
+        return [int(t) for t in rows.loc[rows["extra"].map(bool), "trial_id"].unique()]
+    if what == "summary":
+        campaign = _light(storage, name, version)
+        return data.measurement_summary(_engine(storage), campaign.info, _state(storage))
     raise ValueError(what)
 
 
@@ -168,16 +197,31 @@ def scatter(name: str):
 
 
 def probe_keys(name: str) -> list[str]:
+    """The probe keys recorded in the campaign's measurements (`data.probe_keys`)."""
     return _derived(url(), name, "probe_keys", campaign_version(name))
 
 
+def probe_trials(name: str) -> list[int]:
+    """The campaign's trials with a non-empty measurement `extra`, sorted."""
+    return _derived(url(), name, "probe_trials", campaign_version(name))
+
+
+def summary(name: str) -> data.MeasurementSummary:
+    """Row count, largest step and epoch, training-set size of the campaign's measurements."""
+    return _derived(url(), name, "summary", campaign_version(name))
+
+
 def examples_per_epoch(name: str) -> float:
-    return _derived(url(), name, "examples_per_epoch", campaign_version(name))
+    return summary(name).examples_per_epoch
 
 
 @st.cache_resource(show_spinner=False, max_entries=32)
 def _budget(storage: str, name: str, budgets: tuple, kind: str, size: float, version: tuple):
-    return data.budget_frame(_campaign(storage, name, version), list(budgets), kind, size)
+    table = data.budget_table(_engine(storage), _light(storage, name, version), list(budgets),
+                              kind, size, _state(storage))
+    if table is None:  # a metric stored in `extra`: from every measurement
+        table = data.budget_frame(_campaign(storage, name, version), list(budgets), kind, size)
+    return table
 
 
 def budget(name: str, budgets: list[float], kind: str, size: float = float("nan")):

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
 import numpy as np
@@ -18,17 +19,22 @@ import pandas as pd
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
-from study.results import FINISHED
+from study.analysis.budgets import examples_seen
+from study.analysis.steps import ELIGIBLE_OUTCOMES, beats
+from study.results import FINISHED, CampaignInfo, campaign_info
 # The campaign analysis lives in study.report (shared with `batchlab analyze`); these
 # names are re-exported so the pages keep calling data.<name>.
 from db import queries  # noqa: F401
 from db.queries import data_version  # noqa: F401
 from study.analysis import search_space_scatter, winning_hparams
+from study.report import _as_dict, _parse_extras  # the loader's JSON parsing
+from study.report import campaign_trials as report_campaign_trials
 from study.report import (CampaignData, ScalingAnalysis, budget_frame, campaign_names,  # noqa: F401,E501
                           campaign_spec, default_budgets, edge_text, edge_warnings,
                           examples_per_epoch, load_campaign, load_campaign_fast, load_campaign_light,
                           load_progress, measurements_of_trials,
-                          scaling_analysis, scatter, search_space, series_of, winners)
+                          scaling_analysis, scaling_inputs_key, scatter, search_space,
+                          series_of, winners)
 
 # A worker whose last heartbeat is older than this is shown as stale (probably dead).
 STALE_HEARTBEAT_SECONDS = 120
@@ -521,3 +527,299 @@ def interpolations(probes: pd.DataFrame) -> list[Interpolation]:
                                  f"{row.created_at})", small, large,
                                  str(params.get("batch_norm") or ""), frame))
     return out
+
+
+# ---- incremental reads: aggregates over a campaign's measurements kept up to date -----------
+# A refresh re-reads the rows this many ids below the newest: on PostgreSQL a transaction can
+# commit a row whose id is below one already seen (ids are handed out before commit).
+LAG_IDS = 1000
+# After more new rows than this (the dashboard was closed while workers wrote) an aggregate
+# is recomputed in SQL instead of folding the rows in.
+MAX_FOLDED_IDS = 200_000
+
+
+@dataclass
+class Folded:
+    """An aggregate over every measurement row of a campaign with id <= `settled_id`."""
+    settled_id: int
+    value: object
+
+
+class IncrementalState:
+    """The folded aggregates of one storage (key -> Folded), shared by every session of the
+    dashboard, with a lock: two refreshes of one aggregate do not interleave."""
+
+    def __init__(self):
+        self.entries: dict = {}
+        self.lock = threading.Lock()
+
+
+def folded(state: IncrementalState, key, engine: Engine, campaign_id: int, full, fold):
+    """The aggregate `key` over all the campaign's measurement rows, now: computed once in
+    SQL (`full(upto_id)`: rows with id <= upto_id), then kept up to date by reading only the
+    rows written since (`queries.measurements_after`) and folding them in (`fold(value,
+    rows)`, which returns a new value). Rows within LAG_IDS of the newest id are folded into
+    the answer but not yet into the stored aggregate, so they are read again next time."""
+    with state.lock:
+        newest = queries.max_measurement_id(engine)
+        entry = state.entries.get(key)
+        if (entry is None or newest < entry.settled_id
+                or newest - entry.settled_id > MAX_FOLDED_IDS):
+            settled = max(newest - LAG_IDS, 0)
+            entry = Folded(settled, full(settled))
+        tail = queries.measurements_after(engine, campaign_id, entry.settled_id)
+        current = fold(entry.value, tail) if len(tail) else entry.value
+        settle = max(newest - LAG_IDS, entry.settled_id)
+        done = tail.loc[tail["id"] <= settle]
+        value = fold(entry.value, done) if len(done) else entry.value
+        state.entries[key] = Folded(settle, value)
+        return current
+
+
+def _sql_metric(info: CampaignInfo) -> bool:
+    """Whether the SQL aggregates can compare the campaign's metric (a column, not extra)."""
+    return info.metric in queries.SQL_METRICS and info.mode in ("min", "max")
+
+
+def _fold_firsts(info: CampaignInfo):
+    columns = list(queries.MEASUREMENT_COLUMNS) + ["val_accuracy"]
+
+    def fold(firsts: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame:
+        beat = rows.loc[beats(rows[info.metric], info.threshold, info.mode), columns]
+        if beat.empty:
+            return firsts
+        both = pd.concat([firsts, beat], ignore_index=True) if len(firsts) else beat
+        both = both.sort_values(["trial_id", "step"], kind="stable")
+        return both.drop_duplicates("trial_id", keep="first").reset_index(drop=True)
+    return fold
+
+
+def first_beating_rows(engine: Engine, info: CampaignInfo,
+                       state: IncrementalState) -> pd.DataFrame | None:
+    """`queries.first_beating_measurements` of the campaign, now, folded incrementally
+    (`folded`); None for a metric the SQL cannot compare."""
+    if not _sql_metric(info):
+        return None
+
+    def full(upto: int) -> pd.DataFrame:
+        return queries.first_beating_measurements(engine, info.id, info.metric, info.threshold,
+                                                  info.mode, upto_id=upto)
+    key = ("firsts", info.id, info.metric, info.threshold, info.mode)
+    return folded(state, key, engine, info.id, full, _fold_firsts(info)).copy()
+
+
+def load_progress_incremental(engine: Engine, name: str,
+                              state: IncrementalState) -> CampaignData | None:
+    """`study.report.load_progress` with the trials of `campaign_trials` (shared with
+    `load_light_incremental`: one read of the changed trials serves both)."""
+    info = campaign_info(engine, name)
+    if info is None:
+        return None
+    return load_progress(engine, name, trials=campaign_trials(engine, info.id, state))
+
+
+def load_light_incremental(engine: Engine, name: str,
+                           state: IncrementalState) -> CampaignData | None:
+    """`study.report.load_campaign_light` whose first on-target rows are kept up to date
+    from the rows written since the last call (`first_beating_rows`) instead of re-running
+    the query over every measurement of the campaign, and whose trials are re-read only
+    where they changed (`campaign_trials`)."""
+    info = campaign_info(engine, name)
+    if info is None:
+        return None
+    firsts = first_beating_rows(engine, info, state)
+    trials = campaign_trials(engine, info.id, state)
+    return load_campaign_light(engine, name, firsts=firsts, info=info, trials=trials)
+
+
+# -- budgets: the best value per cell under each budget, from per-trial bests in SQL --
+def _spent(rows: pd.DataFrame, kind: str) -> pd.Series:
+    if kind == "steps":
+        return rows["step"].astype(float)
+    cell = rows.drop(columns=["batch_size"]).rename(columns={"cell_batch_size": "batch_size"})
+    return examples_seen(cell.assign(row_batch_size=rows["batch_size"]))
+
+
+def _fold_minima(info: CampaignInfo, amounts: list[float], kind: str):
+    columns = [f"b{i}" for i in range(len(amounts))]
+    better = np.fmin if info.mode == "min" else np.fmax
+
+    def fold(minima: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame:
+        values = rows[info.metric].astype(float)
+        spent = _spent(rows, kind)
+        new = pd.DataFrame({"trial_id": rows["trial_id"], "cell_id": rows["cell_id"]})
+        for column, amount in zip(columns, amounts):
+            new[column] = values.where((spent <= amount) & values.notna())
+        grouped = new.groupby(["trial_id", "cell_id"], sort=True)
+        new = (grouped.min() if info.mode == "min" else grouped.max()).reset_index()
+        both = minima.merge(new, on=["trial_id", "cell_id"], how="outer", suffixes=("", "_new"))
+        for column in columns:
+            both[column] = better(both[column].astype(float), both[f"{column}_new"].astype(float))
+        return both[["trial_id", "cell_id", *columns]].sort_values("trial_id").reset_index(drop=True)
+    return fold
+
+
+def budget_candidates(minima: pd.DataFrame, trials: pd.DataFrame, mode: str) -> list[int]:
+    """The eligible trials that hold their cell's best value under some budget: the only
+    trials `best_under_budget` can pick (ties among them are broken on their rows)."""
+    eligible = trials.loc[trials["outcome"].isin(ELIGIBLE_OUTCOMES), "trial_id"]
+    rows = minima.loc[minima["trial_id"].isin(eligible)]
+    chosen: set[int] = set()
+    for column in [c for c in rows.columns if c.startswith("b") and c[1:].isdigit()]:
+        grouped = rows.groupby("cell_id")[column]
+        best = grouped.transform("min" if mode == "min" else "max")
+        chosen.update(int(t) for t in rows.loc[rows[column] == best, "trial_id"])
+    return sorted(chosen)
+
+
+def budget_table(engine: Engine, data: CampaignData, budgets: list[float], kind: str,
+                 size: float, state: IncrementalState) -> pd.DataFrame | None:
+    """`study.report.budget_frame` without reading every measurement: each trial's best
+    value under each budget comes from one SQL aggregate (`queries.budget_trial_minima`,
+    then folded incrementally), and `budget_frame` itself runs on the rows of the trials
+    that hold a cell's best only, which gives the same table (tie-breaking included).
+    `data` may be the light load (its trials and cells are what counts). None where the
+    SQL cannot compute it (a metric stored in `extra`)."""
+    info = data.info
+    amounts = budgets if kind == "steps" else [b * size for b in budgets]
+    spent_kind = "steps" if kind == "steps" else "examples"
+    if not _sql_metric(info):
+        return None
+
+    def full(upto: int) -> pd.DataFrame:
+        return queries.budget_trial_minima(engine, info.id, info.metric, info.mode, amounts,
+                                           spent_kind, upto)
+    key = ("budget", info.id, info.metric, info.mode, spent_kind, tuple(amounts))
+    minima = folded(state, key, engine, info.id, full, _fold_minima(info, amounts, spent_kind))
+    chosen = budget_candidates(minima, data.trials, info.mode)
+    rows = measurements_of_trials(engine, info, chosen)
+    return budget_frame(replace(data, measurements=rows), budgets, kind, size)
+
+
+@dataclass(frozen=True)
+class MeasurementSummary:
+    """What the Budgets page reads off all the measurements: how many, the largest step
+    and epoch, and the training-set size (`study.report.examples_per_epoch`)."""
+    rows: int
+    max_step: float
+    max_epoch: float
+    examples_per_epoch: float
+
+
+def _fold_epochs(value: tuple, rows: pd.DataFrame) -> tuple:
+    count, max_step, max_epoch, ratios = value
+    kept = rows.loc[(rows["epoch"] > 0) & rows["examples"].notna()]
+    new = (kept["examples"].astype(float) / kept["epoch"].astype(float)).value_counts()
+    ratios = ratios.add(new, fill_value=0).astype("int64")
+    return (count + len(rows), float(np.fmax(max_step, rows["step"].max())),
+            float(np.fmax(max_epoch, rows["epoch"].astype(float).max())), ratios)
+
+
+def median_of_counts(counts: pd.Series) -> float:
+    """np.median of the values `counts` (value -> how often) stands for; NaN when empty."""
+    counts = counts.loc[counts > 0].sort_index()
+    total = int(counts.sum())
+    if total == 0:
+        return float("nan")
+    ends = np.cumsum(counts.to_numpy())
+    values = counts.index.to_numpy(float)
+
+    def nth(k: int) -> float:  # the k-th smallest (0-based)
+        return float(values[np.searchsorted(ends, k, side="right")])
+    if total % 2:
+        return nth(total // 2)
+    return float(np.mean([nth(total // 2 - 1), nth(total // 2)]))
+
+
+def measurement_summary(engine: Engine, info: CampaignInfo,
+                        state: IncrementalState) -> MeasurementSummary:
+    key = ("epochs", info.id)
+    count, max_step, max_epoch, ratios = folded(
+        state, key, engine, info.id, lambda upto: queries.epoch_counts(engine, info.id, upto),
+        _fold_epochs)
+    return MeasurementSummary(count, max_step, max_epoch, median_of_counts(ratios))
+
+
+# -- Dynamics: which probes were recorded, and by which trials --
+def _fold_probes(value: tuple, rows: pd.DataFrame) -> tuple:
+    keys, trials = value
+    extras = _parse_extras(rows["extra"])
+    new_keys = set(probe_keys(pd.DataFrame({"extra": extras})))
+    new_trials = {int(t) for t, e in zip(rows["trial_id"], extras) if e}
+    return keys | new_keys, trials | new_trials
+
+
+def probe_summary(engine: Engine, info: CampaignInfo,
+                  state: IncrementalState) -> tuple[list[str], list[int]] | None:
+    """The measurements' probe keys (`probe_keys` over every row) and the trials with a
+    non-empty `extra` (sorted), from the database's JSON functions (then folded
+    incrementally) instead of parsing every row's JSON; None without JSON functions."""
+    if engine.dialect.name not in ("sqlite", "postgresql"):
+        return None
+
+    def full(upto: int) -> tuple:
+        keys, trials, unread = queries.probe_keys_of(engine, info.id, upto)
+        if unread:  # rows the database could not read as JSON: parsed as the loader does
+            rows = pd.DataFrame(unread, columns=["trial_id", "extra"])
+            return _fold_probes((keys, trials), rows)
+        return keys, trials
+    keys, trials = folded(state, ("probes", info.id), engine, info.id, full, _fold_probes)
+    return sorted(keys), sorted(trials)
+
+
+# -- trials: re-read only the new ones and the ones that were running --
+@dataclass(frozen=True)
+class TrialsSnapshot:
+    frame: pd.DataFrame  # campaign_trials' frame
+    max_id: int
+    running: tuple  # ids of the trials that were running (the only rows a worker updates)
+
+
+def _merged_trials(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
+    """`old` with the rows of `new` replacing or adding theirs, in the query's order
+    ((cell_id, trial_number)); columns whose type the new rows change are rebuilt as the
+    full query would type them."""
+    kept = old.loc[~old["trial_id"].isin(new["trial_id"])]
+    merged = pd.concat([kept, new], ignore_index=True)
+    for column in merged.columns:
+        target, now = old[column].dtype, merged[column].dtype
+        if now != target and target != object:
+            try:  # e.g. a new row's None in a datetime or string column: NaT / NaN
+                merged[column] = merged[column].astype(target)
+                continue
+            except (TypeError, ValueError):
+                pass
+        elif now == target and not (target == object and old[column].isna().any()
+                                    and not merged[column].isna().any()):
+            continue  # (an object column that lost its last None may type differently)
+        values = [None if v is pd.NaT or (isinstance(v, float) and np.isnan(v)) else v
+                  for v in merged[column].astype(object)]
+        values = [v.to_pydatetime() if isinstance(v, pd.Timestamp) else v for v in values]
+        merged[column] = pd.DataFrame({column: values})[column]
+    merged = merged.sort_values(["cell_id", "trial_number", "trial_id"], kind="stable")
+    return merged.reset_index(drop=True)
+
+
+def campaign_trials(engine: Engine, campaign_id: int,
+                    state: IncrementalState) -> pd.DataFrame:
+    """`study.report.campaign_trials`, reading only the trials added since the last call
+    and those that were running then (workers update a trial row only while it runs:
+    `WHERE outcome = 'running'`); read whole the first time, or when the row count says
+    a trial was deleted."""
+    key = ("trials", int(campaign_id))
+    with state.lock:
+        snapshot = state.entries.get(key)
+        frame = None
+        if snapshot is not None:
+            changed = queries.trials_fast(engine, campaign_id, after_id=snapshot.max_id,
+                                          ids=snapshot.running)
+            changed["hparams"] = changed["hparams"].map(_as_dict)
+            frame = _merged_trials(snapshot.frame, changed) if len(changed) else snapshot.frame
+            if len(frame) != queries.trial_count(engine, campaign_id):
+                frame = None
+        if frame is None:
+            frame = report_campaign_trials(engine, campaign_id)
+        max_id = int(frame["trial_id"].max()) if len(frame) else 0
+        running = tuple(int(t) for t in frame.loc[frame["outcome"] == "running", "trial_id"])
+        state.entries[key] = TrialsSnapshot(frame, max_id, running)
+        return frame

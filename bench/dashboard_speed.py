@@ -12,7 +12,10 @@ Streamlit caches shared within the process as in a real server): the *first* run
 nothing cached) and then `--repeats` further runs of the same session (a rerun after a
 widget change or a live-refresh tick while no worker writes) are timed. A last measurement
 appends one measurement row through a second writable connection before a rerun (data
-version changes: what a live page pays while workers write). Prints a Markdown table.
+version changes: what a live page pays while workers write; `--after-write`), and with
+`--after-finish` one more after a whole trial finished (a new trial row and its
+measurements: the bootstrap's input changes). The writes stay in the file (`--rebuild`
+starts afresh). Prints a Markdown table.
 """
 from __future__ import annotations
 
@@ -249,6 +252,57 @@ def time_after_write(path: Path, url: str, campaign: str, pages: list[str]) -> d
     return out
 
 
+def _finish_a_trial(path: Path, campaign: str) -> None:
+    """What a worker does when a trial ends: a new trial row of the campaign's first cell,
+    finished ('reached' at its last evaluation) with its measurements, in one transaction
+    (it changes the cell's trial count, so the bootstrap and the fits are recomputed)."""
+    con = sqlite3.connect(path)
+    cell, batch_size = con.execute(
+        "SELECT c.id, c.batch_size FROM bl_cells c JOIN bl_campaigns p ON p.id = c.campaign_id "
+        "WHERE p.name = ? ORDER BY c.id LIMIT 1", (campaign,)).fetchone()
+    number = con.execute("SELECT MAX(trial_number) FROM bl_trials WHERE cell_id = ?",
+                         (cell,)).fetchone()[0] + 1
+    now = datetime.now(timezone.utc).replace(tzinfo=None).strftime("%Y-%m-%d %H:%M:%S.%f")
+    steps = [EVAL_EVERY * (k + 1) for k in range(EVALS)]
+    cur = con.execute(
+        "INSERT INTO bl_trials (cell_id, optuna_trial_id, trial_number, outcome, hparams, "
+        "config, seed, steps, steps_to_result, best_metric, message, host, device, "
+        "code_version, package_versions, started_at, finished_at, attempt) VALUES (?, ?, ?, "
+        "'reached', '{\"learning_rate\": 0.1, \"momentum\": 0.9}', '{}', 1, ?, ?, 0.09, '', "
+        "'bench-host', 'cpu', '0.1.0', '{}', ?, ?, 1)",
+        (cell, number, number, steps[-1], steps[-1], now, now))
+    trial = cur.lastrowid
+    con.executemany(
+        "INSERT INTO bl_measurements (trial_id, step, examples, epoch, wall_seconds, "
+        "eval_seconds, learning_rate, batch_size, train_loss, val_loss, val_error, extra) "
+        "VALUES (?, ?, ?, ?, 0, 0, 0.1, ?, ?, ?, ?, '{}')",
+        [(trial, step, step * batch_size, step * batch_size / 1797.0, batch_size,
+          0.5 if step < steps[-1] else 0.09, 0.5 if step < steps[-1] else 0.09,
+          0.5 if step < steps[-1] else 0.09) for step in steps])
+    con.commit()
+    con.close()
+
+
+def time_after_finish(path: Path, url: str, campaign: str, pages: list[str]) -> dict[str, float]:
+    """Rerun each page after a trial of the campaign finished (new trial row + its rows)."""
+    from streamlit.testing.v1 import AppTest
+    os.environ["BATCHLAB_STORAGE"] = url
+    out = {}
+    for page in pages:
+        at = AppTest.from_file(str(APP), default_timeout=900)
+        at.session_state["campaign"] = campaign
+        at.run()
+        if page != "campaigns":
+            at.switch_page(f"views/{page}.py")
+            at.run()
+        _finish_a_trial(path, campaign)
+        time.sleep(3)
+        started = time.perf_counter()
+        at.run()
+        out[page] = time.perf_counter() - started
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--path", type=Path, default=DEFAULT_PATH)
@@ -258,6 +312,9 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--after-write", action="store_true",
                         help="also time a rerun after a new measurement row is written")
+    parser.add_argument("--after-finish", action="store_true",
+                        help="also time a rerun after a trial of the campaign finished (a new "
+                             "trial row and its measurements; changes the bootstrap's input)")
     args = parser.parse_args(argv)
     if args.rebuild or not args.path.exists():
         totals = build(args.path)
@@ -274,12 +331,16 @@ def main(argv=None) -> int:
           f"{args.path.stat().st_size / 2**20:,.0f} MiB; campaign {args.campaign}", flush=True)
     results = time_pages(url, args.campaign, pages, args.repeats)
     after = time_after_write(args.path, url, args.campaign, pages) if args.after_write else {}
+    finish = (time_after_finish(args.path, url, args.campaign, pages) if args.after_finish
+              else {})
     print("| page | first load (s) | rerun, best (s) | rerun, worst (s) |"
-          + (" rerun after a write (s) |" if after else "") + " errors |")
-    print("|---|---|---|---|" + ("---|" if after else "") + "---|")
+          + (" rerun after a write (s) |" if after else "")
+          + (" rerun after a trial finished (s) |" if finish else "") + " errors |")
+    print("|---|---|---|---|" + ("---|" if after else "") + ("---|" if finish else "") + "---|")
     for r in results:
         line = (f"| {r['page']} | {r['first_s']:.2f} | {r['rerun_s']:.2f} | {r['rerun_max_s']:.2f} |"
                 + (f" {after[r['page']]:.2f} |" if after else "")
+                + (f" {finish[r['page']]:.2f} |" if finish else "")
                 + f" {len(r['errors'])} |")
         print(line, flush=True)
         for error in r["errors"][:2]:

@@ -1,8 +1,11 @@
 """Read queries shared by the CLI, the analysis and the dashboard, as pandas frames."""
 from __future__ import annotations
 
+import json
+from datetime import datetime
+
 import pandas as pd
-from sqlalchemy import Engine, select, text
+from sqlalchemy import JSON, DateTime, Engine, or_, select, text
 from sqlalchemy.orm import Session
 
 from db.models import Campaign, Cell, Measurement, ProbeResult, Trial, Worker
@@ -37,7 +40,33 @@ def cells(engine: Engine, campaign_id: int) -> pd.DataFrame:
 
 
 def trials(engine: Engine, campaign_id: int) -> pd.DataFrame:
-    query = (select(Trial.id.label("trial_id"), Trial.cell_id, Trial.trial_number, Trial.outcome,
+    return _frame(engine, _trials_query(campaign_id))
+
+
+def trials_fast(engine: Engine, campaign_id: int, *, after_id: int | None = None,
+                ids=()) -> pd.DataFrame:
+    """What `trials` returns (same columns, values and order) without building ORM rows:
+    the driver's rows, with JSON and timestamps converted as SQLAlchemy would. With
+    `after_id`: only the trials with id > after_id or id in `ids` (what changed since a
+    snapshot: new rows, and the ones that were running; a finished row never changes)."""
+    query = _trials_query(campaign_id)
+    if after_id is None:
+        return _core_frame(engine, query)
+    ids = sorted({int(t) for t in ids})
+    chunks = [ids[i:i + 500] for i in range(0, len(ids), 500)]
+    query = query.where(or_(Trial.id > int(after_id), *[Trial.id.in_(c) for c in chunks]))
+    return _core_frame(engine, query)
+
+
+def trial_count(engine: Engine, campaign_id: int) -> int:
+    sql = ("SELECT COUNT(*) FROM bl_trials t JOIN bl_cells c ON c.id = t.cell_id "
+           "WHERE c.campaign_id = :cid")
+    with engine.connect() as connection:
+        return int(connection.execute(text(sql), {"cid": int(campaign_id)}).scalar() or 0)
+
+
+def _trials_query(campaign_id: int):
+    return (select(Trial.id.label("trial_id"), Trial.cell_id, Trial.trial_number, Trial.outcome,
                     Trial.hparams, Trial.seed, Trial.steps, Trial.examples, Trial.wall_seconds,
                     Trial.steps_to_result, Trial.examples_to_result, Trial.seconds_to_result,
                     Trial.best_metric, Trial.message, Trial.worker_id, Trial.device, Trial.host,
@@ -45,7 +74,6 @@ def trials(engine: Engine, campaign_id: int) -> pd.DataFrame:
                     Cell.schedule)
              .join(Cell, Cell.id == Trial.cell_id)
              .where(Cell.campaign_id == campaign_id).order_by(Trial.cell_id, Trial.trial_number))
-    return _frame(engine, query)
 
 
 def measurements(engine: Engine, campaign_id: int) -> pd.DataFrame:
@@ -95,6 +123,39 @@ def _frame(engine: Engine, query) -> pd.DataFrame:
     with Session(engine) as session:
         result = session.execute(query)
         return pd.DataFrame(result.all(), columns=list(result.keys()))
+
+
+def _core_frame(engine: Engine, query) -> pd.DataFrame:
+    """`_frame` for large results: the Core statement's raw driver rows (no ORM or
+    result-processing per row); JSON text is parsed (each distinct text once) and SQLite's
+    timestamp text turned into datetimes, as SQLAlchemy's types do."""
+    columns = list(query.selected_columns)
+    with engine.connect() as connection:
+        result = connection.execute(query)
+        names = list(result.keys())
+        rows = result.cursor.fetchall()
+    if not rows:
+        return pd.DataFrame(rows, columns=names)
+    values = [list(v) for v in zip(*rows)]
+    for i, column in enumerate(columns):
+        if isinstance(column.type, JSON):
+            values[i] = _parse_json_values(values[i])
+        elif isinstance(column.type, DateTime):
+            values[i] = [datetime.fromisoformat(v) if isinstance(v, str) else v
+                         for v in values[i]]
+    return pd.DataFrame(dict(zip(names, values)), columns=names)
+
+
+def _parse_json_values(values: list) -> list:
+    parsed: dict = {}
+    out = []
+    for value in values:
+        if isinstance(value, str):
+            if value not in parsed:
+                parsed[value] = json.loads(value)
+            value = parsed[value]
+        out.append(value)
+    return out
 
 
 # ---- for the dashboard: cheap change detection, fast bulk loads, one trial's provenance ----
@@ -186,16 +247,18 @@ SQL_METRICS = {"val_error": "m.val_error", "val_loss": "m.val_loss",
 
 
 def first_beating_measurements(engine: Engine, campaign_id: int, metric: str,
-                               threshold: float, mode: str) -> pd.DataFrame | None:
+                               threshold: float, mode: str,
+                               upto_id: int | None = None) -> pd.DataFrame | None:
     """Per trial of the campaign (any outcome), its first measurement whose `metric`
     strictly beats `threshold` (NULL never beats): columns as `measurements_fast`, rows
     ordered by (trial_id, step). `study.analysis.steps_to_result` and the bootstrap only
     read these rows, so they give the same results from this frame as from all rows.
-    None when `metric` is not a column the query can compare (see SQL_METRICS)."""
+    None when `metric` is not a column the query can compare (see SQL_METRICS).
+    `upto_id`: only rows with id <= it (an incremental reader folds in the rest)."""
     if metric not in SQL_METRICS or mode not in ("min", "max"):
         return None
     expr, op = SQL_METRICS[metric], "<" if mode == "min" else ">"
-    beats = f"{expr} {op} :thr"
+    beats = f"{expr} {op} :thr" + ("" if upto_id is None else " AND m.id <= :upto")
     sql = ("SELECT m.trial_id, m.step, m.examples, m.epoch, m.wall_seconds, m.eval_seconds, "
            "m.learning_rate, m.batch_size, m.train_loss, m.val_loss, m.val_error, m.extra "
            "FROM bl_measurements m JOIN (SELECT m.trial_id AS tid, MIN(m.step) AS first_step "
@@ -204,12 +267,145 @@ def first_beating_measurements(engine: Engine, campaign_id: int, metric: str,
            f"AND {beats} GROUP BY m.trial_id) f ON f.tid = m.trial_id AND f.first_step = m.step "
            f"WHERE {beats} ORDER BY m.trial_id, m.step")
     with engine.connect() as connection:
-        result = connection.execute(text(sql), {"cid": int(campaign_id), "thr": float(threshold)})
+        params = {"cid": int(campaign_id), "thr": float(threshold)}
+        if upto_id is not None:
+            params["upto"] = int(upto_id)
+        result = connection.execute(text(sql), params)
         frame = pd.DataFrame(result.cursor.fetchall(), columns=list(result.keys()))
+    return _with_floats(frame)
+
+
+def _with_floats(frame: pd.DataFrame) -> pd.DataFrame:
     for column in ("train_loss", "val_loss", "val_error"):
         frame[column] = frame[column].astype(float)
     frame["val_accuracy"] = 1.0 - frame["val_error"]
     return frame
+
+
+MEASUREMENT_COLUMNS = ["trial_id", "step", "examples", "epoch", "wall_seconds", "eval_seconds",
+                       "learning_rate", "batch_size", "train_loss", "val_loss", "val_error",
+                       "extra"]
+
+
+def measurements_after(engine: Engine, campaign_id: int, after_id: int) -> pd.DataFrame:
+    """The campaign's measurements with id > `after_id` (a primary-key range: the rows
+    written since), `measurements_fast`'s columns plus `id`, `cell_id` and the cell's
+    `cell_batch_size`,
+    ordered by id; `extra` still the stored JSON text."""
+    sql = ("SELECT m.id, m." + ", m.".join(MEASUREMENT_COLUMNS) + ", t.cell_id, c.batch_size AS "
+           "cell_batch_size FROM bl_measurements m JOIN bl_trials t ON t.id = m.trial_id "
+           "JOIN bl_cells c ON c.id = t.cell_id WHERE m.id > :after AND c.campaign_id = :cid "
+           "ORDER BY m.id")
+    with engine.connect() as connection:
+        result = connection.execute(text(sql), {"after": int(after_id), "cid": int(campaign_id)})
+        frame = pd.DataFrame(result.cursor.fetchall(), columns=list(result.keys()))
+    return _with_floats(frame)
+
+
+def budget_trial_minima(engine: Engine, campaign_id: int, metric: str, mode: str,
+                        budgets: list[float], kind: str, upto_id: int) -> pd.DataFrame | None:
+    """Per trial of the campaign (any outcome) the best `metric` among its rows with
+    id <= `upto_id` and step (kind "steps") or examples seen (kind "examples": the row's
+    examples, else its batch size or the cell's times step, as
+    `study.analysis.budgets.examples_seen`) within each budget: columns `trial_id`, `cell_id`
+    and `b0`, `b1`, ... (NULL/NaN where no row qualifies). One pass over the rows; the
+    dashboard's budget table reads only the rows of the trials that hold a cell's best.
+    None when `metric` is not a column the query can compare."""
+    if metric not in SQL_METRICS or mode not in ("min", "max") or kind not in ("steps", "examples"):
+        return None
+    expr = SQL_METRICS[metric]
+    # the cell's batch size only where a row lacks both examples and its own batch size
+    cell_batch = ("(SELECT c.batch_size FROM bl_trials t JOIN bl_cells c ON c.id = t.cell_id "
+                  "WHERE t.id = m.trial_id)")
+    spent = ("m.step" if kind == "steps" else
+             f"CAST(COALESCE(m.examples, COALESCE(m.batch_size, {cell_batch}) * m.step) "
+             "AS DOUBLE PRECISION)")
+    best = "MIN" if mode == "min" else "MAX"
+    nan = f" AND {expr} <> 'NaN'" if engine.dialect.name == "postgresql" else ""
+    aggregates = ", ".join(f"{best}(CASE WHEN {spent} <= :b{i}{nan} THEN {expr} END) AS b{i}"
+                           for i in range(len(budgets)))
+    trials = ("SELECT t.id FROM bl_trials t JOIN bl_cells c ON c.id = t.cell_id "
+              "WHERE c.campaign_id = :cid")
+    # IN (...) and GROUP BY m.trial_id alone: walks the (trial_id, step) index in order
+    sql = (f"SELECT m.trial_id, {aggregates} FROM bl_measurements m "
+           f"WHERE m.trial_id IN ({trials}) AND m.id <= :upto GROUP BY m.trial_id "
+           "ORDER BY m.trial_id")
+    cells_sql = ("SELECT t.id AS trial_id, t.cell_id FROM bl_trials t JOIN bl_cells c "
+                 "ON c.id = t.cell_id WHERE c.campaign_id = :cid")
+    params = {"cid": int(campaign_id), "upto": int(upto_id)}
+    params.update({f"b{i}": float(b) for i, b in enumerate(budgets)})
+    with engine.connect() as connection:
+        result = connection.execute(text(sql), params)
+        frame = pd.DataFrame(result.cursor.fetchall(), columns=list(result.keys()))
+        result = connection.execute(text(cells_sql), {"cid": int(campaign_id)})
+        cells = pd.DataFrame(result.cursor.fetchall(), columns=list(result.keys()))
+    frame = frame.merge(cells, on="trial_id", how="inner")
+    frame = frame[["trial_id", "cell_id", *[f"b{i}" for i in range(len(budgets))]]]
+    for i in range(len(budgets)):
+        frame[f"b{i}"] = frame[f"b{i}"].astype(float)
+    return frame
+
+
+def epoch_counts(engine: Engine, campaign_id: int, upto_id: int) -> tuple[int, float, float, pd.Series]:
+    """Of the campaign's measurements with id <= `upto_id`: how many, the largest step and
+    epoch (NaN ignored), and how often each value of examples / epoch occurs among rows
+    with epoch > 0 and examples recorded (a Series: ratio -> count), from which
+    `study.report.examples_per_epoch`'s median follows exactly."""
+    finite = "m.epoch <> 'NaN' AND " if engine.dialect.name == "postgresql" else ""
+    trials = ("m.trial_id IN (SELECT t.id FROM bl_trials t JOIN bl_cells c ON c.id = t.cell_id "
+              "WHERE c.campaign_id = :cid) AND m.id <= :upto")
+    # one pass: rows without a ratio (epoch <= 0, no examples) fall in the NULL group
+    ratio = (f"CASE WHEN {finite}m.epoch > 0 AND m.examples IS NOT NULL THEN "
+             "CAST(m.examples AS DOUBLE PRECISION) / m.epoch END")
+    sql = (f"SELECT {ratio} AS r, COUNT(*), MAX(m.step), "
+           f"MAX(CASE WHEN {finite}1 = 1 THEN m.epoch END) FROM bl_measurements m "
+           f"WHERE {trials} GROUP BY {ratio}")
+    params = {"cid": int(campaign_id), "upto": int(upto_id)}
+    with engine.connect() as connection:
+        groups = connection.execute(text(sql), params).all()
+    steps = [float(g[2]) for g in groups if g[2] is not None]
+    epochs = [float(g[3]) for g in groups if g[3] is not None]
+    count = sum(int(g[1]) for g in groups)
+    max_step = max(steps) if steps else None
+    max_epoch = max(epochs) if epochs else None
+    pairs = [(g[0], g[1]) for g in groups if g[0] is not None]
+    counts = pd.Series([int(c) for _, c in pairs], index=[float(r) for r, _ in pairs],
+                       dtype="int64")
+    return (int(count or 0), float("nan") if max_step is None else float(max_step),
+            float("nan") if max_epoch is None else float(max_epoch), counts)
+
+
+def probe_keys_of(engine: Engine, campaign_id: int, upto_id: int) -> tuple[set, set, list] | None:
+    """From the campaign's measurements with id <= `upto_id`, through the database's JSON
+    functions: the keys of `extra` objects that hold a number in some row, the trials
+    with a non-empty `extra` object, and the `extra` texts the database could not read as
+    JSON (SQLite: e.g. NaN; the caller parses those). None on a backend without them."""
+    backend = engine.dialect.name
+    if backend == "sqlite":
+        each = ("FROM bl_measurements m, json_each(m.extra) j WHERE m.extra <> '{}' "
+                "AND json_valid(m.extra) AND json_type(m.extra) = 'object'")
+        numeric = "j.type IN ('integer', 'real')"
+        bad = ("SELECT m.trial_id, m.extra FROM bl_measurements m WHERE m.trial_id IN ({trials}) "
+               "AND m.id <= :upto AND m.extra IS NOT NULL AND NOT json_valid(m.extra)")
+    elif backend == "postgresql":
+        each = ("FROM bl_measurements m, json_each(CASE WHEN json_typeof(m.extra) = 'object' "
+                "THEN m.extra ELSE '{}'::json END) j WHERE m.extra::text <> '{}'")
+        numeric = "json_typeof(j.value) = 'number'"
+        bad = None
+    else:
+        return None
+    trials = ("SELECT t.id FROM bl_trials t JOIN bl_cells c ON c.id = t.cell_id "
+              "WHERE c.campaign_id = :cid")
+    sql = (f"SELECT m.trial_id, j.key, MAX(CASE WHEN {numeric} THEN 1 ELSE 0 END) {each} "
+           f"AND m.trial_id IN ({trials}) AND m.id <= :upto GROUP BY m.trial_id, j.key")
+    params = {"cid": int(campaign_id), "upto": int(upto_id)}
+    with engine.connect() as connection:
+        rows = connection.execute(text(sql), params).all()
+        unread = ([(int(r[0]), r[1]) for r in
+                   connection.execute(text(bad.format(trials=trials)), params)] if bad else [])
+    keys = {str(key) for _, key, number in rows if number}
+    with_probes = {int(trial) for trial, _, _ in rows}
+    return keys, with_probes, unread
 
 
 def measurements_of_trials(engine: Engine, trial_ids) -> pd.DataFrame:

@@ -9,6 +9,7 @@ torch is absent). `load_campaign` reads one campaign into frames; the analysis f
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 
@@ -21,7 +22,7 @@ from db import queries
 from db.models import Campaign
 from study.analysis import (best_under_budget, bootstrap_steps_to_result, classify_regimes,
                             edge_check, fit_scaling, search_space_scatter,
-                            steps_to_result, winning_hparams)
+                            steps_to_result, trial_first_steps, winning_hparams)
 from study.results import (FINISHED, CampaignInfo, campaign_info, cell_table, cell_table_from,
                            with_metric)
 
@@ -106,6 +107,26 @@ def scaling_analysis(data: CampaignData, *, n_resamples: int = 500, level: float
     fits = fit_scaling(boot.summary, cells, resampled_steps=boot.steps, level=level)
     regimes = classify_regimes(boot.summary, cells, fits)
     return ScalingAnalysis(boot.summary, fits, regimes)
+
+
+def scaling_inputs_key(data: CampaignData, *, n_resamples: int = 500, level: float = 0.95,
+                       seed: int = 0) -> str:
+    """A digest of everything `scaling_analysis` reads: per finished trial in the bootstrap
+    pool its cell, number and first on-target step / examples / seconds
+    (`trial_first_steps`), the cells with finished trials, the cells and the parameters.
+    Equal digests give equal analyses, so a cache keyed on it recomputes the bootstrap and
+    its 500 refits only when some cell's trials changed (not on every new measurement)."""
+    trials = data.finished_trials
+    info = data.info
+    firsts = trial_first_steps(trials, data.measurements, metric=info.metric,
+                               threshold=info.threshold, mode=info.mode)
+    frames = (firsts, data.cells[["cell_id", "batch_size", "optimizer", "schedule"]],
+              pd.DataFrame({"cell_id": sorted(pd.unique(trials["cell_id"]))}))
+    digest = hashlib.sha256(repr((n_resamples, level, seed)).encode())
+    for frame in frames:
+        digest.update(repr(list(frame.columns)).encode())
+        digest.update(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes())
+    return digest.hexdigest()
 
 
 def series_of(frame: pd.DataFrame) -> pd.Series:
@@ -240,7 +261,7 @@ def load_campaign_fast(engine: Engine, name: str) -> CampaignData | None:
     measurements = queries.measurements_fast(engine, info.id)
     measurements["extra"] = _parse_extras(measurements["extra"])
     measurements = with_metric(measurements, info.metric)
-    trials = queries.trials(engine, info.id)
+    trials = queries.trials_fast(engine, info.id)
     trials["hparams"] = trials["hparams"].map(_as_dict)
     cells = queries.cells(engine, info.id)
     return CampaignData(info=info, spec=campaign_spec(engine, info.id), cells=cells,
@@ -249,36 +270,50 @@ def load_campaign_fast(engine: Engine, name: str) -> CampaignData | None:
                         workers=queries.workers(engine, info.id))
 
 
-def load_progress(engine: Engine, name: str) -> CampaignData | None:
+def campaign_trials(engine: Engine, campaign_id: int) -> pd.DataFrame:
+    """The campaign's trials (`queries.trials_fast`) with `hparams` as dicts."""
+    trials = queries.trials_fast(engine, campaign_id)
+    trials["hparams"] = trials["hparams"].map(_as_dict)
+    return trials
+
+
+def load_progress(engine: Engine, name: str, *,
+                  trials: pd.DataFrame | None = None) -> CampaignData | None:
     """A campaign's cells, trials and workers without its measurements (`measurements`
-    and `table` empty): what progress, rate and ETA need."""
+    and `table` empty): what progress, rate and ETA need. `trials`: `campaign_trials`'
+    frame already at hand (an incremental reader's)."""
     info = campaign_info(engine, name)
     if info is None:
         return None
-    trials = queries.trials(engine, info.id)
-    trials["hparams"] = trials["hparams"].map(_as_dict)
+    if trials is None:
+        trials = campaign_trials(engine, info.id)
     return CampaignData(info=info, spec={}, cells=queries.cells(engine, info.id), trials=trials,
                         measurements=pd.DataFrame(), table=pd.DataFrame(),
                         workers=queries.workers(engine, info.id))
 
 
-def load_campaign_light(engine: Engine, name: str) -> CampaignData | None:
+def load_campaign_light(engine: Engine, name: str, *, firsts: pd.DataFrame | None = None,
+                        info: CampaignInfo | None = None,
+                        trials: pd.DataFrame | None = None) -> CampaignData | None:
     """`load_campaign_fast` without reading every measurement: `measurements` holds only
     each trial's first evaluation that beats the target (`queries.first_beating_measurements`,
     computed in SQL), which is all that `results()`, the cell table, winners and the
     bootstrap read, so they equal `load_campaign_fast`'s. Pages that plot curves load the
     rows of the trials they show (`queries.measurements_of_trials`). Falls back to
-    `load_campaign_fast` for a metric that lives in the extra JSON."""
-    info = campaign_info(engine, name)
+    `load_campaign_fast` for a metric that lives in the extra JSON. `firsts`: those rows
+    already at hand (an incremental reader's, `app.data.load_light_incremental`), and
+    `trials` likewise (`campaign_trials`' frame)."""
+    info = info or campaign_info(engine, name)
     if info is None:
         return None
-    firsts = queries.first_beating_measurements(engine, info.id, info.metric, info.threshold,
-                                                info.mode)
+    if firsts is None:
+        firsts = queries.first_beating_measurements(engine, info.id, info.metric,
+                                                    info.threshold, info.mode)
     if firsts is None:
         return load_campaign_fast(engine, name)
     firsts["extra"] = _parse_extras(firsts["extra"])
-    trials = queries.trials(engine, info.id)
-    trials["hparams"] = trials["hparams"].map(_as_dict)
+    if trials is None:
+        trials = campaign_trials(engine, info.id)
     cells = queries.cells(engine, info.id)
     return CampaignData(info=info, spec=campaign_spec(engine, info.id), cells=cells,
                         trials=trials, measurements=firsts,

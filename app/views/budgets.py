@@ -6,14 +6,13 @@ import numpy as np
 import streamlit as st
 
 from app import common, data
-from app.data import budget_frame  # noqa: F401  (re-exported: the figure tests use it)
 from study.figures import budget_chart
 
 
 def body(name: str, step_budgets: list[float], epoch_budgets: list[float]) -> None:
-    campaign = common.load(name)
+    campaign = common.light(name)  # trials and cells; the budget tables come from SQL
     info = campaign.info
-    if campaign.measurements.empty:
+    if common.summary(name).rows == 0:
         st.info("No measurements yet.")
         return
     left, right = st.columns(2)
@@ -38,11 +37,10 @@ def render() -> None:
     name = common.current_campaign()
     if name is None:
         return
-    campaign = common.load(name)
+    campaign = common.light(name)
     common.header(campaign.info, "Budgets")
-    m = campaign.measurements
-    max_step = float(m["step"].max()) if len(m) else float("nan")
-    max_epoch = float(m["epoch"].max()) if len(m) else float("nan")
+    summary = common.summary(name)  # over every measurement, without loading them
+    max_step, max_epoch = summary.max_step, summary.max_epoch
     controls = st.columns(2)
     step_text = controls[0].text_input(
         "Step budgets", ", ".join(f"{b:g}" for b in data.default_budgets(max_step)),

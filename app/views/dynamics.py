@@ -16,17 +16,16 @@ MAX_RUNS = 200
 
 
 def body(name: str, scope: str, keys: list[str]) -> None:
-    campaign = common.load(name)
+    campaign = common.light(name)
     info = campaign.info
     if scope == "winners":
         trial_ids = data.winner_trial_ids(campaign, common.results(name))
     else:
-        with_probes = campaign.measurements.loc[
-            campaign.measurements["extra"].map(lambda e: bool(e)), "trial_id"].unique()
+        with_probes = common.probe_trials(name)  # trials with a non-empty extra, sorted
         trial_ids = list(with_probes[:MAX_RUNS])
         if len(with_probes) > MAX_RUNS:
             st.caption(f"showing the first {MAX_RUNS} of {len(with_probes)} trials with probes")
-    rows = data.curves(campaign, trial_ids)
+    rows = data.curves(common.with_trials(name, trial_ids), trial_ids)  # their rows only
     present = [k for k in keys if k in rows.columns and rows[k].notna().any()]
     if not present:
         st.info("The chosen runs recorded none of the chosen probes.")
@@ -51,7 +50,7 @@ def training_probes(name: str, keys: list[str]) -> None:
 
 def after_training(name: str) -> None:
     """bl_probe_results: sharpness and Hessian tables per cell, the interpolation plot."""
-    campaign = common.load(name)
+    campaign = common.light(name)
     info = campaign.info
     probes = common.probe_results(info.id)
     st.subheader("After training (`batchlab probe`)")
@@ -91,7 +90,7 @@ def render() -> None:
     name = common.current_campaign()
     if name is None:
         return
-    campaign = common.load(name)
+    campaign = common.light(name)
     common.header(campaign.info, "Dynamics")
     keys = common.probe_keys(name)
     has_results = len(common.probe_results(campaign.info.id)) > 0

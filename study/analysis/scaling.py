@@ -97,10 +97,21 @@ def _interval(values: list[float], level: float) -> tuple[float, float]:
 
 
 def _refit_resamples(batch_sizes: np.ndarray, resampled_steps: pd.DataFrame | None):
-    """Fits of every bootstrap resample (rows: resamples, columns aligned with batch_sizes)."""
+    """Fits of every bootstrap resample (rows: resamples, columns aligned with batch_sizes).
+
+    Each distinct row is fitted once: the fit is a deterministic function of the row, and
+    with many trials per cell most resamples repeat a few rows (the cells' minima), so the
+    refits, nearly all of a scaling analysis's work, shrink to a handful. Every resample
+    still counts in the intervals."""
     if resampled_steps is None:
         return []
-    fits = (fit_steps_curve(batch_sizes, row) for row in resampled_steps.to_numpy(float))
+    fitted: dict[bytes, ScalingFit | None] = {}
+    fits = []
+    for row in resampled_steps.to_numpy(float):
+        key = row.tobytes()  # equal bytes, equal input, the same fit
+        if key not in fitted:
+            fitted[key] = fit_steps_curve(batch_sizes, row)
+        fits.append(fitted[key])
     return [fit for fit in fits if fit is not None]
 
 

@@ -53,12 +53,12 @@ def _measurements(trial: Trial, batch_size: int, lr: float, *, last_step: int,
     return rows
 
 
-def build_database(path: Path) -> str:
+def build_database(path: Path | str) -> str:
     """Two campaigns. `demo_scaling`: momentum/constant cells at B = 16, 32, 64, 128 (3
     trials each: a winner reaching the target at STEPS_TO_RESULT, a later or not-reaching
     one, and a diverged or failed one) and B = 256 with one running trial; two workers
     (one live, one stale). `other_campaign`: two cells, no probes."""
-    url = f"sqlite:///{path}"
+    url = path if isinstance(path, str) and "://" in path else f"sqlite:///{path}"  # or a URL
     engine = make_engine(url)
     ensure_schema(engine)
     now = datetime.now(timezone.utc)

@@ -43,8 +43,7 @@ def build(name: str, campaign: data.CampaignData):
     if name == "training_trace_chart":
         return figures.training_trace_chart(rows, "noise_scale", log_y=True, **CONTEXT)
     if name == "budget_chart":
-        from app.views.budgets import budget_frame
-        return figures.budget_chart(budget_frame(campaign, [50, 200], "steps"), **CONTEXT)
+        return figures.budget_chart(data.budget_frame(campaign, [50, 200], "steps"), **CONTEXT)
     if name == "progress_chart":
         return figures.progress_chart(data.progress_table(campaign), **CONTEXT)
     raise KeyError(name)

@@ -116,3 +116,47 @@ def test_cell_without_any_result_is_nan_not_zero(frames):
     assert summary["fraction_no_result"].tolist() == [1.0, 1.0]
     ends = summary[["steps_to_result", "steps_median", "steps_low", "steps_high"]]
     assert ends.isna().all().all()
+
+
+def _many_cells(seed: int, trials_per_cell: int):
+    """Two series x four batch sizes, `trials_per_cell` trials each: first-beating steps
+    drawn from a few values (so resamples repeat rows), some trials never beating."""
+    rng = np.random.default_rng(seed)
+    cells, trials, rows = [], [], []
+    tid = 0
+    for series in ("sgd", "adam"):
+        for batch_size in (16, 64, 256, 1024):
+            cell = f"{series}-{batch_size}"
+            cells.append({"cell_id": cell, "batch_size": batch_size, "optimizer": series,
+                          "schedule": "constant"})
+            base = 4000 / np.sqrt(batch_size)
+            for number in range(trials_per_cell):
+                tid += 1
+                beats = rng.random() < 0.7
+                trials.append(_trial(cell, tid, number, "reached" if beats else "not_reached"))
+                step = int(base * rng.choice([1, 1.5, 2, 3])) if beats else 10_000
+                rows += _rows(tid, [step], [0.05 if beats else 0.5], batch=batch_size)
+    return pd.DataFrame(cells), pd.DataFrame(trials), pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("seed,trials_per_cell", [(0, 3), (1, 8), (2, 40)])
+def test_refits_of_repeated_resamples_equal_fitting_every_resample(seed, trials_per_cell):
+    """fit_scaling fits each distinct resample row once; its intervals must equal those
+    from fitting every one of the resamples (many of which repeat) independently."""
+    from study.analysis import fit_scaling
+    from study.analysis.scaling import fit_steps_curve
+    cells, trials, rows = _many_cells(seed, trials_per_cell)
+    boot = bootstrap_steps_to_result(trials, rows, **TARGET, n_resamples=300, seed=seed)
+    got = fit_scaling(boot.summary, cells, resampled_steps=boot.steps)
+    assert (got["n_resamples_fitted"] > 0).all()
+    for _, fit in got.iterrows():
+        group = cells[cells["optimizer"] == fit["optimizer"]].sort_values("batch_size")
+        columns = boot.steps.reindex(columns=list(group["cell_id"])).to_numpy(float)
+        sizes = group["batch_size"].to_numpy(float)
+        refits = [f for f in (fit_steps_curve(sizes, r) for r in columns) if f]
+        assert fit["n_resamples_fitted"] == len(refits)
+        for name in ("s_min", "b_crit"):
+            values = [getattr(f, name) for f in refits]
+            tail = 50.0 * (1.0 - 0.95)  # the default level, computed as fit_scaling does
+            assert fit[f"{name}_low"] == np.percentile(values, tail)
+            assert fit[f"{name}_high"] == np.percentile(values, 100.0 - tail)
