@@ -4,10 +4,13 @@ scale, distance from initialisation, ...) vs step, and the probes run after trai
 each cell's winner vs batch size, and the interpolation between two winners."""
 from __future__ import annotations
 
+import pandas as pd
 import streamlit as st
 
 from app import common, data
-from study.figures import interpolation_chart, sharpness_chart, training_trace_chart
+from study.analysis.distance import distance_series, fit_distance_growth
+from study.figures import (distance_growth_chart, distance_growth_frame, interpolation_chart,
+                           sharpness_chart, training_trace_chart)
 
 NO_PROBES = "No probe data recorded for this campaign."
 # "all trials" plots at most this many runs (a chart of every measurement of a campaign
@@ -35,9 +38,35 @@ def body(name: str, scope: str, keys: list[str]) -> None:
         with columns[i % 2]:
             positive = bool((rows[key].dropna() > 0).all())
             common.chart(training_trace_chart(rows, key, log_y=positive, **common.context(info)))
+    if "distance_from_init" in present:
+        distance_growth(rows, info, name)
     shown = rows[["run", "trial_id", "step", "epoch", *present]]
     common.table(shown.loc[shown[present].notna().any(axis=1)], key="probes_table",
                  file_name=f"{name}_probes.csv")
+
+
+def distance_growth(rows, info, name: str) -> None:
+    """Hoffer et al.: ||w_t - w_0|| vs log step per run with the fit d = a + b ln t over
+    the initial-learning-rate phase (`study.analysis.distance`), and the fits as a table."""
+    series, fits, table = {}, {}, []
+    for run, trial in rows.groupby("run", sort=True):
+        points = distance_series(trial)
+        if points.empty:
+            continue
+        series[run], fits[run] = points, fit_distance_growth(trial)
+        fit = fits[run]
+        table.append({"run": run, "intercept a": getattr(fit, "intercept", None),
+                      "slope b (per e-fold of steps)": getattr(fit, "slope", None),
+                      "R^2": getattr(fit, "r_squared", None),
+                      "points fitted": getattr(fit, "n_points", 0),
+                      "phase ends at step": getattr(fit, "phase_end_step", None)})
+    if not series:
+        return
+    st.markdown("**Distance from initialization vs log step** (Hoffer et al.: d = a + b ln t "
+                "over the initial-learning-rate phase)")
+    common.chart(distance_growth_chart(distance_growth_frame(series, fits), **common.context(info)),
+                 stretch=False)
+    common.table(pd.DataFrame(table), key="distance_fit_table", file_name=f"{name}_distance_fits.csv")
 
 
 def training_probes(name: str, keys: list[str]) -> None:

@@ -2,6 +2,7 @@
 dashboard's tests (AppTest pages, data helpers, the real-browser test)."""
 from __future__ import annotations
 
+import math
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -34,6 +35,9 @@ SPEC = {
 }
 
 
+DISTANCE_A, DISTANCE_B = 0.5, 0.25  # the probed trials' distance from init: a + b ln(step)
+
+
 def _measurements(trial: Trial, batch_size: int, lr: float, *, last_step: int,
                   first_reached: int | None, diverged: bool = False, probes: bool = False):
     """Evaluations every EVAL_EVERY steps: val_error 0.5 before `first_reached`, 0.05 from
@@ -44,7 +48,9 @@ def _measurements(trial: Trial, batch_size: int, lr: float, *, last_step: int,
         error = 0.05 if reached else 0.5
         if diverged and step == last_step:
             error = None
-        extra = {"noise_scale": 100.0 + step, "distance_from_init": step / 100.0} if probes else {}
+        extra = ({"noise_scale": 100.0 + step,  # Hoffer's log growth, exactly:
+                  "distance_from_init": DISTANCE_A + DISTANCE_B * math.log(step)}
+                 if probes else {})
         rows.append(Measurement(
             trial_id=trial.id, step=step, examples=step * batch_size,
             epoch=step * batch_size / TRAIN_SIZE, wall_seconds=step * 0.01,

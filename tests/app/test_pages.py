@@ -3,13 +3,14 @@ the values shown, not just the absence of exceptions."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from streamlit.testing.v1 import AppTest
 
 from db.engine import make_engine
-from tests.app.conftest import (APP, CAMPAIGN, FAILED_MESSAGE, OTHER, STEPS_TO_RESULT,
-                                build_database)
+from tests.app.conftest import (APP, CAMPAIGN, DISTANCE_A, DISTANCE_B, FAILED_MESSAGE, OTHER,
+                                STEPS_TO_RESULT, build_database)
 
 
 def open_page(url: str, page: str | None, monkeypatch, campaign: str = CAMPAIGN) -> AppTest:
@@ -163,8 +164,13 @@ def test_budgets_page_best_error_under_budgets(dashboard_db, monkeypatch):
 def test_dynamics_page_plots_probes(dashboard_db, monkeypatch):
     at = open_page(dashboard_db, "dynamics", monkeypatch)
     probes = frame_with(at, "noise_scale")
-    assert probes["distance_from_init"].max() == pytest.approx(1.6)
-    assert len(chart_specs(at)) == 2
+    assert probes["distance_from_init"].max() == pytest.approx(DISTANCE_A + DISTANCE_B * math.log(160))
+    assert len(chart_specs(at)) == 3  # two probe traces + distance vs log step with its fit
+    fits = frame_with(at, "slope b (per e-fold of steps)")  # one row per winner, exact fit
+    assert len(fits) == len(set(probes["run"]))
+    assert fits["intercept a"].to_numpy() == pytest.approx(DISTANCE_A)
+    assert fits["slope b (per e-fold of steps)"].to_numpy() == pytest.approx(DISTANCE_B)
+    assert fits["R^2"].to_numpy() == pytest.approx(1.0)
     assert_figures_state_context(at)
 
 

@@ -88,7 +88,7 @@ def test_dynamics_page_shows_probe_results(rich_db, monkeypatch):
     assert "between the small- and large-batch solutions" in text
     assert f"alpha = 0: B=16 (trial {rich_db['small']})" in text
     assert "batch norm: batch_stats" in text
-    assert len(specs) == 2 + 3  # two training probes + sharpness, Hessian, interpolation
+    assert len(specs) == 2 + 1 + 3  # two training probes, distance vs log step; sharpness, Hessian, interpolation
     for spec in specs:
         assert "digits_mlp" in json.dumps(spec.get("title"))
 
