@@ -11,6 +11,10 @@ over pre-normalised float tensors, `optimizer.zero_grad(); loss.backward(); step
     python -m bench.trial_throughput --data-dir /work/shared/datasets/mnist-t10k
     python -m bench.trial_throughput --device cuda --ks 8,32,128 --steps 500
 
+Rows "vectorized K" use the default path (trainers.stacked's fast path for these MLPs
+when the step is not compiled, i.e. on CPU); "(vmap path)" rows force the torch.func path
+(`stacked=False`) for comparison.
+
 Prints the device, torch version and date, then trials/second per method and its ratio
 against the baseline measured in the same run (best of --repeats).
 """
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import time
 from typing import Callable
@@ -91,8 +96,9 @@ def warm_up(workload: str, batch_size: int, args, cache: DataCache, step_cache: 
     baseline_trial(few[0], cache)
     run_trial(few[0], data_cache=cache)
     for k in args.ks:
-        run_trials_vectorized(few[:k], data_cache=cache, chunk_size=k, compile=args.compile,
-                              step_cache=step_cache)
+        for stacked in (True, False) if args.vmap_rows else (True,):
+            run_trials_vectorized(few[:k], data_cache=cache, chunk_size=k, compile=args.compile,
+                                  step_cache=step_cache, stacked=stacked)
 
 
 def bench_cell(workload: str, batch_size: int, args, cache: DataCache,
@@ -110,9 +116,12 @@ def bench_cell(workload: str, batch_size: int, args, cache: DataCache,
              len(few) / timed(lambda: [run_trial(c, data_cache=cache) for c in few], device, args.repeats))]
     for k in args.ks:
         group = configs[:k]
-        run = lambda: run_trials_vectorized(group, data_cache=cache, chunk_size=k,
-                                            compile=args.compile, step_cache=step_cache)
-        rows.append((f"batchlab vectorized K={k}", k / timed(run, device, args.repeats)))
+        for stacked in (True, False) if args.vmap_rows else (True,):
+            run = lambda: run_trials_vectorized(group, data_cache=cache, chunk_size=k,
+                                                compile=args.compile, step_cache=step_cache,
+                                                stacked=stacked)
+            name = f"batchlab vectorized K={k}" + ("" if stacked else " (vmap path)")
+            rows.append((name, k / timed(run, device, args.repeats)))
     return rows
 
 
@@ -130,6 +139,12 @@ def parse_args(argv=None):
                         help="MNIST t10k files: also benchmark mnist10k_mlp")
     parser.add_argument("--compile", action="store_true", default=None,
                         help="compile the vectorized step (default: on CUDA only)")
+    parser.add_argument("--workloads", default=None,
+                        help="comma-separated subset of digits_mlp,mnist10k_mlp (default: both "
+                             "where --data-dir is given, else digits_mlp)")
+    parser.add_argument("--no-vmap-rows", dest="vmap_rows", action="store_false",
+                        help="skip the torch.func (vmap) path rows; the default vectorized rows "
+                             "use the stacked-MLP fast path where it applies (CPU, not compiled)")
     return parser.parse_args(argv)
 
 
@@ -140,8 +155,11 @@ def main(argv=None) -> None:
     print(f"device: {device} ({name}, {torch.get_num_threads()} CPU threads)")
     print(f"torch {torch.__version__}, python {platform.python_version()}, "
           f"{datetime.datetime.now().isoformat(timespec='seconds')}")
-    print(f"steps per trial: {args.steps}, momentum SGD, one validation pass per trial\n")
-    workloads = ["digits_mlp"] + (["mnist10k_mlp"] if args.data_dir else [])
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    print(f"steps per trial: {args.steps}, momentum SGD, one validation pass per trial; "
+          f"load average at start: {load}\n")
+    workloads = (args.workloads.split(",") if args.workloads
+                 else ["digits_mlp"] + (["mnist10k_mlp"] if args.data_dir else []))
     cache, step_cache = DataCache(), {}
     print("| workload | batch | method | trials/s | vs baseline |\n|---|---:|---|---:|---:|")
     for workload in workloads:
@@ -151,6 +169,7 @@ def main(argv=None) -> None:
             for method, rate in rows:
                 print(f"| {workload} | {batch_size} | {method} | {rate:.2f} | {rate / baseline:.2f}x |",
                       flush=True)
+    print("\nload average at end: " + ", ".join(f"{v:.1f}" for v in os.getloadavg()))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,12 @@ stacks their parameters along a leading trial axis and trains them together:
   trials, the same chunks of `eval_batch_size` examples), exactly when `run_trial`
   evaluates, and the stopping rules are `run_trial`'s.
 
+Fast path: plain MLPs (Flatten, Linear, ReLU) skip torch.func when the step is neither
+compiled nor autocast (the CPU default): `trainers.stacked` runs the same computation as
+batched matmuls with a hand-written backward and in-place optimizer updates, and a
+stopped trial leaves the stack at the evaluation that decides it instead of being
+masked. `stacked=False` forces the torch.func path.
+
 Not vectorized (each such config runs through `trainers.loop.run_trial` instead, with
 identical results by construction): the `lars` and `lamb` optimizers, models with batch
 norm (incl. ghost batch norm: running-statistic updates under vmap would need per-trial
@@ -53,6 +59,7 @@ from trainers.config import Measurement, TrialConfig, TrialResult
 from trainers.loop import (DataCache, StopState, build_model, decide, measurement_extras,
                            resolve_device, run_trial)
 from trainers.schedules import get_schedule
+from trainers.stacked import StackedMLP, StackedTrainer, preprocessed_train_x
 from trainers.workloads import DataOptions, ModelOptions, Workload, get_workload
 
 IndexedSink = Callable[[int, Measurement], None]
@@ -81,7 +88,8 @@ def run_trials_vectorized(configs: Sequence[TrialConfig], *, data_cache: DataCac
                           chunk_size: int | None = None, compile: bool | None = None,
                           precision: Precision = "auto",
                           on_result: IndexedResultSink | None = None,
-                          step_cache: dict | None = None) -> list[TrialResult]:
+                          step_cache: dict | None = None,
+                          stacked: bool = True) -> list[TrialResult]:
     """Train every config and return their results in the order given.
 
     Configs that share the cell fields (`_SHARED_FIELDS`) are trained together in groups
@@ -92,6 +100,9 @@ def run_trials_vectorized(configs: Sequence[TrialConfig], *, data_cache: DataCac
     `precision` "auto" means bf16 autocast on CUDA and fp32 elsewhere. `step_cache`, a
     dict the caller keeps (e.g. one per worker), reuses built (compiled) steps across
     calls, so a compiled step is not recompiled for every group of the same shape.
+    `stacked` (default) trains plain MLPs with the vmap-free fast path of
+    `trainers.stacked` when the step is neither compiled nor autocast (CPU by default);
+    False forces the torch.func path everywhere.
     """
     cache = data_cache or DataCache()
     steps = {} if step_cache is None else step_cache
@@ -108,7 +119,7 @@ def run_trials_vectorized(configs: Sequence[TrialConfig], *, data_cache: DataCac
                                       eval_batch_size=group[0].eval_batch_size)
         for start in range(0, len(indices), size):
             chunk = indices[start:start + size]
-            options = _StepOptions.resolve(device, compile, precision)
+            options = _StepOptions.resolve(device, compile, precision, stacked)
             for i, result in zip(chunk, _run_group([configs[i] for i in chunk], chunk, cache,
                                                    sinks, options, steps)):
                 results[i] = result
@@ -254,15 +265,18 @@ def _activation_count(model: nn.Module, shape: tuple[int, ...]) -> int:
 class _StepOptions:
     compile: bool
     autocast_dtype: torch.dtype | None
+    stacked: bool = False  # use trainers.stacked where it covers the model
 
     @staticmethod
-    def resolve(device: torch.device, compile: bool | None, precision: Precision) -> "_StepOptions":
+    def resolve(device: torch.device, compile: bool | None, precision: Precision,
+                stacked: bool = False) -> "_StepOptions":
         on_cuda = device.type == "cuda"
         if precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
         bf16 = precision == "bf16" or (precision == "auto" and on_cuda)
-        return _StepOptions(on_cuda if compile is None else compile,
-                            torch.bfloat16 if bf16 else None)
+        compiled = on_cuda if compile is None else compile
+        return _StepOptions(compiled, torch.bfloat16 if bf16 else None,
+                            stacked and not compiled and not bf16)
 
 
 @dataclass
@@ -330,6 +344,7 @@ def _run_group(configs: list[TrialConfig], indices: list[int], cache: DataCache,
     if key not in steps:  # same key: same skeleton and step function, so no recompilation
         steps[key] = _make_context(workload, device, splits, models[0], first.optimizer, options)
     context = dataclasses.replace(steps[key], splits=splits)
+    trainer = _stacked_trainer(context, models[0], splits, steps) if options.stacked else None
     trials = list(stack.trials)
     clock = _Clock()
     train_size, batch_size = splits.train_size, first.batch_size
@@ -338,7 +353,10 @@ def _run_group(configs: list[TrialConfig], indices: list[int], cache: DataCache,
         stack.orders = torch.stack([torch.randperm(train_size, device=device, generator=g)
                                     for g in stack.generators])  # (K, N)
         for start in range(0, train_size, batch_size):
-            count = _train_step(context, stack, clock, start, batch_size)
+            if trainer is not None:
+                count = _train_step_stacked(trainer, stack, clock, start, batch_size)
+            else:
+                count = _train_step(context, stack, clock, start, batch_size)
             clock.step += 1
             clock.examples += count
             clock.interval_count += count
@@ -346,11 +364,26 @@ def _run_group(configs: list[TrialConfig], indices: list[int], cache: DataCache,
                 continue
             _sync(device)
             clock.train_seconds += time.perf_counter() - started
-            _evaluate_and_decide(context, stack, clock, sinks, train_size, first)
+            _evaluate_and_decide(context, stack, clock, sinks, train_size, first, trainer)
             started = time.perf_counter()
             if not stack.running():
                 return [trial.result for trial in trials]  # type: ignore[misc]
-            stack = _maybe_compact(stack)
+            # The stacked path does not mask: a stopped trial leaves the stack at once.
+            stack = _maybe_compact(stack, always=trainer is not None)
+
+
+def _stacked_trainer(context: _Context, model: nn.Module, splits, steps: dict) -> StackedTrainer | None:
+    """The fast path's trainer for this group, or None where it does not cover the model.
+    The preprocessed training set it gathers from is kept in `steps` for later groups on
+    the same data (one float copy per workload and device)."""
+    layers = StackedMLP.of(model)
+    if layers is None:
+        return None
+    key = ("stacked data", context.workload.name, str(context.device))
+    cached = steps.get(key)
+    if cached is None or cached[0] is not splits.train_x:
+        cached = steps[key] = (splits.train_x, preprocessed_train_x(context.workload, splits))
+    return StackedTrainer(layers, context.workload, context.optimizer, splits, cached[1])
 
 
 def _make_context(workload, device, splits, model, optimizer, options) -> _Context:
@@ -566,6 +599,16 @@ def _train_step(context: _Context, stack: _Stack, clock: _Clock, start: int, bat
     return int(index.shape[1])
 
 
+def _train_step_stacked(trainer: StackedTrainer, stack: _Stack, clock: _Clock, start: int,
+                        batch_size: int) -> int:
+    """`_train_step` on the fast path (trainers.stacked): updates the stack in place."""
+    index = stack.orders[:, start:start + batch_size]  # (K, b)
+    x, y = trainer.batch(index, stack.generators)
+    row = {name: table[clock.step] for name, table in stack.tables.items()}  # name -> (K,)
+    stack.interval_loss += trainer.step(stack.params, stack.opt_state, stack.hparams, row, x, y)
+    return int(index.shape[1])
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -598,12 +641,17 @@ def evaluate_stacked(skeleton: nn.Module, workload: Workload, params: dict[str, 
 
 
 def _evaluate_and_decide(context: _Context, stack: _Stack, clock: _Clock, sinks: _Sinks,
-                         train_size: int, config: TrialConfig) -> None:
+                         train_size: int, config: TrialConfig,
+                         trainer: StackedTrainer | None = None) -> None:
     eval_start = time.perf_counter()
     splits = context.splits
-    val_losses, val_errors = evaluate_stacked(context.skeleton, context.workload, stack.params,
-                                              stack.buffers, splits.val_x, splits.val_y,
-                                              config.eval_batch_size)
+    if trainer is not None:
+        val_losses, val_errors = trainer.evaluate(stack.params, splits.val_x, splits.val_y,
+                                                  config.eval_batch_size)
+    else:
+        val_losses, val_errors = evaluate_stacked(context.skeleton, context.workload, stack.params,
+                                                  stack.buffers, splits.val_x, splits.val_y,
+                                                  config.eval_batch_size)
     clock.eval_seconds += time.perf_counter() - eval_start
     train_losses = [v / clock.interval_count for v in stack.interval_loss.tolist()]
     stack.interval_loss = torch.zeros_like(stack.interval_loss)
@@ -649,11 +697,12 @@ def _decide(trial: _TrialState, measurement: Measurement, clock: _Clock, sinks: 
 
 # --- compaction ----------------------------------------------------------------------------------
 
-def _maybe_compact(stack: _Stack) -> _Stack:
+def _maybe_compact(stack: _Stack, always: bool = False) -> _Stack:
     """Drop stopped trials from the stack once at most half of it is still running
-    (halving bounds both the wasted work and, when compiled, the recompilations)."""
+    (halving bounds both the wasted work and, when compiled, the recompilations), or
+    as soon as any trial stopped when `always`."""
     keep = stack.running()
-    if len(keep) * 2 > len(stack.trials):
+    if len(keep) == len(stack.trials) or (not always and len(keep) * 2 > len(stack.trials)):
         return stack
     index = torch.tensor(keep, device=stack.active.device)
 

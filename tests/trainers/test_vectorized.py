@@ -78,12 +78,13 @@ def assert_same_runs(expected, actual):
 
 
 @pytest.mark.parametrize("optimizer", ["momentum", "adam"])
-def test_vectorized_equals_sequential(optimizer):
+@pytest.mark.parametrize("stacked", [True, False], ids=["stacked", "vmap"])
+def test_vectorized_equals_sequential(optimizer, stacked):
     configs = CELLS[optimizer]
     expected = sequential(configs)
     outcomes = sorted(result.outcome for result, _ in expected)
     assert outcomes == ["diverged", "not_reached", "not_reached", "reached"]  # the cases we want
-    assert_same_runs(expected, vectorized(configs, chunk_size=4))
+    assert_same_runs(expected, vectorized(configs, chunk_size=4, stacked=stacked))
 
 
 def test_results_keep_caller_order_across_groups_and_fallbacks():
