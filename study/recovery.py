@@ -5,7 +5,8 @@ background thread of its worker with the database's clock). A trial whose heartb
 older than the grace period lost its worker (kill -9, machine gone, network partition):
 the reaper marks it `abandoned` with the reason, gives its cell slot back, tells Optuna
 FAIL and enqueues the same hyperparameters (and seed) as the next attempt. Every worker
-runs the reaper before it claims a slot; `batchlab status` runs it too.
+runs the reaper before it claims a slot (at most every min(2 s, grace / 4): a lost trial
+waits out its grace period anyway); `batchlab status` runs it too.
 
 Exactly once, two locks:
 - batchlab's side: the conditional UPDATE `... SET outcome='abandoned' WHERE
@@ -272,3 +273,33 @@ def _older_than(started: datetime | str | None, seconds: float) -> bool:
     if isinstance(started, str):
         started = datetime.fromisoformat(started)
     return (datetime.now() - started.replace(tzinfo=None)).total_seconds() > seconds
+
+
+def fail_orphaned_asks(engine: Engine, storage: optuna.storages.BaseStorage, campaign_id: int) -> int:
+    """Once the campaign is complete (no free slot, no running row: nothing can claim, ask
+    or abandon any more), Optuna trials still RUNNING that no row names are orphans: an
+    ask whose commit went through but whose acknowledgement was lost (a database restart)
+    and that was retried. Nothing will train them and every cell has its trials: they are
+    failed, not re-queued. Returns how many."""
+    def orphans():
+        with Session(engine) as session:
+            free, running = session.execute(
+                select(func.coalesce(func.sum(Cell.trials_planned - Cell.trials_claimed), 0),
+                       select(func.count(Trial.id)).join(Cell, Cell.id == Trial.cell_id)
+                       .where(Cell.campaign_id == campaign_id, Trial.outcome == "running")
+                       .scalar_subquery())
+                .where(Cell.campaign_id == campaign_id)).one()
+            if free or running:
+                return []
+            cutoff = database_now(session)
+            return [row.trial_id for row in session.execute(
+                _RUNNING_OPTUNA_TRIALS, {"campaign_id": campaign_id, "cutoff": cutoff}).all()
+                if row.row_id is None]
+    failed = 0
+    for trial_id in call_with_retry(orphans, what="looking for orphaned Optuna trials"):
+        try:
+            failed += bool(call_with_retry(lambda: storage.set_trial_state_values(trial_id, TrialState.FAIL),
+                                           what="failing an orphaned Optuna trial"))
+        except UpdateFinishedTrialError:
+            pass
+    return failed

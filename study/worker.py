@@ -2,31 +2,45 @@
 train, stream measurements to SQL, tell the study; until every cell has its trials.
 
 Any number of workers, on any machines, may share one storage URL. Each heartbeats
-(study/recovery.py), reaps the trials of lost workers before it claims a slot, and
-retries its short transactions with backoff when the database blips (study/retry.py).
+(study/recovery.py), reaps the trials of lost workers before it claims a slot (at most
+every `reap_seconds`), and retries its short transactions with backoff when the database
+blips (study/retry.py).
+
+Storage stays off the training's critical path (study/pipeline.py): one storage thread
+runs the worker's storage jobs in order while the main thread trains. While group i
+trains, it writes group i-1's last measurements, finishes its rows and tells Optuna,
+then reaps, claims the next slots and (quasi-random / random samplers, whose points are
+all enqueued at creation) asks and records their trials; prefetched rows are heartbeated
+like running ones. A stop gives a prefetched slot that never trained back (row deleted,
+point re-queued as the same attempt with the same seed) and abandons the trials in
+training as before. Pruning reads the cell's best from a cache (see CellBest).
 """
 from __future__ import annotations
 
 import dataclasses
 import os
 import signal
+import threading
 import time
 import traceback
 import uuid
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Callable
 
 import optuna
-from sqlalchemy import Engine, func, select, update
+from sqlalchemy import Engine, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
-from db.models import Campaign, Cell, Measurement as MeasurementRow, Trial, Worker
+from db.models import Campaign, Cell, Measurement as MeasurementRow, Trial, Worker, utcnow
 from db.schema import ensure_schema
 from study import provenance
 from study.distributed import announce, launched_ranks
 from study.importer import IMPORTED_SAMPLER
+from study.pipeline import CellBest, MeasurementBuffer, StorageJobError, StoragePipeline
 from study.recovery import (ATTEMPT_ATTR, ATTEMPT_OF_ATTR, DEFAULT_GRACE_SECONDS,
                             DEFAULT_HEARTBEAT_SECONDS, SEED_ATTR, Heartbeat, abandon_trial,
+                            fail_orphaned_asks,
                             reap_lost_trials, requeue)
 from study.retry import call_with_retry
 from study.resolve import resolve_trial_config, with_checkpoint
@@ -146,17 +160,44 @@ class Attempt:
                    int(attrs.get(SEED_ATTR, trial_seed(campaign_seed, trial.number))))
 
 
+@dataclass
+class Live:
+    """A row this worker claimed and has not yet handed its result to the pipeline: what a
+    stop must undo. `training` once the trainer has it (a stop abandons it); before that
+    (prefetched) a stop gives the slot and the point back as if never claimed."""
+    claim: Claim
+    trial: optuna.Trial | None = None
+    recorded: bool = False
+    training: bool = False
+
+
+@dataclass
+class Group:
+    """Slots of one cell claimed together, and the trials asked and recorded in them."""
+    claims: list[Claim]
+    started: list = field(default_factory=list)  # (claim, study, trial, config)
+    asked: bool = False
+
+
 class CampaignWorker:
     """One worker process's loop over a campaign.
 
     `heartbeat_seconds`: how often the worker stamps its rows; `grace_seconds`: how long
     another worker's silence lasts before its trial is abandoned and re-run. Keep the
-    grace several heartbeats long (and longer than a database restart takes)."""
+    grace several heartbeats long (and longer than a database restart takes).
+
+    Storage runs beside training (study/pipeline.py): while a group of trials trains, one
+    background thread finishes and tells the previous group, reaps, claims the next slot
+    and (for samplers whose points are enqueued at creation) asks and records its trial;
+    measurements are written in batches at most `flush_seconds` apart, always before
+    their trial is finished; the cell's best steps for pruning is re-read at most every
+    `best_refresh_seconds` (this worker's own results count at once)."""
 
     def __init__(self, engine: Engine, storage_url: str, campaign_name: str, *,
                  device: str = "auto", max_trials: int | None = None, log: Log = print,
                  heartbeat_seconds: float = DEFAULT_HEARTBEAT_SECONDS,
-                 grace_seconds: float = DEFAULT_GRACE_SECONDS, trials_at_once: int = 1):
+                 grace_seconds: float = DEFAULT_GRACE_SECONDS, trials_at_once: int = 1,
+                 flush_seconds: float = 1.0, best_refresh_seconds: float = 1.0):
         if not 0 < heartbeat_seconds < grace_seconds:
             raise ValueError(f"heartbeat ({heartbeat_seconds} s) must be > 0 and shorter than "
                              f"the grace period ({grace_seconds} s)")
@@ -180,54 +221,187 @@ class CampaignWorker:
         self.step_cache: dict = {}  # compiled vectorized steps, reused across groups
         self._studies: dict[str, optuna.Study] = {}  # the cells' studies, loaded once
         self.ranks = launched_ranks()  # under torchrun, this is rank 0: it leads the others
+        # Quasi-random and random points are all enqueued at creation: asking for the next
+        # one does not depend on the results not yet told, so it is prefetched. TPE's
+        # next point does, so it is asked once the previous trials are told.
+        self.prefetch_ask = self.spec.sampler != "tpe"
+        self.best = CellBest(best_refresh_seconds)
+        self.measurements = MeasurementBuffer(flush_seconds)
+        self.pipeline: StoragePipeline | None = None
+        self._live: dict[int, Live] = {}  # row id -> what a stop must undo
+        self._live_lock = threading.Lock()  # the main and the storage thread both change it
+        self._finishing: list = []  # futures of finish + tell jobs: True if the trial counts
+        self._done = 0
+        # Groups claimed ahead: two single trials absorb short (pruned) ones; one group of
+        # several is work enough. More would hoard slots other workers could take.
+        self.prefetch_groups = 2 if trials_at_once == 1 else 1
+        # The reaper runs before a claim, at most this often: a lost trial waits out its
+        # grace period anyway, so reaping before every short trial only costs queries.
+        self.reap_seconds = min(2.0, grace_seconds / 4)
+        self._reaped_at = float("-inf")
+        # The process's provenance (git, package versions) is the same for every trial:
+        # computed once here, not on the first trial's way.
+        provenance.code_version(), provenance.package_versions()
 
+    # ----- the loop (main thread) -----------------------------------------------------
     def run(self) -> int:
         """Run trials until the campaign has all its trials (or `max_trials` are done);
         returns the number of trials this worker finished. On SIGTERM it abandons its
-        trial (re-queued for another worker), returns, and `stop_requested` is set. While no slot is free but
-        trials still run elsewhere, it waits: one of them may be lost and need a re-run."""
+        trials (re-queued for another worker), returns, and `stop_requested` is set. While
+        no slot is free but trials still run elsewhere, it waits: one of them may be lost
+        and need a re-run."""
         # Load the data before claiming anything: a missing file is the user's to fix,
         # and no trial should be spent finding that out.
         workload = get_workload(self.spec.workload)
         self.data.get(workload, DataOptions(self.spec.data_dir, self.spec.download), self.device)
         self._retry(self._register, "registering the worker")
         self.heartbeat.start()
-        done = 0
+        self.pipeline = StoragePipeline(self.worker_id)
         previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM,)}
         try:
-            while self.max_trials is None or done < self.max_trials:
-                claim = self._next_claim()
-                if claim is None:
-                    break
-                room = self.trials_at_once - 1
-                if self.max_trials is not None:
-                    room = min(room, self.max_trials - done - 1)
-                extra = self._retry(lambda: claim_more(self.engine, claim, self.worker_id, room),
-                                    "claiming more slots") if room > 0 else []
-                done += self._run_claims([claim, *extra])
-        except Interrupted:
-            pass  # SIGTERM: the trial is abandoned and re-queued; stop_requested says so
+            try:
+                self._loop()
+                self._drain()
+            except (Interrupted, KeyboardInterrupt) as exc:
+                self._stop_all()
+                if not isinstance(exc, Interrupted):
+                    raise
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            self.pipeline.close()
             self.heartbeat.stop()
             if self.ranks is not None:
                 announce(None)  # the other ranks exit with this one
             self._retry(lambda: self._set_status("stopped" if self.stop_requested else "finished"),
                         "recording the worker's status")
-        return done
+        return self._done
 
-    def _next_claim(self) -> Claim | None:
+    def _loop(self) -> None:
+        upcoming: deque = deque()  # the next groups, prepared by the storage thread
+        while True:
+            self._collect()
+            group = None
+            while group is None and upcoming:
+                group = self._wait(upcoming.popleft()[0])
+            if group is None:  # nothing prefetched (first group, or no slot free then)
+                group = self._claim_waiting()
+                if group is None:
+                    return
+            if not group.asked:  # asked now, after the previous trials were told
+                self._wait(self.pipeline.submit("asking Optuna", self._ask_group, group))
+            if not group.started:
+                continue  # every slot was reaped before its trial was recorded
+            self._begin(group)
+            while len(upcoming) < self.prefetch_groups:
+                # slots a prepare still on its way may claim count as taken
+                room = self._room(reserved=sum(r for f, r in upcoming if not f.done()))
+                if room <= 0:
+                    break
+                upcoming.append((self.pipeline.submit("preparing the next trials", self._prepare, room), room))
+            self._run_group(group)
+
+    def _room(self, reserved: int = 0) -> int:
+        """How many more slots this worker may claim now: trials_at_once, less what
+        max_trials leaves once the trials done, in flight (claimed, not settled) and
+        `reserved` (what prepares on their way may claim) count."""
+        if self.max_trials is None:
+            return self.trials_at_once
+        with self._live_lock:
+            in_flight = len(self._live)
+        return min(self.trials_at_once,
+                   self.max_trials - self._done - in_flight - len(self._finishing) - reserved)
+
+    def _claim_waiting(self) -> Group | None:
+        """Claim a group in this thread, waiting while no slot is free but trials still run
+        elsewhere; None when every slot is finished (or max_trials are done)."""
+        self._drain()  # this worker's own finishes first: they free nothing, but count
         poll_seconds = min(2.0, self.grace_seconds / 4)
         while True:
-            reap_lost_trials(self.engine, self.storage, self.campaign.id, self.grace_seconds, self.log)
-            claim = self._retry(lambda: claim_cell(self.engine, self.campaign.id, self.worker_id),
-                                "claiming a slot")
-            if claim is not None:
-                return claim
+            room = self._room()
+            if room <= 0:
+                return None
+            group = self._claim_group(room)
+            if group is not None:
+                return group
             if self._retry(lambda: running_trials(self.engine, self.campaign.id), "counting trials") == 0:
+                fail_orphaned_asks(self.engine, self.storage, self.campaign.id)
                 return None  # every slot is finished
             time.sleep(poll_seconds)
+
+    def _begin(self, group: Group) -> None:
+        rows = [claim.row_id for claim, *_ in group.started]
+        with self._live_lock:
+            for row_id in rows:
+                self._live[row_id].training = True
+        self.pipeline.submit("marking the trials started", self._mark_started, rows, utcnow())
+
+    def _run_group(self, group: Group) -> None:
+        configs = [config for *_, config in group.started]
+        results = self._train([claim for claim, *_ in group.started], configs,
+                              lambda index, result: self._conclude(group.started[index], result))
+        for index, result in results.items():  # trials the trainer did not conclude (a crash)
+            self._conclude(group.started[index], result)
+
+    def _conclude(self, entry, result: TrialResult) -> None:
+        """Hand a trial's result to the pipeline: its last measurements, its row and the
+        tell are written behind the next trial's training, in that order."""
+        claim, study, trial, _ = entry
+        if result.outcome == "reached":
+            self.best.reached(claim.cell_id, result.steps_to_result)
+        rows = self.measurements.take()
+        self._finishing.append(self.pipeline.submit(
+            "finishing the trial", self._finish_and_tell, claim, study, trial, result, rows))
+        self._untrack(claim.row_id)
+
+    def _buffer_measurement(self, row_id: int, m: Measurement) -> None:
+        batch = self.measurements.add(_measurement_row(row_id, m))
+        if batch:
+            self.pipeline.submit("writing measurements", self._write_measurements, batch)
+
+    def _best(self, cell_id: int) -> int | None:
+        """The cell's best steps for pruning: cached; a stale value is refreshed in the
+        background and this evaluation uses the cached one."""
+        if self.best.claim_refresh(cell_id):
+            self.pipeline.submit("reading the cell's best", self._refresh_best, cell_id)
+        return self.best.value(cell_id)
+
+    def _wait(self, future):
+        return self.pipeline.wait(future)
+
+    def _drain(self) -> None:
+        self.pipeline.drain()
+        self._collect()
+
+    def _collect(self) -> None:
+        """Count the finishes the storage thread has settled."""
+        self.pipeline.raise_failures()
+        still = []
+        for future in self._finishing:
+            if future.done():
+                self._done += bool(future.result())
+            else:
+                still.append(future)
+        self._finishing = still
+
+    def _stop_all(self) -> None:
+        """SIGTERM / Ctrl-C: keep what was measured and finished, then abandon the trials
+        in training and give back the prefetched ones."""
+        rows = self.measurements.take()
+        if rows:  # written before their trial is abandoned, never after
+            self.pipeline.submit("writing measurements", self._write_measurements, rows)
+        self.pipeline.settle(self.log)
+        for future in self._finishing:
+            self._done += bool(future.exception() is None and future.result())
+        self._finishing = []
+        with self._live_lock:
+            live = list(self._live.values())
+        for entry in live:
+            if entry.training:
+                self._abandon(entry.claim, entry.trial, entry.recorded)
+            else:
+                self._give_back(entry.claim, entry.trial)
+            self._untrack(entry.claim.row_id)
 
     def _request_stop(self, signum, frame) -> None:
         self.stop_requested = True
@@ -236,84 +410,22 @@ class CampaignWorker:
     def _retry(self, operation, what: str):
         return call_with_retry(operation, what=what, log=self.log)
 
-    def _run_claims(self, claims: list[Claim]) -> int:
-        """Trials in the claimed slots of one cell (trained together when several);
-        returns how many finished here (a trial reaped while this worker was cut off from
-        the database is re-run elsewhere and does not count)."""
-        self.heartbeat.trial_row_ids = frozenset(c.row_id for c in claims)
-        # row id -> (Optuna trial or None, recorded in its row): what a stop must undo.
-        asked: dict[int, tuple[optuna.Trial | None, bool]] = {c.row_id: (None, False) for c in claims}
-        started = []
-        try:
-            for claim in claims:
-                entry = self._ask_and_record(claim, asked)
-                if entry is not None:
-                    started.append(entry)
-            return self._train_group(started)
-        except (Interrupted, KeyboardInterrupt):
-            for claim in claims:
-                trial, recorded = asked[claim.row_id]
-                self._abandon(claim, trial, recorded)
-            raise
-        finally:
-            self.heartbeat.trial_row_ids = frozenset()
+    def _track(self, claim: Claim) -> None:
+        with self._live_lock:
+            self._live[claim.row_id] = Live(claim)
+            self.heartbeat.trial_row_ids = frozenset(self._live)
 
-    def _ask_and_record(self, claim: Claim, asked: dict):
-        """Ask Optuna for the slot's point and fill its row; None if a reaper took the row."""
-        space = self.spec.cell_space(claim.optimizer, claim.schedule)
-        study, trial = self._retry(lambda: self._ask(claim, space), "asking Optuna")
-        asked[claim.row_id] = (trial, False)
-        attempt = Attempt.of(trial, self.spec.seed)
-        config = with_checkpoint(self.spec, self._config(claim, space, trial, attempt.seed), claim.row_id)
-        if not self._retry(lambda: self._record_trial(claim, trial, config, attempt), "recording the trial"):
-            self._requeue_unrecorded(claim, trial)  # reaped between claim and ask
-            asked[claim.row_id] = (None, False)
-            return None
-        asked[claim.row_id] = (trial, True)
-        return claim, study, trial, config
-
-    def _train_group(self, started) -> int:
-        finished = 0
-
-        def conclude(index: int, result: TrialResult) -> None:
-            nonlocal finished
-            claim, study, trial, _ = started[index]
-            finished += self._conclude(claim, study, trial, result)
-
-        configs = [config for *_, config in started]
-        results = self._train([claim for claim, *_ in started], configs, conclude)
-        for index, result in results.items():  # trials the trainer did not conclude (a crash)
-            conclude(index, result)
-        return finished
-
-    def _conclude(self, claim: Claim, study: optuna.Study, trial: optuna.Trial,
-                  result: TrialResult) -> bool:
-        self.heartbeat.trial_row_ids = self.heartbeat.trial_row_ids - {claim.row_id}
-        if not self._retry(lambda: self._finish_trial(claim.row_id, result), "finishing the trial"):
-            self.log(f"[worker {self.worker_id}] trial row {claim.row_id} was abandoned by a reaper "
-                     f"while this worker was silent; its result is discarded and it is re-run")
-            return False
-        self._retry(lambda: tell(study, trial, result.outcome, result.steps_to_result), "telling Optuna")
-        self.log(f"[worker {self.worker_id}] bs={claim.batch_size} {claim.optimizer}/{claim.schedule} "
-                 f"trial {trial.number}: {_describe(result)}")
-        return True
-
-    def _ask(self, claim: Claim, space) -> tuple[optuna.Study, optuna.Trial]:
-        study = self._studies.get(claim.study_name)
-        if study is None:  # loading a study costs a few queries: once per cell per worker
-            study = optuna.load_study(study_name=claim.study_name, storage=self.storage,
-                                      sampler=make_sampler(self.spec.sampler, self.spec.seed))
-            self._studies[claim.study_name] = study
-        return study, study.ask(fixed_distributions=distributions(space))
+    def _untrack(self, row_id: int) -> None:
+        with self._live_lock:
+            self._live.pop(row_id, None)
+            self.heartbeat.trial_row_ids = frozenset(self._live)
 
     def _train(self, claims: list[Claim], configs: list[TrialConfig], conclude) -> dict[int, TrialResult]:
         """Train the configs (one: `run_trial`; several: vectorized), concluding each trial
         as soon as its result is known. Returns the results left to conclude: every
         unconcluded trial is `failed` when the trainer crashed (the worker goes on)."""
-        write = lambda i, m: self._retry(lambda: self._write_measurement(claims[i].row_id, m),
-                                         "writing a measurement")
-        best = lambda: self._retry(lambda: best_steps(self.engine, claims[0].cell_id),
-                                   "reading the cell's best")
+        write = lambda i, m: self._buffer_measurement(claims[i].row_id, m)
+        best = lambda: self._best(claims[0].cell_id)
         concluded: set[int] = set()
 
         def on_result(index: int, result: TrialResult) -> None:
@@ -331,12 +443,93 @@ class CampaignWorker:
                                       on_result=on_result, best_so_far=best, prune=self.spec.prune,
                                       step_cache=self.step_cache)
             return {}
-        except (Interrupted, KeyboardInterrupt):
-            raise
+        except (Interrupted, KeyboardInterrupt, StorageJobError):
+            raise  # a storage failure stops the worker, as it did before the pipeline
         except Exception as exc:  # a crash fails these trials, not the worker
             self.log(traceback.format_exc())
             failed = TrialResult("failed", 0, 0, 0.0, message=_one_line(exc))
             return {i: failed for i in range(len(configs)) if i not in concluded}
+
+    # ----- storage jobs (the storage thread; `_claim_group` also the main thread) ------
+    def _prepare(self, room: int) -> Group | None:
+        """The next group, claimed (and asked, when the sampler allows) ahead of time;
+        None if no slot is free now (the main thread then waits for one itself)."""
+        group = self._claim_group(room)
+        if group is not None and self.prefetch_ask:
+            self._ask_group(group)
+        return group
+
+    def _claim_group(self, room: int) -> Group | None:
+        if time.monotonic() - self._reaped_at >= self.reap_seconds:
+            reap_lost_trials(self.engine, self.storage, self.campaign.id, self.grace_seconds, self.log)
+            self._reaped_at = time.monotonic()
+        claim = self._retry(lambda: claim_cell(self.engine, self.campaign.id, self.worker_id),
+                            "claiming a slot")
+        if claim is None:
+            return None
+        self._track(claim)
+        claims = [claim]
+        for _ in range(room - 1):
+            extra = self._retry(lambda: claim_more(self.engine, claim, self.worker_id, 1), "claiming more slots")
+            if not extra:
+                break
+            self._track(extra[0])
+            claims.append(extra[0])
+        return Group(claims)
+
+    def _ask_group(self, group: Group) -> Group:
+        """Ask Optuna for each slot's point and record its row, and read the cell's best."""
+        self._refresh_best(group.claims[0].cell_id)
+        for claim in group.claims:
+            entry = self._ask_and_record(claim)
+            if entry is not None:
+                group.started.append(entry)
+        group.asked = True
+        return group
+
+    def _ask_and_record(self, claim: Claim):
+        """Ask Optuna for the slot's point and fill its row; None if a reaper took the row."""
+        space = self.spec.cell_space(claim.optimizer, claim.schedule)
+        study, trial = self._retry(lambda: self._ask(claim, space), "asking Optuna")
+        live = self._live[claim.row_id]
+        live.trial = trial
+        attempt = Attempt.of(trial, self.spec.seed)
+        config = with_checkpoint(self.spec, self._config(claim, space, trial, attempt.seed), claim.row_id)
+        if not self._retry(lambda: self._record_trial(claim, trial, config, attempt), "recording the trial"):
+            self._requeue_unrecorded(claim, trial)  # reaped between claim and ask
+            self._untrack(claim.row_id)
+            return None
+        live.recorded = True
+        return claim, study, trial, config
+
+    def _ask(self, claim: Claim, space) -> tuple[optuna.Study, optuna.Trial]:
+        study = self._studies.get(claim.study_name)
+        if study is None:  # loading a study costs a few queries: once per cell per worker
+            study = optuna.load_study(study_name=claim.study_name, storage=self.storage,
+                                      sampler=make_sampler(self.spec.sampler, self.spec.seed))
+            self._studies[claim.study_name] = study
+        return study, study.ask(fixed_distributions=distributions(space))
+
+    def _refresh_best(self, cell_id: int) -> None:
+        try:
+            value = self._retry(lambda: best_steps(self.engine, cell_id), "reading the cell's best")
+        except BaseException:
+            self.best.refresh_failed(cell_id)
+            raise
+        self.best.store(cell_id, value)
+
+    def _finish_and_tell(self, claim: Claim, study: optuna.Study, trial: optuna.Trial,
+                         result: TrialResult, rows: list[dict]) -> bool:
+        """Write the trial's last measurements and its outcome in one transaction, then tell
+        Optuna; False (nothing told) if a reaper abandoned the row meanwhile."""
+        if not self._retry(lambda: self._finish_trial(claim.row_id, result, rows), "finishing the trial"):
+            self.log(f"[worker {self.worker_id}] trial row {claim.row_id} was abandoned by a reaper "
+                     f"while this worker was silent; its result is discarded and it is re-run")
+            return False
+        self._retry(lambda: tell(study, trial, result.outcome, result.steps_to_result), "telling Optuna")
+        self.log(f"[worker {self.worker_id}] bs={claim.batch_size} {claim.optimizer}/{claim.schedule} "
+                 f"trial {trial.number}: {_describe(result)}")
+        return True
 
     def _config(self, claim: Claim, space: tuple[Param, ...], trial: optuna.Trial,
                 seed: int) -> TrialConfig:
@@ -358,22 +551,32 @@ class CampaignWorker:
                 device=_device_name(self.device), host=provenance.host(),
                 code_version=provenance.code_version(), package_versions=provenance.package_versions(),
                 heartbeat_at=func.current_timestamp())).rowcount
-            session.execute(update(Worker).where(Worker.id == self.worker_id)
-                            .values(current_trial_id=claim.row_id, heartbeat_at=func.current_timestamp()))
             return filled == 1
 
-    def _write_measurement(self, trial_id: int, m: Measurement) -> None:
-        with Session(self.engine) as session, session.begin():
-            session.add(MeasurementRow(
-                trial_id=trial_id, step=m.step, examples=m.examples, epoch=m.epoch,
-                wall_seconds=m.wall_seconds, eval_seconds=m.eval_seconds,
-                learning_rate=m.learning_rate, batch_size=m.batch_size, train_loss=_finite(m.train_loss),
-                val_loss=_finite(m.val_loss), val_error=_finite(m.val_error), extra=dict(m.extra)))
+    def _mark_started(self, row_ids: list[int], started_at) -> None:
+        """Training began (a prefetched row was claimed earlier): its start time, and the
+        worker's current trial."""
+        def mark():
+            with Session(self.engine) as session, session.begin():
+                session.execute(update(Trial).where(Trial.id.in_(row_ids), Trial.outcome == "running")
+                                .values(started_at=started_at))
+                session.execute(update(Worker).where(Worker.id == self.worker_id).values(
+                    current_trial_id=row_ids[-1], heartbeat_at=func.current_timestamp()))
+        self._retry(mark, "marking the trials started")
 
-    def _finish_trial(self, row_id: int, result: TrialResult) -> bool:
+    def _write_measurements(self, rows: list[dict]) -> None:
+        def write():
+            with Session(self.engine) as session, session.begin():
+                session.execute(insert(MeasurementRow), rows)
+        self._retry(write, "writing measurements")
+
+    def _finish_trial(self, row_id: int, result: TrialResult, rows: list[dict] = ()) -> bool:
         """Record the outcome, only on a row still running: returns False if a reaper
-        abandoned it meanwhile (its re-run is then already queued)."""
+        abandoned it meanwhile (its re-run is then already queued). `rows`: measurements
+        still to write, written first in the same transaction."""
         with Session(self.engine) as session, session.begin():
+            if rows:
+                session.execute(insert(MeasurementRow), list(rows))
             finished = session.execute(update(Trial).where(
                 Trial.id == row_id, Trial.outcome == "running").values(
                 outcome=result.outcome, steps=result.steps, examples=result.examples,
@@ -387,6 +590,7 @@ class CampaignWorker:
                 trials_done=Worker.trials_done + finished))
             return finished == 1
 
+    # ----- stopping (main thread, once the storage thread is idle) -----------------------
     def _abandon(self, claim: Claim, trial: optuna.Trial | None, recorded: bool) -> None:
         """SIGTERM / Ctrl-C: give the slot back and queue the same hyperparameters and seed
         again, so the cell still ends with exactly its planned number of finished trials."""
@@ -397,6 +601,14 @@ class CampaignWorker:
         number = trial.number if trial is not None else "(not yet asked)"
         self.log(f"[worker {self.worker_id}] stopped; trial {number} of "
                  f"bs={claim.batch_size} {claim.optimizer}/{claim.schedule} will be re-run")
+
+    def _give_back(self, claim: Claim, trial: optuna.Trial | None) -> None:
+        """A prefetched slot that never trained: its row is deleted, the slot given back and
+        its point queued again as the same attempt (same seed), as if never claimed."""
+        if not self._retry(lambda: release_slot(self.engine, claim.row_id), "giving a slot back"):
+            return  # a reaper took it first (and queued its point again)
+        if trial is not None:
+            self._requeue_unrecorded(claim, trial)
 
     def _requeue_unrecorded(self, claim: Claim, trial: optuna.Trial) -> None:
         attempt = Attempt.of(trial, self.spec.seed)
@@ -414,6 +626,28 @@ class CampaignWorker:
         with Session(self.engine) as session, session.begin():
             session.execute(update(Worker).where(Worker.id == self.worker_id).values(
                 status=status, heartbeat_at=func.current_timestamp(), current_trial_id=None))
+
+
+def release_slot(engine: Engine, row_id: int) -> bool:
+    """Delete a running trial row that never trained and give its cell slot back, in one
+    transaction; False if the row is no longer running (a reaper abandoned it)."""
+    with Session(engine) as session, session.begin():
+        cell_id = session.scalar(select(Trial.cell_id).where(Trial.id == row_id, Trial.outcome == "running"))
+        if cell_id is None:
+            return False
+        gone = session.execute(delete(Trial).where(Trial.id == row_id, Trial.outcome == "running")).rowcount
+        if gone != 1:
+            return False
+        session.execute(update(Cell).where(Cell.id == cell_id).values(trials_claimed=Cell.trials_claimed - 1))
+        return True
+
+
+def _measurement_row(trial_id: int, m: Measurement) -> dict:
+    return dict(trial_id=trial_id, step=m.step, examples=m.examples, epoch=m.epoch,
+                wall_seconds=m.wall_seconds, eval_seconds=m.eval_seconds,
+                learning_rate=m.learning_rate, batch_size=m.batch_size,
+                train_loss=_finite(m.train_loss), val_loss=_finite(m.val_loss),
+                val_error=_finite(m.val_error), extra=dict(m.extra))
 
 
 def _device_name(device) -> str:

@@ -13,7 +13,6 @@ import pandas as pd
 import pytest
 from sqlalchemy import create_engine, text
 
-from db.engine import make_engine
 from tests.study.test_recovery import (check_exact_accounting, create, spec_text, start_worker,
                                        trial_rows, wait_all)
 
