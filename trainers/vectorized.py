@@ -28,11 +28,21 @@ batched matmuls with a hand-written backward and in-place optimizer updates, and
 stopped trial leaves the stack at the evaluation that decides it instead of being
 masked. `stacked=False` forces the torch.func path.
 
+Batch norm (incl. ghost batch norm, `hparams["ghost_batch_size"]`) is vectorized with
+per-trial buffers: the stacked running_mean / running_var / num_batches_tracked (K, ...)
+are passed to `functional_call` as copies, which the BN layers update in place under
+vmap exactly as in `run_trial` (momentum, unbiased variance, one update per ghost
+batch); the step returns them and writes them back, stopped trials keeping theirs
+frozen like their parameters. Evaluation runs in eval mode on each trial's running
+statistics. Trials of one group share the ghost batch size (it is part of the group key).
+
 Not vectorized (each such config runs through `trainers.loop.run_trial` instead, with
-identical results by construction): the `lars` and `lamb` optimizers, models with batch
-norm (incl. ghost batch norm: running-statistic updates under vmap would need per-trial
-buffers written back each step; not done yet), and any config that sets a `TrialConfig`
-field this module does not know (e.g. a batch-size plan) away from its default.
+identical results by construction): the `lars` and `lamb` optimizers, models with active
+dropout (its random masks come from the global RNG in `run_trial`), workloads streamed
+through a DataLoader or computed in closed form, batch norm with
+`momentum=None` (a cumulative average) or without running statistics, and any config
+that sets a `TrialConfig` field this module does not know (e.g. a batch-size plan) away
+from its default.
 
 Timing: the K trials share one clock, so `wall_seconds` of a vectorized trial is the
 wall time of the whole group's training so far (what the trial really waited), not a
@@ -40,7 +50,11 @@ per-trial share of it.
 
 On CUDA the step is compiled with `torch.compile` and runs under bf16 autocast by
 default (`compile=`, `precision=` override); on CPU neither is used unless asked, and
-with fp32 the results equal `run_trial`'s up to floating-point rounding.
+with fp32 the results equal `run_trial`'s up to floating-point rounding. Some models
+amplify rounding (as they do between two `run_trial` runs on different thread counts):
+with batch norm, a ReLU input within rounding of zero, or Adam's normalised steps on
+the near-zero gradient of a bias that feeds a batch-norm layer, can move the losses by
+1e-3 relative after tens of steps.
 """
 from __future__ import annotations
 
@@ -130,13 +144,11 @@ def is_vectorizable(config: TrialConfig) -> bool:
     """Whether `run_trials_vectorized` trains `config` vectorized (else sequentially)."""
     if config.optimizer not in VECTORIZED_OPTIMIZERS:
         return False
-    if config.hparams.get("ghost_batch_size"):
-        return False
     known = set(_SHARED_FIELDS) | set(_PER_TRIAL_FIELDS)
     for spec in dataclasses.fields(config):
         if spec.name not in known and getattr(config, spec.name) != _field_default(spec):
             return False  # a feature of run_trial this module does not reproduce
-    return not _has_batch_norm(get_workload(config.workload))
+    return _model_is_vectorizable(get_workload(config.workload))
 
 
 def choose_k(workload: str | Workload, batch_size: int, device: str | torch.device,
@@ -205,7 +217,13 @@ def _group_key(config: TrialConfig) -> tuple:
     # Unknown fields (e.g. a batch-size plan) separate groups too.
     others = tuple(repr(getattr(config, f.name)) for f in dataclasses.fields(config)
                    if f.name not in _PER_TRIAL_FIELDS)
-    return (*others, bool(config.hparams.get("ghost_batch_size")))
+    return (*others, _ghost_batch_size(config))
+
+
+def _ghost_batch_size(config: TrialConfig) -> int | None:
+    """The ghost batch size `trainers.loop.build_model` builds the model with."""
+    ghost = config.hparams.get("ghost_batch_size")
+    return int(ghost) if ghost else None
 
 
 def _field_default(spec: dataclasses.Field):
@@ -224,10 +242,21 @@ def _run_sequential(config: TrialConfig, index: int, cache: DataCache, sinks: _S
     return result
 
 
-def _has_batch_norm(workload: Workload) -> bool:
+def _model_is_vectorizable(workload: Workload) -> bool:
+    """An in-memory workload with a network (no closed form, no DataLoader), without
+    active dropout (random masks from the global RNG), and with batch norm only where it
+    keeps running statistics as an exponential average (momentum set)."""
+    if workload.simulate is not None or workload.load_folders is not None:
+        return False
     with torch.device("meta"):
         model = workload.build_model(ModelOptions())
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
+            return False
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and (
+                module.momentum is None or not module.track_running_stats):
+            return False
+    return True
 
 
 def _guess_input_shape(model: nn.Module) -> tuple[int, ...]:
@@ -340,7 +369,8 @@ def _run_group(configs: list[TrialConfig], indices: list[int], cache: DataCache,
     splits = cache.get(workload, DataOptions(first.data_dir, first.download), device)
     models = [build_model(workload, config, device) for config in configs]
     stack = _make_stack(configs, indices, models, device, splits.train_size)
-    key = (workload.name, str(device), first.optimizer, options, tuple(sorted(stack.hparams)))
+    key = (workload.name, str(device), first.optimizer, options, tuple(sorted(stack.hparams)),
+           _ghost_batch_size(first), bool(stack.buffers))
     if key not in steps:  # same key: same skeleton and step function, so no recompilation
         steps[key] = _make_context(workload, device, splits, models[0], first.optimizer, options)
     context = dataclasses.replace(steps[key], splits=splits)
@@ -479,31 +509,39 @@ def _init_opt_state(optimizer: str, params: dict[str, torch.Tensor]) -> dict[str
 def _build_step(skeleton: nn.Module, workload: Workload, optimizer: str,
                 autocast_dtype: torch.dtype | None, device: torch.device) -> Callable:
     """step(params, buffers, opt_state, hparams, row, x, y, active) ->
-    (params, opt_state, loss_sums): one update of every trial, stopped trials unchanged."""
+    (params, buffers, opt_state, loss_sums): one update of every trial, stopped trials
+    unchanged. Batch-norm buffers come back as the forward pass left them (running
+    statistics updated once per batch, or per ghost batch)."""
     grads_fn = vmap(grad_and_value(_trial_loss_fn(skeleton, workload, autocast_dtype, device),
                                    has_aux=True))
     update = _UPDATES[optimizer]
 
     def step(params, buffers, opt_state, hparams, row, x, y, active):
-        grads, (_, loss_sums) = grads_fn(params, buffers, x, y)  # (K, *shape) each, (K,)
+        grads, (_, (loss_sums, new_buffers)) = grads_fn(params, buffers, x, y)  # (K, *shape), (K,)
         if "grad_clip_norm" in hparams:
             grads = _clip_per_trial(grads, hparams["grad_clip_norm"])
         new_params, new_state = update(params, grads, opt_state, hparams, row)
         new_params = {n: _where_active(active, new_params[n], params[n]) for n in params}
         new_state = {s: {n: _where_active(active, new_state[s][n], opt_state[s][n]) for n in params}
                      for s in opt_state}
-        return new_params, new_state, loss_sums
+        new_buffers = {n: _where_active(active, new_buffers[n], buffers[n]) for n in buffers}
+        return new_params, new_buffers, new_state, loss_sums
     return step
 
 
 def _trial_loss_fn(skeleton, workload, autocast_dtype, device):
-    """loss(params, buffers, x, y) of ONE trial -> (mean loss, summed loss)."""
+    """loss(params, buffers, x, y) of ONE trial -> (mean loss, (summed loss, buffers)).
+
+    The model runs on copies of the buffers, which batch norm updates in place in
+    training mode (under vmap each trial's own slice); the copies are returned, so the
+    caller's buffers are never mutated."""
     def loss_fn(params, buffers, x, y):  # x (B, *input), y (B,)
+        buffers = {name: b.clone() for name, b in buffers.items()}
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
                             enabled=autocast_dtype is not None):
             logits = functional_call(skeleton, (params, buffers), (x,))  # (B, classes)
         loss_sum, count, _ = workload.loss(logits, y)
-        return loss_sum / count, loss_sum.detach()
+        return loss_sum / count, (loss_sum.detach(), buffers)
     return loss_fn
 
 
@@ -593,7 +631,7 @@ def _train_step(context: _Context, stack: _Stack, clock: _Clock, start: int, bat
         x = torch.stack([workload.augment(x[k], g) for k, g in enumerate(stack.generators)])
     y = splits.train_y[index]  # (K, b)
     row = {name: table[clock.step] for name, table in stack.tables.items()}  # name -> (K,)
-    stack.params, stack.opt_state, loss_sums = context.step_fn(
+    stack.params, stack.buffers, stack.opt_state, loss_sums = context.step_fn(
         stack.params, stack.buffers, stack.opt_state, stack.hparams, row, x, y, stack.active)
     stack.interval_loss = stack.interval_loss + loss_sums.float()
     return int(index.shape[1])

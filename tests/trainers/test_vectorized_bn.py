@@ -1,0 +1,175 @@
+"""Batch norm and ghost batch norm on the vmap path: per-trial running statistics,
+updated every step as `run_trial`'s model updates them, frozen once a trial stops,
+and evaluation in eval mode; measurements equal the sequential trainer's."""
+import dataclasses
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import trainers.workloads as workloads_module
+from trainers.config import Target, TrialConfig
+from trainers.loop import DataCache, build_model, run_trial
+from trainers.models.ghost_bn import batch_norm_1d
+from trainers.optim import get_optimizer
+from trainers.vectorized import (_Clock, _make_context, _make_stack, _StepOptions, _train_step,
+                                 evaluate_stacked, is_vectorizable, run_trials_vectorized)
+from trainers.workloads import DataOptions, ModelOptions, get_workload
+
+from tests.shared_data import MNIST_T10K
+
+CPU = torch.device("cpu")
+CACHE = DataCache()
+
+
+def _bn_mlp(options: ModelOptions) -> nn.Module:
+    """64 -> 2 x [Linear 32, BatchNorm1d, ReLU] -> 10: batch norm on the digits."""
+    ghost = options.ghost_batch_size
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), batch_norm_1d(32, ghost), nn.ReLU(),
+                         nn.Linear(32, 32), batch_norm_1d(32, ghost), nn.ReLU(), nn.Linear(32, 10))
+
+
+@pytest.fixture(autouse=True)
+def digits_bn(monkeypatch):
+    """A digits-sized batch-norm workload, registered for the duration of a test."""
+    workload = dataclasses.replace(get_workload("digits_mlp"), name="digits_bn", build_model=_bn_mlp)
+    monkeypatch.setattr(workloads_module, "WORKLOADS", {**workloads_module.WORKLOADS, "digits_bn": workload})
+    return workload
+
+
+def config(lr: float, seed: int, ghost: int | None = None, **overrides) -> TrialConfig:
+    hparams = {"learning_rate": lr, "momentum": 0.9}
+    if ghost:
+        hparams["ghost_batch_size"] = ghost
+    values = dict(workload="digits_bn", batch_size=64, optimizer="momentum", schedule="constant",
+                  hparams=hparams, max_steps=60, eval_every=10, target=Target("val_error", 0.05),
+                  seed=seed, device="cpu")
+    values.update(overrides)
+    return TrialConfig(**values)
+
+
+def sequential(configs):
+    runs = []
+    for cfg in configs:
+        measurements = []
+        runs.append((run_trial(cfg, data_cache=CACHE, on_measurement=measurements.append), measurements))
+    return runs
+
+
+def vectorized(configs, **kwargs):
+    measurements = [[] for _ in configs]
+    results = run_trials_vectorized(configs, data_cache=CACHE, stacked=False,
+                                    on_measurement=lambda i, m: measurements[i].append(m), **kwargs)
+    return list(zip(results, measurements))
+
+
+def assert_same_runs(expected, actual, rtol=1e-4, atol=1e-6, val_error_abs=0.0):
+    for (want, want_ms), (got, got_ms) in zip(expected, actual, strict=True):
+        assert (got.outcome, got.steps, got.examples, got.steps_to_result) == \
+            (want.outcome, want.steps, want.examples, want.steps_to_result)
+        assert [(m.step, m.examples, m.learning_rate) for m in got_ms] == \
+            [(m.step, m.examples, m.learning_rate) for m in want_ms]
+        for w, g in zip(want_ms, got_ms):
+            assert g.val_error == pytest.approx(w.val_error, abs=val_error_abs)
+            for name in ("train_loss", "val_loss"):
+                a, b = getattr(g, name), getattr(w, name)
+                assert (a != a and b != b) or a == pytest.approx(b, rel=rtol, abs=atol), (name, g.step)
+
+
+def test_batch_norm_models_are_vectorized():
+    assert is_vectorizable(config(0.1, 0)) and is_vectorizable(config(0.1, 0, ghost=16))
+    assert is_vectorizable(dataclasses.replace(config(0.1, 0), workload="mnist10k_f1"))
+    # Keskar's C1 has dropout (random masks from run_trial's global RNG): sequential.
+    assert not is_vectorizable(dataclasses.replace(config(0.1, 0), workload="cifar10_c1"))
+
+
+@pytest.mark.parametrize("ghost", [None, 16], ids=["bn", "ghost_bn"])
+def test_vectorized_bn_equals_sequential(ghost):
+    # One trial reaches the target early, one diverges, two run to the budget.
+    configs = [config(lr, seed, ghost) for lr, seed in ((0.1, 5), (1e9, 1), (0.01, 2), (0.003, 4))]
+    expected = sequential(configs)
+    assert [(r.outcome, r.steps) for r, _ in expected] == \
+        [("reached", 20), ("diverged", 10), ("not_reached", 60), ("not_reached", 60)]
+    assert_same_runs(expected, vectorized(configs, chunk_size=4))
+
+
+def test_one_trial_vectorized_equals_sequential():
+    for cfg in (config(0.05, 3), config(0.05, 3, ghost=16)):
+        assert_same_runs(sequential([cfg]), vectorized([cfg], chunk_size=1))
+
+
+@pytest.mark.parametrize("ghost", [None, 16], ids=["bn", "ghost_bn"])
+def test_running_statistics_follow_the_sequential_model_and_freeze_when_stopped(ghost):
+    """The stacked buffers after each step equal those of K nn.Modules trained with
+    torch.optim on the same batches (a batch of 45 = 2 ghost batches of 16 + one of 13
+    included); a trial masked out after two steps keeps its buffers and parameters."""
+    configs = [config(lr, seed, ghost) for lr, seed in ((0.1, 1), (0.05, 2), (0.02, 3))]
+    workload = get_workload("digits_bn")
+    splits = CACHE.get(workload, DataOptions(), CPU)
+    models = [build_model(workload, c, CPU) for c in configs]
+    references = [build_model(workload, c, CPU) for c in configs]
+    optims = [get_optimizer("momentum").build(m.parameters(), c.hparams) for m, c in zip(references, configs)]
+    context = _make_context(workload, CPU, splits, models[0], "momentum", _StepOptions(False, None))
+    stack = _make_stack(configs, [0, 1, 2], models, CPU, splits.train_size)
+    assert set(stack.buffers) == {f"{layer}.{name}" for layer in (2, 5)
+                                  for name in ("running_mean", "running_var", "num_batches_tracked")}
+    stack.orders = torch.stack([torch.randperm(splits.train_size, generator=g) for g in stack.generators])
+    clock = _Clock()
+    starts = (0, 64, 1152, 128, 192)  # 1152: the epoch's last batch, 45 examples
+    for step, start in enumerate(starts):
+        if step == 2:
+            stack.active = torch.tensor([True, False, True])
+        _train_step(context, stack, clock, start, 64)
+        clock.step += 1
+        for k, (model, optim) in enumerate(zip(references, optims)):
+            if step >= 2 and k == 1:
+                continue
+            index = stack.orders[k, start:start + 64]
+            loss_sum, count, _ = workload.loss(model(workload.preprocess(splits.train_x[index])),
+                                               splits.train_y[index])
+            optim.zero_grad()
+            (loss_sum / count).backward()
+            optim.step()
+        for k, model in enumerate(references):
+            for name, buffer in model.named_buffers():
+                torch.testing.assert_close(stack.buffers[name][k], buffer, rtol=1e-5, atol=1e-6)
+            for name, param in model.named_parameters():
+                torch.testing.assert_close(stack.params[name][k], param.detach(), rtol=1e-5, atol=1e-6)
+    ghost_batches = {None: [1] * 5, 16: [4, 4, 3, 4, 4]}[ghost]
+    tracked = stack.buffers["2.num_batches_tracked"]
+    assert tracked.tolist() == [sum(ghost_batches), sum(ghost_batches[:2]), sum(ghost_batches)]
+    # Evaluation uses each trial's running statistics (eval mode), as run_trial does.
+    from trainers.loop import evaluate
+    losses, errors = evaluate_stacked(context.skeleton, workload, stack.params, stack.buffers,
+                                      splits.val_x, splits.val_y, 128)
+    for k, model in enumerate(references):
+        loss, error = evaluate(model, workload, splits.val_x, splits.val_y, 128)
+        assert losses[k] == pytest.approx(loss, rel=1e-5) and errors[k] == error
+        assert model.training  # evaluate restored training mode
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not MNIST_T10K.is_dir(), reason="needs the shared MNIST test files")
+def test_keskar_f1_ghost_bn_equals_sequential():
+    """Keskar's F1 (5 x [Linear 512, BN, ReLU]) on the MNIST-10k files, ghost batch norm.
+
+    Looser than the digits tests on purpose: at lr 0.1 a single ReLU input within 1e-6 of
+    zero takes the other side through rounding, and the gap grows to ~1e-3 of the loss
+    by step 15. The sequential trainer shows the same gap against itself when run on one
+    thread instead of two, and the vmap gradient is the one that matches float64 there."""
+    configs = [config(lr, seed, 32, workload="mnist10k_f1", batch_size=128, data_dir=str(MNIST_T10K),
+                      max_steps=20, eval_every=5, target=Target("val_error", 0.15), eval_batch_size=1000)
+               for lr, seed in ((0.1, 1), (1e9, 2), (0.01, 3))]
+    expected = sequential(configs)
+    assert [(r.outcome, r.steps) for r, _ in expected] == [("reached", 15), ("diverged", 5), ("reached", 15)]
+    assert_same_runs(expected, vectorized(configs), rtol=1e-2, val_error_abs=2 / 2000)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() and not os.environ.get("BATCHLAB_COMPILE_TESTS"),
+                    reason="compiling on CPU takes ~1 min; set BATCHLAB_COMPILE_TESTS=1 to run it")
+@pytest.mark.parametrize("ghost", [None, 16], ids=["bn", "ghost_bn"])
+def test_compiled_bn_step_equals_eager(ghost):
+    configs = [config(lr, seed, ghost, max_steps=30) for lr, seed in ((0.1, 5), (0.01, 2))]
+    assert_same_runs(vectorized(configs, compile=False, precision="fp32"),
+                     vectorized(configs, compile=True, precision="fp32"))
