@@ -169,7 +169,7 @@ def cmd_worker(args) -> int:
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
-    from study.distributed import follow, init_group, launched_ranks, leave_group
+    from study.distributed import exit_rank, follow, init_group, launched_ranks, leave_group
     url, engine = _engine(args)
     log = (lambda line: None) if args.quiet else (lambda line: print(line, flush=True))
     if args.trials_at_once < 1:
@@ -190,9 +190,9 @@ def cmd_worker(args) -> int:
         else:
             code = _work(args, engine, url, log)
         clean = True
-        return code
     finally:
         leave_group(clean)
+    exit_rank(code)
 
 
 def _work(args, engine, url, log) -> int:

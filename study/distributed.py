@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from dataclasses import dataclass
+from typing import NoReturn
 
 from trainers.config import Target, TrialConfig
 
@@ -51,6 +53,18 @@ def leave_group(clean: bool) -> None:
     if clean:
         dist.barrier()
     dist.destroy_process_group()
+
+
+def exit_rank(code: int) -> NoReturn:
+    """End a rank's process once its group is left: flush, then `os._exit`, skipping the
+    interpreter's and the C++ runtime's teardown. Under load, gloo's static state being
+    destroyed at a normal exit occasionally aborted a rank ("terminate called without an
+    active exception", SIGABRT) after all its work was done and stored."""
+    import logging
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def announce(config: TrialConfig | None, prune: bool = True) -> None:

@@ -1,5 +1,6 @@
 """`torchrun --nproc_per_node=2 -m study.cli worker`: one trial spans two processes,
 rank 0 alone writes to storage, and the stored results equal a one-process worker's."""
+import os
 import subprocess
 import sys
 import textwrap
@@ -58,7 +59,8 @@ def test_two_rank_worker_equals_one_process_worker(tmp_path):
     two_url, two_engine = campaign(tmp_path, "two")
     ranks = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                             "--nproc_per_node=2", "-m", "study.cli", *worker[3:], "--storage", two_url],
-                           capture_output=True, text=True, timeout=300)
+                           capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "PYTHONFAULTHANDLER": "1"})  # a crash shows its Python stack
     assert ranks.returncode == 0, ranks.stderr[-3000:]
     (t1, m1), (t2, m2) = stored(one_engine), stored(two_engine)
     assert len(t2) == 2 and t2["worker_id"].nunique() == 1  # rank 0 alone wrote

@@ -8,6 +8,7 @@ import sys
 
 import torch.distributed as dist
 
+from study.distributed import exit_rank
 from trainers.config import Target, TrialConfig
 from trainers.loop import run_trial
 
@@ -26,6 +27,7 @@ def main(out: str, config_json: str) -> None:
                       default=dict)
     dist.barrier()  # no rank tears gloo down while its peer still talks to it (SIGABRT)
     dist.destroy_process_group()
+    exit_rank(0)  # as the torchrun worker: no C++ static teardown (an occasional SIGABRT)
 
 
 if __name__ == "__main__":

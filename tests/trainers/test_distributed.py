@@ -1,6 +1,7 @@
 """A trial split over two processes (torchrun, gloo, CPU) equals the one-process trial
 with the same global batch and seed."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +27,8 @@ def test_two_process_trial_equals_one_process(tmp_path, batch_size):
     script = Path(__file__).with_name("ddp_trial.py")
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                           "--nproc_per_node=2", str(script), str(out), payload],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONFAULTHANDLER": "1"})  # a crash shows its Python stack
     assert run.returncode == 0, run.stderr[-3000:]
     data = json.loads(out.read_text())
     assert data["result"]["outcome"] == expected.outcome == "reached"
