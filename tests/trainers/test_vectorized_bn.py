@@ -157,9 +157,11 @@ def test_keskar_f1_ghost_bn_equals_sequential():
     Looser than the digits tests on purpose: at lr 0.1 a single ReLU input within 1e-6 of
     zero takes the other side through rounding, and the gap grows to ~1e-3 of the loss
     by step 15. The sequential trainer shows the same gap against itself when run on one
-    thread instead of two, and the vmap gradient is the one that matches float64 there."""
+    thread instead of two, and the vmap gradient is the one that matches float64 there.
+    The target sits 23+ validation examples from every evaluation's error (0.175 -> 0.1485
+    and 0.1785 -> 0.145 across step 15), so that drift cannot flip an outcome."""
     configs = [config(lr, seed, 32, workload="mnist10k_f1", batch_size=128, data_dir=str(MNIST_T10K),
-                      max_steps=20, eval_every=5, target=Target("val_error", 0.15), eval_batch_size=1000)
+                      max_steps=20, eval_every=5, target=Target("val_error", 0.16), eval_batch_size=1000)
                for lr, seed in ((0.1, 1), (1e9, 2), (0.01, 3))]
     expected = sequential(configs)
     assert [(r.outcome, r.steps) for r, _ in expected] == [("reached", 15), ("diverged", 5), ("reached", 15)]
