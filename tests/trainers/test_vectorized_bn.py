@@ -152,20 +152,21 @@ def test_running_statistics_follow_the_sequential_model_and_freeze_when_stopped(
 @pytest.mark.slow
 @pytest.mark.skipif(not MNIST_T10K.is_dir(), reason="needs the shared MNIST test files")
 def test_keskar_f1_ghost_bn_equals_sequential():
-    """Keskar's F1 (5 x [Linear 512, BN, ReLU]) on the MNIST-10k files, ghost batch norm.
+    """Keskar's F1 (5 x [Linear 512, BN, ReLU]) on the MNIST-10k files, ghost batch norm:
+    one trial reaches the target, one diverges, one runs out of steps.
 
-    Looser than the digits tests on purpose: at lr 0.1 a single ReLU input within 1e-6 of
-    zero takes the other side through rounding, and the gap grows to ~1e-3 of the loss
-    by step 15. The sequential trainer shows the same gap against itself when run on one
-    thread instead of two, and the vmap gradient is the one that matches float64 there.
-    The target sits 23+ validation examples from every evaluation's error (0.175 -> 0.1485
-    and 0.1785 -> 0.145 across step 15), so that drift cannot flip an outcome."""
+    F1 amplifies rounding: at lr 0.1 a ReLU input within 1e-6 of zero takes the other side
+    and the two trainers drift ~1e-3 apart within 15 steps, as run_trial does against
+    itself on one thread vs two (the vmap gradient is the one matching float64 there). So
+    this uses learning rates where both trainers agree to ~2.5e-5 on one and on two threads,
+    and a target 30 validation examples from every evaluation's error."""
     configs = [config(lr, seed, 32, workload="mnist10k_f1", batch_size=128, data_dir=str(MNIST_T10K),
-                      max_steps=20, eval_every=5, target=Target("val_error", 0.16), eval_batch_size=1000)
-               for lr, seed in ((0.1, 1), (1e9, 2), (0.01, 3))]
+                      max_steps=15, eval_every=5, target=Target("val_error", 0.13), eval_batch_size=1000)
+               for lr, seed in ((0.01, 3), (1e9, 2), (0.02, 4))]
     expected = sequential(configs)
-    assert [(r.outcome, r.steps) for r, _ in expected] == [("reached", 15), ("diverged", 5), ("reached", 15)]
-    assert_same_runs(expected, vectorized(configs), rtol=1e-2, val_error_abs=2 / 2000)
+    assert [(r.outcome, r.steps) for r, _ in expected] == [("not_reached", 15), ("diverged", 5),
+                                                          ("reached", 15)]
+    assert_same_runs(expected, vectorized(configs), rtol=1e-3, val_error_abs=2 / 2000)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() and not os.environ.get("BATCHLAB_COMPILE_TESTS"),
