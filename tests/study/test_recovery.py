@@ -267,8 +267,10 @@ def test_kill_9_of_random_workers_on_postgres(local_postgres, tmp_path):
                                          max_steps=150, eval_every=10))
     logs = tmp_path / "workers.log"
     workers = [start_worker(url, "kill", log=logs) for _ in range(4)]
-    wait_for(lambda: (trial_rows(engine, info.id)["trial_number"] >= 0).sum() >= 4, 120,
-             "every worker to run a trial")
+    # every worker registered (a worker claims ahead, so 4 trial rows may be 2 workers')
+    wait_for(lambda: set(queries.workers(engine, info.id)["pid"]) >= {w.pid for w in workers}
+             and (trial_rows(engine, info.id)["trial_number"] >= 0).sum() >= 4, 120,
+             "every worker to register and trials to start")
     rng = random.Random(7)
     victims = rng.sample(workers, 2)
     for victim in victims:
