@@ -129,8 +129,7 @@ def run_trials_vectorized(configs: Sequence[TrialConfig], *, data_cache: DataCac
                 results[i] = _run_sequential(configs[i], i, cache, sinks)
             continue
         device = resolve_device(group[0].device)
-        size = chunk_size or choose_k(group[0].workload, group[0].batch_size, device,
-                                      eval_batch_size=group[0].eval_batch_size)
+        size = chunk_size or _group_k(group[0], cache, device)
         for start in range(0, len(indices), size):
             chunk = indices[start:start + size]
             options = _StepOptions.resolve(device, compile, precision, stacked)
@@ -138,6 +137,15 @@ def run_trials_vectorized(configs: Sequence[TrialConfig], *, data_cache: DataCac
                                                    sinks, options, steps)):
                 results[i] = result
     return results  # type: ignore[return-value]
+
+
+def _group_k(config: TrialConfig, cache: DataCache, device: torch.device) -> int:
+    """`choose_k` for a group, with the input shape of the data it will train on (the
+    model alone does not fix a convnet's: MNIST's simple CNN sees 28 x 28 images)."""
+    workload = get_workload(config.workload)
+    splits = cache.get(workload, DataOptions(config.data_dir, config.download), device)
+    return choose_k(workload, config.batch_size, device, input_shape=tuple(splits.train_x.shape[1:]),
+                    eval_batch_size=config.eval_batch_size)
 
 
 def is_vectorizable(config: TrialConfig) -> bool:

@@ -9,7 +9,8 @@ import torch
 from trainers.config import Target, TrialConfig
 from trainers.loop import DataCache, run_trial
 from trainers.loop import build_model
-from trainers.vectorized import (_UPDATES, _Clock, _hparam_tensors, _make_context, _make_stack,
+from shared_data import MNIST_T10K
+from trainers.vectorized import (_UPDATES, _Clock, _group_k, _hparam_tensors, _make_context, _make_stack,
                                  _step_tables, _StepOptions, _train_step, choose_k,
                                  is_vectorizable, run_trials_vectorized)
 from trainers.workloads import DataOptions, get_workload
@@ -178,3 +179,22 @@ def test_cuda_bf16_compiled_trials_learn():
                       max_steps=100, target=Target("val_error", 0.0)) for s in (1, 2)]
     results = vectorized(configs)  # default on CUDA: compiled, bf16 autocast
     assert all(r.outcome == "not_reached" and r.best_metric < 0.15 for r, _ in results)
+
+
+@pytest.mark.skipif(not (MNIST_T10K / "t10k-images-idx3-ubyte.gz").exists(), reason="needs the MNIST t10k files")
+def test_k_of_a_group_comes_from_the_datas_input_shape():
+    """A convnet's model does not fix its input size: `choose_k` alone assumes 32 x 32, which
+    breaks MNIST's simple CNN (28 x 28, FC over 7 x 7 x 64). The worker's call (no chunk
+    size) takes the shape from the data, and the group trains."""
+    workload = get_workload("mnist10k_simple_cnn")
+    with pytest.raises(RuntimeError):
+        choose_k(workload, 16, "cpu")
+    configs = [TrialConfig(workload="mnist10k_simple_cnn", batch_size=16, optimizer="momentum",
+                           schedule="constant", hparams={"learning_rate": 0.01 * (i + 1), "momentum": 0.9},
+                           max_steps=2, eval_every=2, target=Target("val_error", 0.0), seed=i,
+                           data_dir=str(MNIST_T10K)) for i in range(2)]
+    cache = DataCache()
+    assert _group_k(configs[0], cache, torch.device("cpu")) == \
+        choose_k(workload, 16, "cpu", input_shape=(1, 28, 28)) >= 1
+    results = run_trials_vectorized(configs, data_cache=cache)
+    assert [r.steps for r in results] == [2, 2] and all(r.outcome == "not_reached" for r in results)
