@@ -41,6 +41,8 @@ DEFAULT_HEARTBEAT_SECONDS = 10.0
 DEFAULT_GRACE_SECONDS = 60.0
 # User attributes of an enqueued re-run: which attempt, of which first row, with what seed.
 ATTEMPT_ATTR, ATTEMPT_OF_ATTR, SEED_ATTR = "batchlab_attempt", "batchlab_attempt_of", "batchlab_seed"
+# Why a WAITING trial of a complete campaign was failed without being run.
+UNUSED_ATTR = "batchlab_unused"
 FINISHED = ("reached", "not_reached", "diverged", "failed", "pruned")
 
 
@@ -164,6 +166,9 @@ def reap_lost_trials(engine: Engine, storage: optuna.storages.BaseStorage, campa
     """Abandon every running trial of the campaign whose heartbeat is older than
     `grace_seconds`, mark silent workers `lost`, and settle Optuna trials left RUNNING by
     a death between two steps. Cheap when nothing is late: two indexed queries."""
+    # Settle first: an unrecorded ask of a dead worker is re-queued before the slots of
+    # the rows abandoned below are given back, so their re-runs can draw it.
+    settle_optuna_trials(engine, storage, campaign_id, grace_seconds)
     now, stale = call_with_retry(lambda: _stale_trials(engine, campaign_id, grace_seconds),
                                  what="looking for lost trials")
     cutoff = now - timedelta(seconds=grace_seconds)
@@ -176,7 +181,6 @@ def reap_lost_trials(engine: Engine, storage: optuna.storages.BaseStorage, campa
             if log is not None:
                 log(f"reaper: trial row {row.id} abandoned ({reason}); it will be re-run")
     call_with_retry(lambda: _mark_workers_lost(engine, campaign_id, cutoff), what="marking lost workers")
-    settle_optuna_trials(engine, storage, campaign_id, grace_seconds)
     return reaped
 
 
@@ -209,6 +213,12 @@ LEFT JOIN bl_trials b ON b.optuna_trial_id = t.trial_id
 WHERE c.campaign_id = :campaign_id AND t.state = 'RUNNING'
   AND (b.id IS NULL OR (b.outcome <> 'running' AND b.finished_at < :cutoff))
 """).bindparams(bindparam("cutoff", type_=DateTime(timezone=True)))
+_WAITING_OPTUNA_TRIALS = text("""
+SELECT t.trial_id FROM trials t
+JOIN studies s ON s.study_id = t.study_id
+JOIN bl_cells c ON c.study_name = s.study_name
+WHERE c.campaign_id = :campaign_id AND t.state = 'WAITING'
+""")
 
 
 def settle_optuna_trials(engine: Engine, storage: optuna.storages.BaseStorage, campaign_id: int,
@@ -277,11 +287,17 @@ def _older_than(started: datetime | str | None, seconds: float) -> bool:
 
 def fail_orphaned_asks(engine: Engine, storage: optuna.storages.BaseStorage, campaign_id: int) -> int:
     """Once the campaign is complete (no free slot, no running row: nothing can claim, ask
-    or abandon any more), Optuna trials still RUNNING that no row names are orphans: an
-    ask whose commit went through but whose acknowledgement was lost (a database restart)
-    and that was retried. Nothing will train them and every cell has its trials: they are
-    failed, not re-queued. Returns how many."""
-    def orphans():
+    or abandon any more), settle what no worker will ever ask or train:
+
+    - Optuna trials still RUNNING that no row names: an ask whose commit went through but
+      whose acknowledgement was lost (a database restart) and that was retried;
+    - Optuna trials still WAITING: a point re-queued (by a reaper, or by the sweep of an
+      ask whose worker died before recording it) after its cell's last slot had already
+      been re-claimed and asked, so that re-run drew a fresh point from the sampler.
+
+    Every cell has its trials: these are failed, not re-queued (a WAITING one is tagged
+    `batchlab_unused`). Returns how many."""
+    def leftovers():
         with Session(engine) as session:
             free, running = session.execute(
                 select(func.coalesce(func.sum(Cell.trials_planned - Cell.trials_claimed), 0),
@@ -290,16 +306,27 @@ def fail_orphaned_asks(engine: Engine, storage: optuna.storages.BaseStorage, cam
                        .scalar_subquery())
                 .where(Cell.campaign_id == campaign_id)).one()
             if free or running:
-                return []
+                return [], []
             cutoff = database_now(session)
-            return [row.trial_id for row in session.execute(
+            orphans = [row.trial_id for row in session.execute(
                 _RUNNING_OPTUNA_TRIALS, {"campaign_id": campaign_id, "cutoff": cutoff}).all()
                 if row.row_id is None]
-    failed = 0
-    for trial_id in call_with_retry(orphans, what="looking for orphaned Optuna trials"):
+            waiting = session.execute(_WAITING_OPTUNA_TRIALS, {"campaign_id": campaign_id}).scalars().all()
+            return orphans, list(waiting)
+
+    def fail(trial_id: int, tag: str | None) -> bool:
         try:
-            failed += bool(call_with_retry(lambda: storage.set_trial_state_values(trial_id, TrialState.FAIL),
-                                           what="failing an orphaned Optuna trial"))
+            if tag is not None:
+                storage.set_trial_user_attr(trial_id, UNUSED_ATTR, tag)
+            return bool(storage.set_trial_state_values(trial_id, TrialState.FAIL))
         except UpdateFinishedTrialError:
-            pass
+            return False  # another worker's sweep got here first
+
+    orphans, waiting = call_with_retry(leftovers, what="looking for orphaned Optuna trials")
+    failed = 0
+    for trial_id in orphans:
+        failed += call_with_retry(lambda: fail(trial_id, None), what="failing an orphaned Optuna trial")
+    for trial_id in waiting:
+        failed += call_with_retry(lambda: fail(trial_id, "re-queued after its cell's last slot was asked"),
+                                  what="failing a stranded Optuna trial")
     return failed

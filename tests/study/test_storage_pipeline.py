@@ -259,3 +259,27 @@ def test_an_ask_retried_after_a_lost_acknowledgement_is_failed_once_the_campaign
     states = [t.state.name for t in study.trials]
     assert states.count("RUNNING") == 0 and states.count("FAIL") == 1, states
     check_exact_accounting(engine, url, info.id, 1)
+
+
+def test_a_point_requeued_after_its_cells_last_ask_is_failed_once_the_campaign_is_complete(tmp_path):
+    """A reaper (or the sweep of an unrecorded ask) can re-queue a dead attempt's point
+    after its slot was already re-claimed and asked, when that was the cell's last slot:
+    the re-run drew a fresh point and the re-queued one would stay WAITING for ever. While
+    slots are free WAITING points are the plan and are left alone; once the campaign is
+    complete the stranded one is failed and tagged."""
+    from study.recovery import UNUSED_ATTR, fail_orphaned_asks
+    url, engine = campaign(tmp_path, spec_text("stranded", batch_sizes=(16,), trials_per_cell=2,
+                                               max_steps=10, eval_every=10), "stranded")
+    info = campaign_info(engine, "stranded")
+    storage = optuna_storage(url)
+    study = optuna.load_study(study_name=queries.cells(engine, info.id)["study_name"][0], storage=storage)
+    assert [t.state.name for t in study.trials] == ["WAITING", "WAITING"]  # the enqueued plan
+    assert fail_orphaned_asks(engine, storage, info.id) == 0
+    assert [t.state.name for t in study.trials] == ["WAITING", "WAITING"]
+    assert CampaignWorker(engine, url, "stranded", device="cpu", log=lambda line: None).run() == 2
+    study.enqueue_trial(dict(study.trials[0].params))  # the late re-queue
+    assert fail_orphaned_asks(engine, storage, info.id) == 1
+    stranded = study.trials[-1]
+    assert stranded.state.name == "FAIL" and UNUSED_ATTR in stranded.user_attrs
+    assert fail_orphaned_asks(engine, storage, info.id) == 0  # settled once
+    check_exact_accounting(engine, url, info.id, 2)
