@@ -424,10 +424,27 @@ def _stacked_trainer(context: _Context, model: nn.Module, splits, steps: dict) -
     return StackedTrainer(layers, context.workload, context.optimizer, splits, cached[1])
 
 
+# Every group builds its compiled step from the same function, and dynamo counts all
+# compiled variants of one code object against `recompile_limit` (8 by default): a
+# study's batch sizes x optimizers x stack sizes pass it, and every later group would
+# fall back to eager with only a log warning. Each variant is an intended specialisation.
+_RECOMPILE_LIMIT = 1024
+
+
+def allow_recompiles(limit: int = _RECOMPILE_LIMIT) -> None:
+    """Raise dynamo's per-function and total recompile limits to at least `limit`."""
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit",  # the latter: its name before torch 2.6
+                 "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), limit))
+
+
 def _make_context(workload, device, splits, model, optimizer, options) -> _Context:
     skeleton = copy.deepcopy(model).to("meta")
     step_fn = _build_step(skeleton, workload, optimizer, options.autocast_dtype, device)
     if options.compile:
+        allow_recompiles()
         step_fn = torch.compile(step_fn, dynamic=False)
     return _Context(workload, device, splits, skeleton, optimizer, step_fn, options)
 

@@ -198,3 +198,31 @@ def test_k_of_a_group_comes_from_the_datas_input_shape():
         choose_k(workload, 16, "cpu", input_shape=(1, 28, 28)) >= 1
     results = run_trials_vectorized(configs, data_cache=cache)
     assert [r.steps for r in results] == [2, 2] and all(r.outcome == "not_reached" for r in results)
+
+
+def test_compiled_steps_of_many_groups_are_not_capped_by_dynamos_recompile_limit():
+    """Groups compile closures of one function: dynamo counts them against one code
+    object's recompile limit (8), after which it silently runs eager. A worker's compiled
+    contexts raise the limit; checked here with the eager backend (no codegen, fast)."""
+    import torch._dynamo as dynamo
+    from torch._dynamo.utils import counters
+
+    from trainers.vectorized import allow_recompiles
+
+    def build(scale):
+        def step(x):
+            return (x * scale).sum()
+        return step
+
+    def compiled_graphs(count: int) -> int:
+        dynamo.reset()
+        counters.clear()
+        for i in range(count):
+            torch.compile(build(float(i)), backend="eager", dynamic=False)(torch.ones(2 + i))
+        return counters["stats"]["unique_graphs"]
+
+    with dynamo.config.patch(recompile_limit=8, accumulated_recompile_limit=256):
+        assert compiled_graphs(12) == 8  # the default: the last 4 ran uncompiled
+        allow_recompiles()
+        assert compiled_graphs(12) == 12
+    dynamo.reset()
