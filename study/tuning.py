@@ -12,7 +12,7 @@ from optuna.distributions import (BaseDistribution, CategoricalDistribution, Flo
                                   IntDistribution)
 from optuna.trial import TrialState
 from scipy.stats import qmc
-from sqlalchemy.pool import NullPool
+from sqlalchemy.pool import QueuePool
 
 from db.engine import configure_sqlite, make_engine
 from study.spec import Param
@@ -87,8 +87,9 @@ def random_points(dists: Mapping[str, BaseDistribution], count: int, seed: int) 
 def optuna_storage(url: str) -> optuna.storages.RDBStorage:
     """Optuna's RDB storage on the same database as batchlab's tables."""
     is_sqlite = url.startswith("sqlite")
-    engine_kwargs = {"poolclass": NullPool} if is_sqlite else {"pool_pre_ping": True, "pool_size": 2,
-                                                               "max_overflow": 2}
+    # SQLite: pooled like batchlab's own engine (db.engine), for the same reason.
+    engine_kwargs = ({"poolclass": QueuePool, "pool_size": 4, "max_overflow": 8} if is_sqlite
+                     else {"pool_pre_ping": True, "pool_size": 2, "max_overflow": 2})
     make_engine(url)  # validates the URL with batchlab's error messages
     storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
     if is_sqlite:
