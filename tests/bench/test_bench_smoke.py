@@ -53,3 +53,32 @@ def test_overhead_smallest_run_prints_a_share_per_backend():
     shares = {backend: float(share) for backend, _, share in OVERHEAD_RATIO.findall(out)}
     assert set(shares) == set(backends.split(",")), out
     assert all(0 < share < 1 for share in shares.values()), shares
+
+
+def test_trial_throughput_typical_baseline_feeds_the_model_what_batchlab_does():
+    """The PIL + ToTensor + Normalize pipeline of the typical baseline gives the same
+    inputs as `workload.preprocess` (so both baselines and batchlab do the same math)."""
+    import torch
+
+    from bench.trial_throughput import ImageDataset, image_transform
+    from trainers.loop import DataCache
+    from trainers.workloads import DataOptions, get_workload
+    workload = get_workload("digits_mlp")
+    splits = DataCache().get(workload, DataOptions(None, False), torch.device("cpu"))
+    dataset = ImageDataset(splits.train_x[:50].squeeze(1), splits.train_y[:50], image_transform(workload))
+    images, labels = zip(*(dataset[i] for i in range(len(dataset))))
+    torch.testing.assert_close(torch.stack(images), workload.preprocess(splits.train_x[:50]),
+                               rtol=0, atol=1e-6)
+    assert list(labels) == splits.train_y[:50].tolist()
+
+
+def test_trial_throughput_smallest_run_prints_both_baselines():
+    out = _run("bench.trial_throughput", "--batch-sizes", "16", "--steps", "2", "--ks", "2",
+               "--repeats", "1", "--sequential-trials", "1", "--no-vmap-rows")
+    rows = re.findall(r"^\| digits_mlp \| 16 \| (.+?) \| (\d+\.\d+) \| (\d+\.\d+)x \| (\d+\.\d+)x \|$",
+                      out, re.M)
+    methods = [method for method, *_ in rows]
+    assert methods[:2] == ["baseline, typical (PIL transforms + DataLoader)",
+                           "baseline, strong (normalised TensorDataset + DataLoader)"], out
+    assert methods[2:] == ["batchlab sequential (run_trial)", "batchlab vectorized K=2"], out
+    assert float(rows[0][2]) == 1.0 and float(rows[1][3]) == 1.0  # each baseline against itself

@@ -1,0 +1,342 @@
+"""Wall-time estimate of a Shallue-style MNIST simple-CNN study on this device (issue 9).
+
+The study: `examples/shallue2018/mnist_simple_cnn.toml` (workload `mnist_simple_cnn`:
+55,000 train / 5,000 val carved from MNIST's 60,000 training images) with issue 9's grid,
+batch sizes 2^4..2^14 x the TOML's optimizers x 50 trials per cell, target val_error < 0.01.
+
+What is measured (no dataset needed): batchlab's real training step on synthetic uint8
+images / int64 labels of the real shapes and sizes, per batch size B, with K trials at once
+(K = `choose_k` as the worker's vectorized groups pick it, or --k; K = 1 runs `run_trial`,
+as the worker does for a group of one). After one untimed warm-up run of the same shape
+(which pays torch.compile on CUDA), a run of --steps steps that evaluates once at the end
+is timed; the trainer's own clocks (synchronised on CUDA) split it into training and
+evaluation, and the rest of the run's wall time is per-group setup (building K models,
+stacking them):
+    ms per trial-step = training seconds / (steps x K)
+    ms per trial-evaluation = evaluation seconds / K  (one pass over the 5,000 val images)
+    s per group = wall - training - evaluation; "warm-up +s" = warm-up wall - wall.
+
+The model (per cell = batch size x optimizer, T trials, budget M steps, evaluation every E):
+    lower = T x min(S, M) trial-steps and T x ceil(min(S, M) / E) evaluations: every trial
+            stops exactly at S, the cell's steps-to-result (the best case of batchlab's
+            pruning; trials that diverge sooner would make it lower still);
+    upper = T x M trial-steps and T x ceil(M / E) evaluations: nothing stops early;
+    time  = trial-steps x ms/trial-step + evaluations x ms/evaluation + ceil(T / K) x setup.
+S (steps-to-result) needs the data: give it per batch size (--steps-to-result, interpolated
+linearly in log2 B vs log S, flat outside the given range) or read it per cell from a
+batchlab campaign in SQL (--from-storage, e.g. Shallue's published data imported with
+`batchlab import-shallue`); without either only the upper bound is printed.
+Assumptions, not modelled: every optimizer costs what the first one measured does; one
+worker on one device; every trial-step costs the full-K rate (a group that shrinks as its
+trials stop runs smaller, less efficient stacks, and on the torch.func path stopped trials
+are masked, not removed, until at most half remain: up to 2x the useful work);
+compilation (paid per batch size, optimizer and stack size on CUDA) and storage.
+
+    python -m bench.shallue_estimate --device cuda --steps-to-result "16:4000,1024:300"
+    python -m bench.shallue_estimate --device cuda --from-storage sqlite:///shallue.db
+    python -m bench.shallue_estimate --device cuda --data-dir data --run    # + the real study
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_SPEC = ROOT / "examples" / "shallue2018" / "mnist_simple_cnn.toml"
+TARGET_MINUTES = 30.0
+# Shallue's published optimizer names (as `import-shallue` stores them) -> batchlab's.
+OPTIMIZER_ALIASES = {"nesterov_momentum": "nesterov"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Cost:
+    """Measured at one batch size with K trials at once."""
+    k: int
+    step_ms: float  # per trial-step
+    eval_ms: float  # per trial-evaluation
+    setup_s: float = 0.0  # per group
+    compile_s: float = 0.0  # warm-up run's extra wall time (compilation on CUDA; not in totals)
+
+
+# ----- the arithmetic (pure) ---------------------------------------------------------
+def parse_steps(text: str) -> dict[int, float]:
+    """"16:4000,32:2000" -> {16: 4000.0, 32: 2000.0}."""
+    steps = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        batch, sep, value = item.partition(":")
+        if not sep or float(value) <= 0:
+            raise ValueError(f"--steps-to-result: {item!r} is not BATCH:STEPS with STEPS > 0")
+        steps[int(batch)] = float(value)
+    return steps
+
+
+def interpolate(points: dict[int, float], batch_size: int) -> float:
+    """S at `batch_size`: linear in (log2 B, log S) between the given batch sizes, flat outside."""
+    xs = sorted(points)
+    if batch_size <= xs[0] or batch_size >= xs[-1]:
+        return points[xs[0] if batch_size <= xs[0] else xs[-1]]
+    hi = next(i for i, x in enumerate(xs) if x >= batch_size)
+    b0, b1 = xs[hi - 1], xs[hi]
+    t = (math.log2(batch_size) - math.log2(b0)) / (math.log2(b1) - math.log2(b0))
+    return math.exp((1 - t) * math.log(points[b0]) + t * math.log(points[b1]))
+
+
+def cell_steps(batch_sizes, optimizers, per_batch: dict[int, float] | None = None,
+               per_cell: dict[tuple[int, str], float] | None = None) -> dict[tuple[int, str], float | None]:
+    """S per (batch size, optimizer): the cell's own value, else the batch size's (given,
+    or the fewest over the cells stored at that batch size, interpolated where absent),
+    else None (unknown)."""
+    per_cell = per_cell or {}
+    if not per_batch and per_cell:
+        per_batch = {}
+        for (batch, _), steps in per_cell.items():
+            per_batch[batch] = min(steps, per_batch.get(batch, math.inf))
+    return {(b, o): per_cell.get((b, o), interpolate(per_batch, b) if per_batch else None)
+            for b in batch_sizes for o in optimizers}
+
+
+def estimate(costs: dict[int, Cost], steps: dict[tuple[int, str], float | None], *,
+             trials: int, max_steps: int, eval_every: int) -> dict[int, tuple[float | None, float]]:
+    """Per batch size: (lower, upper) seconds summed over its cells; lower is None when
+    some cell's S is unknown."""
+    def seconds(cost: Cost, trial_steps: float) -> float:
+        evaluations = trials * math.ceil(trial_steps / eval_every)
+        return (trials * trial_steps * cost.step_ms + evaluations * cost.eval_ms) / 1000 \
+            + math.ceil(trials / cost.k) * cost.setup_s
+    out = {}
+    for batch, cost in costs.items():
+        cells = [s for (b, _), s in steps.items() if b == batch]
+        lower = None if any(s is None for s in cells) else \
+            sum(seconds(cost, min(s, max_steps)) for s in cells)
+        out[batch] = (lower, len(cells) * seconds(cost, max_steps))
+    return out
+
+
+# ----- S from storage ----------------------------------------------------------------
+def steps_from_storage(url: str, name: str) -> dict[tuple[int, str], float]:
+    """Steps-to-result per (batch size, optimizer) of a stored campaign (cells without a
+    result left out; the fewest over schedules)."""
+    import pandas as pd
+    from db.engine import make_engine, redact
+    from study.report import load_campaign_light
+    data = load_campaign_light(make_engine(url, read_only=True), name)
+    if data is None:
+        raise SystemExit(f"error: no campaign {name!r} in {redact(url)}")
+    out: dict[tuple[int, str], float] = {}
+    for batch, optimizer, steps in zip(data.table["batch_size"], data.table["optimizer"],
+                                       data.table["steps_to_result"]):
+        if not pd.isna(steps):
+            key = (int(batch), OPTIMIZER_ALIASES.get(optimizer, optimizer))
+            out[key] = min(float(steps), out.get(key, math.inf))
+    return out
+
+
+# ----- measuring the step --------------------------------------------------------------
+def synthetic_cache(train_size: int, val_size: int, seed: int = 0):
+    """A DataCache that hands the trainer synthetic MNIST-shaped splits (uint8 (N, 1, 28,
+    28) images, int64 labels 0..9) instead of reading files: the trainers read in-memory
+    data only through `DataCache.get`, so overriding it (a public method) is enough."""
+    import torch
+    from trainers.data.splits import ArraySplits
+    from trainers.loop import DataCache
+    g = torch.Generator().manual_seed(seed)
+    images = lambda n: torch.randint(0, 256, (n, 1, 28, 28), generator=g, dtype=torch.uint8)
+    labels = lambda n: torch.randint(0, 10, (n,), generator=g, dtype=torch.int64)
+    val_x, val_y = images(val_size), labels(val_size)
+    splits = ArraySplits(images(train_size), labels(train_size), val_x, val_y, val_x, val_y, num_classes=10)
+
+    on_device: dict[str, ArraySplits] = {}
+
+    class SyntheticCache(DataCache):
+        def get(self, workload, options, device):
+            if str(device) not in on_device:
+                on_device[str(device)] = splits.to(device)
+            return on_device[str(device)]
+    return SyntheticCache()
+
+
+def trial_configs(spec, batch_size: int, optimizer: str, count: int, steps: int, device: str):
+    """`count` trials resolved as the worker resolves them, that never stop early (target
+    val_error < 0) and evaluate once, after `steps` steps."""
+    from study.resolve import resolve_trial_config
+    from trainers.config import Target
+    schedule = spec.schedules[0]
+    names = {p.name for p in spec.cell_space(optimizer, schedule)}
+    configs = []
+    for i in range(count):
+        hparams = {"learning_rate": 0.01 * (1 + 0.1 * i), "momentum": 0.9, "end_factor": 0.01}
+        config = resolve_trial_config(spec, batch_size=batch_size, optimizer=optimizer,
+                                      schedule=schedule, seed=i, device=device,
+                                      hparams={k: v for k, v in hparams.items() if k in names})
+        configs.append(dataclasses.replace(config, max_steps=steps, eval_every=steps,
+                                           target=Target("val_error", 0.0)))
+    return configs
+
+
+def measure(spec, batch_size: int, args, cache, step_cache: dict) -> Cost:
+    from bench.trial_throughput import timed
+    from trainers.loop import resolve_device, run_trial
+    from trainers.vectorized import choose_k, run_trials_vectorized
+    from trainers.workloads import DataOptions, get_workload
+    device = resolve_device(args.device)
+    workload = get_workload(spec.workload)
+    shape = tuple(cache.get(workload, DataOptions(), device).train_x.shape[1:])
+    # What the worker's vectorized groups use: choose_k with the data's input shape.
+    k = args.k or choose_k(workload, batch_size, device, input_shape=shape)
+    configs = trial_configs(spec, batch_size, args.optimizers[0], k, args.steps, args.device)
+    seen = []
+
+    def run():
+        sink = lambda *a: seen.append(a[-1])  # (m) from run_trial, (i, m) vectorized
+        if k == 1:  # the worker trains a group of one with run_trial
+            run_trial(configs[0], data_cache=cache, on_measurement=sink)
+        else:
+            run_trials_vectorized(configs, data_cache=cache, chunk_size=k, compile=args.compile,
+                                  step_cache=step_cache, on_measurement=sink)
+    warm = timed(run, device, 1)
+    best = None
+    for _ in range(args.repeats):
+        seen.clear()
+        wall = timed(run, device, 1)
+        train, evaluation = seen[0].wall_seconds, seen[0].eval_seconds  # the group's clock
+        if best is None or wall < best[0]:
+            best = (wall, train, evaluation)
+    wall, train, evaluation = best
+    return Cost(k, 1000 * train / (args.steps * k), 1000 * evaluation / k,
+                max(0.0, wall - train - evaluation), max(0.0, warm - wall))
+
+
+# ----- the real study ------------------------------------------------------------------
+def study_spec_text(spec, args) -> str:
+    """The campaign file with the grid's overrides (validated by parse_spec)."""
+    from study.spec import parse_spec
+    overrides = {"name": f"{spec.name}_b{args.batch_sizes[0]}-{args.batch_sizes[-1]}_t{args.trials}",
+                 "batch_sizes": list(args.batch_sizes), "optimizers": list(args.optimizers),
+                 "trials_per_cell": args.trials, "data_dir": str(Path(args.data_dir).resolve()),
+                 "download": False}
+    text = spec.text
+    for key, value in overrides.items():
+        line = f"{key} = {json.dumps(value)}"
+        pattern = re.compile(rf"^{key}\s*=.*$", re.M)
+        text = pattern.sub(line, text, count=1) if pattern.search(text) else \
+            text.replace("[campaign]\n", f"[campaign]\n{line}\n", 1)
+    for name in set(spec.optimizers) - set(args.optimizers):  # its search space would be an error
+        section = rf"^\[search_space\.optimizer\.{re.escape(name)}\]\n(?:(?!\[).*\n?)*"
+        text = re.sub(section, "", text, flags=re.M)
+    parse_spec(text, "overridden campaign")
+    return text
+
+
+def run_study(spec, args, k_max: int) -> None:
+    from trainers.data.errors import DataError
+    from trainers.workloads import DataOptions, get_workload
+    try:
+        get_workload(spec.workload).load_data(DataOptions(args.data_dir))
+    except DataError as exc:
+        print(f"\nthe real study needs MNIST's files in --data-dir ({exc}); not run")
+        return
+    folder = Path(tempfile.mkdtemp(prefix="shallue_study_"))
+    (folder / "study.toml").write_text(study_spec_text(spec, args))
+    command = [sys.executable, "-m", "study.cli", "run", str(folder / "study.toml"), "--workers", "1",
+               "--device", args.device, "--storage", f"sqlite:///{folder / 'study.db'}",
+               "--trials-at-once", str(k_max)]
+    print("\nthe real study:\n  batchlab " + shlex.join(command[3:]))
+    if args.run:
+        start = time.perf_counter()
+        done = subprocess.run(command, cwd=ROOT)
+        minutes = (time.perf_counter() - start) / 60
+        print(f"study wall time: {minutes:.1f} min (exit {done.returncode}; target "
+              f"< {TARGET_MINUTES:g} min: {'met' if minutes < TARGET_MINUTES else 'missed'})")
+
+
+# ----- command line ---------------------------------------------------------------------
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ints = lambda text: [int(v) for v in text.split(",") if v]
+    parser.add_argument("--campaign", default=str(DEFAULT_SPEC), help="campaign TOML")
+    parser.add_argument("--batch-sizes", type=ints, default=[2 ** e for e in range(4, 15)])
+    parser.add_argument("--trials", type=int, default=50, help="trials per cell")
+    parser.add_argument("--optimizers", type=lambda t: [v for v in t.split(",") if v], default=None,
+                        help="default: the campaign's")
+    parser.add_argument("--steps", type=int, default=20, help="steps of the timed run")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per batch size (best)")
+    parser.add_argument("--k", type=int, default=None, help="trials at once (default: choose_k)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--compile", action="store_true", default=None,
+                        help="compile the vectorized step (default: on CUDA only)")
+    parser.add_argument("--steps-to-result", type=parse_steps, default=None,
+                        help='S per batch size, "16:4000,32:2000,..."')
+    parser.add_argument("--from-storage", default=None, help="storage URL holding a campaign's S")
+    parser.add_argument("--campaign-name", default="shallue/mnist/simple_cnn",
+                        help="the campaign in --from-storage")
+    parser.add_argument("--data-dir", default=None, help="MNIST files (default: the campaign's)")
+    parser.add_argument("--run", action="store_true", help="run the real study (needs --data-dir)")
+    # load_mnist_splits' sizes: 55,000 train / 5,000 val carved from the 60,000 images
+    parser.add_argument("--train-size", type=int, default=55_000, help="synthetic data (smoke tests only)")
+    parser.add_argument("--val-size", type=int, default=5_000, help="synthetic data (smoke tests only)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    import torch
+    from study.spec import load_spec
+    from trainers.loop import resolve_device
+    spec = load_spec(args.campaign)
+    args.optimizers = args.optimizers or list(spec.optimizers)
+    args.data_dir = args.data_dir or spec.data_dir or "data"
+    device = resolve_device(args.device)
+    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else platform.processor() or platform.machine())
+    print(f"device: {device} ({name}, {torch.get_num_threads()} CPU threads)")
+    print(f"torch {torch.__version__}, python {platform.python_version()}, "
+          f"{datetime.datetime.now().isoformat(timespec='seconds')}; load average "
+          + ", ".join(f"{v:.1f}" for v in os.getloadavg()))
+    cells = len(args.batch_sizes) * len(args.optimizers)
+    print(f"study: {spec.workload}, batch sizes {args.batch_sizes[0]}..{args.batch_sizes[-1]} "
+          f"({len(args.batch_sizes)}) x {','.join(args.optimizers)} = {cells} cells x {args.trials} "
+          f"trials, max_steps {spec.max_steps}, eval_every {spec.eval_every}, target {spec.target}; "
+          f"synthetic data {args.train_size} train / {args.val_size} val; timed: {args.steps} steps "
+          f"of {args.optimizers[0]}, best of {args.repeats}\n", flush=True)
+    per_cell = steps_from_storage(args.from_storage, args.campaign_name) if args.from_storage else None
+    steps = cell_steps(args.batch_sizes, args.optimizers, args.steps_to_result, per_cell)
+    cache, step_cache, costs = synthetic_cache(args.train_size, args.val_size), {}, {}
+    print("| batch | K | ms/trial-step | ms/trial-eval | s setup/group | warm-up +s | S(B) | lower min "
+          "| upper min |\n|---:|---:|---:|---:|---:|---:|---|---:|---:|")
+    for batch in args.batch_sizes:
+        costs[batch] = cost = measure(spec, batch, args, cache, step_cache)
+        lower, upper = estimate({batch: cost}, steps, trials=args.trials, max_steps=spec.max_steps,
+                                eval_every=spec.eval_every)[batch]
+        shown = sorted({round(s) for (b, _), s in steps.items() if b == batch and s is not None})
+        print(f"| {batch} | {cost.k} | {cost.step_ms:.3f} | {cost.eval_ms:.1f} | {cost.setup_s:.2f} | "
+              f"{cost.compile_s:.1f} | {'/'.join(map(str, shown)) or '-'} | "
+              f"{'-' if lower is None else f'{lower / 60:.1f}'} | {upper / 60:.1f} |", flush=True)
+    totals = estimate(costs, steps, trials=args.trials, max_steps=spec.max_steps, eval_every=spec.eval_every)
+    upper = sum(u for _, u in totals.values()) / 60
+    lowers = [l for l, _ in totals.values()]
+    verdict = lambda m: f"{m:.1f} min ({'under' if m < TARGET_MINUTES else 'over'} {TARGET_MINUTES:g})"
+    if None in lowers:
+        print(f"\ntotal: upper {verdict(upper)}; the lower estimate needs S(B) for every cell "
+              f"(--steps-to-result or --from-storage)")
+    else:
+        print(f"\ntotal: lower {verdict(sum(lowers) / 60)}, upper {verdict(upper)} "
+              f"vs the {TARGET_MINUTES:g}-minute target (compilation and storage not included)")
+    print("load average at end: " + ", ".join(f"{v:.1f}" for v in os.getloadavg()))
+    if args.run or Path(args.data_dir).exists():
+        run_study(spec, args, max(c.k for c in costs.values()))
+
+
+if __name__ == "__main__":
+    main()

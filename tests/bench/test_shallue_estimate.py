@@ -1,0 +1,120 @@
+"""bench/shallue_estimate.py: the estimate's arithmetic against hand-computed numbers, the
+--steps-to-result parser, S read back from a stored (imported) campaign, the real-study
+campaign file, and a small real run on CPU."""
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+
+from bench.shallue_estimate import (Cost, cell_steps, estimate, interpolate, main, parse_args,
+                                    parse_steps, run_study, steps_from_storage, study_spec_text)
+from study.cli import main as batchlab
+from study.spec import load_spec
+from tests.study.shallue_fixtures import write_study
+
+
+def test_parse_steps():
+    assert parse_steps("16:4000, 32:2000,") == {16: 4000.0, 32: 2000.0}
+    assert parse_steps("1024:312.5") == {1024: 312.5}
+    for bad in ("16", "16:0", "16:-3", "a:3"):
+        with pytest.raises(ValueError):
+            parse_steps(bad)
+    with pytest.raises(SystemExit):  # argparse turns it into a usage error
+        parse_args(["--steps-to-result", "16"])
+
+
+def test_interpolation_is_log_log_and_flat_outside():
+    points = {16: 400.0, 256: 25.0}
+    assert interpolate(points, 64) == pytest.approx(100.0)  # halfway in log2 B: sqrt(400 * 25)
+    assert interpolate(points, 32) == pytest.approx(400 * (25 / 400) ** 0.25)
+    assert interpolate(points, 16) == 400 and interpolate(points, 256) == 25
+    assert interpolate(points, 2) == 400 and interpolate(points, 16384) == 25  # flat
+
+
+def test_cell_steps_prefers_the_cell_then_the_batch_size():
+    steps = cell_steps([16, 64, 1024], ["a", "b"], {16: 400.0, 256: 25.0}, {(16, "b"): 200.0})
+    assert steps == {(16, "a"): 400.0, (16, "b"): 200.0, (64, "a"): pytest.approx(100.0),
+                     (64, "b"): pytest.approx(100.0), (1024, "a"): 25.0, (1024, "b"): 25.0}
+    # Only per-cell values: a batch size's value is its fewest; absent ones interpolated.
+    steps = cell_steps([16, 64, 256], ["a", "b"], None, {(16, "a"): 300.0, (16, "b"): 400.0,
+                                                         (256, "a"): 25.0})
+    assert steps[(16, "b")] == 400 and steps[(256, "b")] == 25
+    assert steps[(64, "a")] == steps[(64, "b")] == pytest.approx(math.sqrt(300 * 25))
+    assert set(cell_steps([16], ["a"]).values()) == {None}
+
+
+def test_estimate_against_hand_computed_totals():
+    costs = {16: Cost(k=2, step_ms=10.0, eval_ms=100.0, setup_s=1.0),
+             64: Cost(k=4, step_ms=20.0, eval_ms=200.0)}
+    steps = cell_steps([16, 64], ["a", "b"], {16: 400.0, 256: 25.0}, {(16, "b"): 200.0})
+    out = estimate(costs, steps, trials=4, max_steps=1000, eval_every=50)
+    # B=16, a: 4 x 400 steps x 10 ms = 16 s, 4 x 8 evals x 0.1 s = 3.2 s, 2 groups x 1 s = 2 s
+    #       b: 4 x 200 x 10 ms = 8 s, 4 x 4 x 0.1 = 1.6 s, 2 s
+    # upper per cell: 4 x 1000 x 10 ms = 40 s + 4 x 20 x 0.1 = 8 s + 2 s = 50 s
+    assert out[16] == (pytest.approx(21.2 + 11.6), pytest.approx(100.0))
+    # B=64: S = 100 interpolated; 4 x 100 x 20 ms = 8 s + 4 x 2 x 0.2 s = 1.6 s per cell;
+    # upper 4 x 1000 x 20 ms = 80 s + 4 x 20 x 0.2 = 16 s per cell; no setup, 1 group
+    assert out[64] == (pytest.approx(2 * 9.6), pytest.approx(2 * 96.0))
+    # S above the budget is capped (lower = upper); a partial interval still evaluates.
+    one = {8: Cost(k=1, step_ms=1.0, eval_ms=10.0)}
+    assert estimate(one, {(8, "a"): 5000.0}, trials=2, max_steps=1000, eval_every=50)[8] == \
+        (pytest.approx(2 * 1.0 + 40 * 0.01),) * 2
+    assert estimate(one, {(8, "a"): 60.0}, trials=2, max_steps=1000, eval_every=50)[8][0] == \
+        pytest.approx(2 * 0.06 + 2 * 2 * 0.01)
+    assert estimate(one, {(8, "a"): None}, trials=2, max_steps=1000, eval_every=50)[8][0] is None
+
+
+def _rows(*pairs):
+    return {"step": [p[0] for p in pairs], "val/classification_error": [p[1] for p in pairs]}
+
+
+def test_steps_from_an_imported_shallue_campaign(tmp_path, capsys):
+    import pandas as pd
+    root, params = tmp_path / "data", {"learning_rate": 0.1, "momentum": 0.99}
+    write_study(root, "mnist/simple_cnn", "nesterov_momentum", 64, {
+        1: ("COMPLETE", pd.DataFrame(_rows((100, 0.5), (200, 0.005))), params),
+        2: ("COMPLETE", pd.DataFrame(_rows((100, 0.02), (300, 0.009))), params)})
+    write_study(root, "mnist/simple_cnn", "nesterov_momentum", 256, {
+        1: ("COMPLETE", pd.DataFrame(_rows((40, 0.2), (80, 0.009))), params)})
+    write_study(root, "mnist/simple_cnn", "sgd", 64, {  # never reaches 0.01: no S
+        1: ("COMPLETE", pd.DataFrame(_rows((500, 0.2))), {"learning_rate": 0.1})})
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    assert batchlab(["import-shallue", str(root), "--storage", url]) == 0
+    capsys.readouterr()
+    steps = steps_from_storage(url, "shallue/mnist/simple_cnn")
+    assert steps == {(64, "nesterov"): 200.0, (256, "nesterov"): 80.0}
+    # The sgd cell falls back to its batch size's value.
+    assert cell_steps([64], ["nesterov", "sgd"], None, steps) == {(64, "nesterov"): 200.0,
+                                                                  (64, "sgd"): 200.0}
+    with pytest.raises(SystemExit, match="no campaign 'nope'"):
+        steps_from_storage(url, "nope")
+
+
+def test_real_study_campaign_file_and_missing_data(tmp_path, capsys):
+    args = parse_args(["--batch-sizes", "16,32", "--trials", "50", "--data-dir", str(tmp_path)])
+    spec = load_spec(args.campaign)
+    args.optimizers = ["nesterov", "sgd"]
+    from study.spec import parse_spec
+    study = parse_spec(study_spec_text(spec, args), "x")
+    assert (study.batch_sizes, study.optimizers, study.trials_per_cell) == ((16, 32), ("nesterov", "sgd"), 50)
+    assert (study.data_dir, study.download, study.max_steps) == (str(tmp_path), False, spec.max_steps)
+    run_study(spec, args, 1)
+    assert "not run" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("k", [None, 2])  # K = 1 on CPU (run_trial), and a vectorized group
+def test_small_real_run_on_cpu(k, tmp_path, capsys):
+    main(["--batch-sizes", "16", "--steps", "2", "--trials", "2", "--repeats", "1",
+          "--train-size", "256", "--val-size", "128", "--steps-to-result", "16:100",
+          "--data-dir", str(tmp_path / "absent"), *(["--k", str(k)] if k else [])])
+    out = capsys.readouterr().out
+    assert out.startswith("device: cpu")
+    row = re.search(r"^\| 16 \| (\d+) \| ([\d.]+) \| ([\d.]+) \| [\d.]+ \| [\d.]+ \| 100 \| ([\d.]+) \| ([\d.]+) \|$",
+                    out, re.M)
+    assert row, out
+    assert int(row[1]) == (k or 1)
+    step_ms, eval_ms, lower, upper = map(float, row.groups()[1:])
+    assert 0 < step_ms < math.inf and 0 < eval_ms < math.inf and 0 < lower < upper
+    assert re.search(r"^total: lower [\d.]+ min \((under|over) 30\), upper", out, re.M), out
