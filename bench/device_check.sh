@@ -4,11 +4,13 @@
 # trial throughput of the MNIST MLP and simple CNN on CUDA, and the Shallue MNIST study
 # estimate. Each step has its own time limit and writes $OUT/<step>.txt, so a step that
 # runs long costs only itself. The device has torch and torchvision but not optuna,
-# sqlalchemy or pytest, and no registry access: bring them as wheels.
+# sqlalchemy, pytest or scikit-learn (the digits tests), and no registry access: bring
+# them as wheels (--no-deps: every dependency is named).
 #
 # Prepare, from the repository root on the development machine:
-#   ../shared/tools/device-wheels.sh pytest pluggy iniconfig packaging
-#   mkdir -p .devdata && cp -r ../shared/datasets/mnist-t10k .devdata/
+#   ../shared/tools/device-wheels.sh pytest pluggy iniconfig packaging pygments tqdm PyYAML \
+#     scikit-learn joblib threadpoolctl
+#   mkdir -p .devdata/datasets && cp -r ../shared/datasets/mnist-t10k .devdata/datasets/
 #   grep -qx '/.devdata/' .git/info/exclude || echo '/.devdata/' >> .git/info/exclude
 # Run with the device tool:  command "bash bench/device_check.sh", carry [".whl", ".devdata"],
 # timeout_s 560. Read the results from the files it brings back.
@@ -18,7 +20,8 @@ mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD
-DATA=.devdata/mnist-t10k
+export BATCHLAB_SHARED=$PWD/.devdata  # tests/shared_data.py: datasets/mnist-t10k under it
+DATA=.devdata/datasets/mnist-t10k
 
 step() {  # step NAME SECONDS COMMAND...: run it under a limit, keep its output, show its tail
   local name=$1 limit=$2
