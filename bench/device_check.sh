@@ -1,25 +1,30 @@
 #!/usr/bin/env bash
 # Issue 9's GPU checks as one script for a session that is lent a device (15 minutes of
-# device time in all, a machine start included, 10 minutes per command): the GPU tests,
-# trial throughput of the MNIST MLP and simple CNN on CUDA, and the Shallue MNIST study
-# estimate. Each step has its own time limit and writes $OUT/<step>.txt, so a step that
-# runs long costs only itself. The device has torch and torchvision but not optuna,
-# sqlalchemy, pytest or scikit-learn (the digits tests), and no registry access: bring
-# them as wheels (--no-deps: every dependency is named).
+# device time in all, a machine start included, 10 minutes per command): the GPU trainer
+# tests with compilation, trial throughput of the MNIST MLP and simple CNN on CUDA, and the
+# Shallue MNIST study estimate. Each step has its own time limit and writes $OUT/<step>.txt,
+# so a step that runs long costs only itself. The device's image has torch, torchvision,
+# pytest, scikit-learn and PyYAML but not optuna or sqlalchemy, and no registry access:
+# bring those as wheels (device-wheels.sh names every dependency they need there).
 #
 # Prepare, from the repository root on the development machine:
-#   ../shared/tools/device-wheels.sh pytest pluggy iniconfig packaging pygments tqdm PyYAML \
-#     scikit-learn joblib threadpoolctl
+#   ../shared/tools/device-wheels.sh
 #   mkdir -p .devdata/datasets && cp -r ../shared/datasets/mnist-t10k .devdata/datasets/
 #   grep -qx '/.devdata/' .git/info/exclude || echo '/.devdata/' >> .git/info/exclude
 # Run with the device tool:  command "bash bench/device_check.sh", carry [".whl", ".devdata"],
-# timeout_s 560. Read the results from the files it brings back.
+# timeout_s 560. Read the results from the files it brings back. A dry run of the wiring
+# here, on the CPU with small sizes:  DEVICE=cpu SMALL=1 bash bench/device_check.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/batchlab-device-check}
 mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD
+DEVICE=${DEVICE:-cuda}
+if [ "$DEVICE" = cuda ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
 export BATCHLAB_SHARED=$PWD/.devdata  # tests/shared_data.py: datasets/mnist-t10k under it
 DATA=.devdata/datasets/mnist-t10k
 
@@ -32,15 +37,29 @@ step() {  # step NAME SECONDS COMMAND...: run it under a limit, keep its output,
   tail -n 30 "$OUT/$name.txt"
 }
 
-step env 60 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c "
+if [ -n "${SMALL:-}" ]; then  # the dry run: every command, tiny
+  TP=(--batch-sizes 16 --ks 4 --steps 5 --repeats 1 --sequential-trials 1)
+  TP_LARGE=("${TP[@]}")
+  SE=(--batch-sizes 16,32,64 --measure-batch-sizes 16,64 --trials 2 --train-size 512 --val-size 256)
+  TESTS=(tests/trainers/test_vectorized.py)
+else
+  TP=(--batch-sizes 16,128 --ks 8,32 --steps 200 --repeats 2 --sequential-trials 2)
+  TP_LARGE=(--batch-sizes 1024 --ks 8,32 --steps 100 --repeats 1 --sequential-trials 2)
+  SE=(--measure-batch-sizes 16,256,4096,16384)
+  TESTS=(tests/trainers/test_vectorized.py tests/trainers/test_vectorized_bn.py tests/trainers/test_stacked.py)
+fi
+
+step env 30 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; $PY -c '
 import torch, torchvision, optuna, sqlalchemy
 print(torch.__version__, torchvision.__version__, optuna.__version__, sqlalchemy.__version__)
-print(torch.cuda.get_device_name(), torch.cuda.is_available())"'
-step gpu_tests 150 env BATCHLAB_COMPILE_TESTS=1 python3 -m pytest -q -x -p no:cacheprovider \
-  tests/trainers/test_vectorized.py tests/trainers/test_vectorized_bn.py tests/trainers/test_stacked.py
-step throughput 200 python3 -m bench.trial_throughput --device cuda --data-dir "$DATA" \
-  --workloads mnist10k_mlp,mnist10k_simple_cnn --batch-sizes 16,128,1024 --ks 8,32 --steps 300 \
-  --repeats 2 --no-vmap-rows
-step shallue_estimate 150 python3 -m bench.shallue_estimate --device cuda --steps 20 \
-  --batch-sizes 16,256,4096,16384 --repeats 1
+print(torch.cuda.is_available() and torch.cuda.get_device_name())'"
+# Correctness first: a fast number from a broken compiled path means nothing.
+step gpu_tests 120 env BATCHLAB_COMPILE_TESTS=1 $PY -m pytest -q -x -p no:cacheprovider "${TESTS[@]}"
+step throughput 200 $PY -m bench.trial_throughput --device "$DEVICE" --data-dir "$DATA" \
+  --workloads mnist10k_mlp,mnist10k_simple_cnn --no-vmap-rows "${TP[@]}"
+step shallue_estimate 150 $PY -m bench.shallue_estimate --device "$DEVICE" --steps 20 --repeats 1 \
+  --data-dir /nonexistent "${SE[@]}"
+# Last: the issue's table also has B = 1024 (beyond the B <= 128 target), if time is left.
+step throughput_1024 60 $PY -m bench.trial_throughput --device "$DEVICE" --data-dir "$DATA" \
+  --workloads mnist10k_mlp,mnist10k_simple_cnn --no-vmap-rows "${TP_LARGE[@]}"
 ls -l "$OUT"

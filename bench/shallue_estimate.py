@@ -26,6 +26,11 @@ S (steps-to-result) needs the data: give it per batch size (--steps-to-result, i
 linearly in log2 B vs log S, flat outside the given range) or read it per cell from a
 batchlab campaign in SQL (--from-storage, e.g. Shallue's published data imported with
 `batchlab import-shallue`); without either only the upper bound is printed.
+Without S, two readings still hold: the column "min per 1,000 S" (what 1,000 more steps of
+S cost at that batch size, over its cells and trials; the lower estimate is linear in S),
+and the last line, the S that fits the whole study into 30 minutes at every batch size
+alike. --measure-batch-sizes times only some batch sizes (each costs a compilation on
+CUDA) and interpolates the others' costs as S is interpolated.
 Assumptions, not modelled: every optimizer costs what the first one measured does; one
 worker on one device; every trial-step costs the full-K rate (a group that shrinks as its
 trials stop runs smaller, less efficient stacks, and on the torch.func path stopped trials
@@ -33,6 +38,7 @@ are masked, not removed, until at most half remain: up to 2x the useful work);
 compilation (paid per batch size, optimizer and stack size on CUDA) and storage.
 
     python -m bench.shallue_estimate --device cuda --steps-to-result "16:4000,1024:300"
+    python -m bench.shallue_estimate --device cuda --measure-batch-sizes 16,256,4096,16384
     python -m bench.shallue_estimate --device cuda --from-storage sqlite:///shallue.db
     python -m bench.shallue_estimate --device cuda --data-dir data --run    # + the real study
 """
@@ -124,6 +130,29 @@ def estimate(costs: dict[int, Cost], steps: dict[tuple[int, str], float | None],
     return out
 
 
+def interpolate_cost(costs: dict[int, Cost], batch_size: int, k: int) -> Cost:
+    """A batch size that was not timed: each per-unit cost interpolated from the timed ones
+    as `interpolate` does S (log-log in B, flat outside), at the worker's K."""
+    field = lambda name: interpolate({b: max(getattr(c, name), 1e-9) for b, c in costs.items()},
+                                     batch_size)
+    return Cost(k, field("step_ms"), field("eval_ms"), field("setup_s"))
+
+
+def minutes_per_kilostep(cost: Cost, *, cells: int, trials: int, eval_every: int) -> float:
+    """Minutes that 1,000 more steps of S cost at one batch size, over its `cells` cells
+    (the lower estimate is linear in S below the budget, plus the groups' setup)."""
+    return cells * trials * (1000 * cost.step_ms + math.ceil(1000 / eval_every) * cost.eval_ms) / 1000 / 60
+
+
+def flat_steps_within(costs: dict[int, Cost], minutes: float, *, cells_per_batch: int, trials: int,
+                      eval_every: int) -> float:
+    """The S that, at every batch size alike, makes the lower estimate take `minutes`."""
+    setup = sum(cells_per_batch * math.ceil(trials / c.k) * c.setup_s for c in costs.values()) / 60
+    slope = sum(minutes_per_kilostep(c, cells=cells_per_batch, trials=trials, eval_every=eval_every)
+                for c in costs.values()) / 1000
+    return max(0.0, (minutes - setup) / slope)
+
+
 # ----- S from storage ----------------------------------------------------------------
 def steps_from_storage(url: str, name: str) -> dict[tuple[int, str], float]:
     """Steps-to-result per (batch size, optimizer) of a stored campaign (cells without a
@@ -185,16 +214,23 @@ def trial_configs(spec, batch_size: int, optimizer: str, count: int, steps: int,
     return configs
 
 
-def measure(spec, batch_size: int, args, cache, step_cache: dict) -> Cost:
-    from bench.trial_throughput import timed
-    from trainers.loop import resolve_device, run_trial
-    from trainers.vectorized import choose_k, run_trials_vectorized
+def worker_k(spec, batch_size: int, args, cache) -> int:
+    """--k, else what the worker's vectorized groups use: choose_k with the data's input shape."""
+    from trainers.loop import resolve_device
+    from trainers.vectorized import choose_k
     from trainers.workloads import DataOptions, get_workload
     device = resolve_device(args.device)
     workload = get_workload(spec.workload)
     shape = tuple(cache.get(workload, DataOptions(), device).train_x.shape[1:])
-    # What the worker's vectorized groups use: choose_k with the data's input shape.
-    k = args.k or choose_k(workload, batch_size, device, input_shape=shape)
+    return args.k or choose_k(workload, batch_size, device, input_shape=shape)
+
+
+def measure(spec, batch_size: int, args, cache, step_cache: dict) -> Cost:
+    from bench.trial_throughput import timed
+    from trainers.loop import resolve_device, run_trial
+    from trainers.vectorized import run_trials_vectorized
+    device = resolve_device(args.device)
+    k = worker_k(spec, batch_size, args, cache)
     configs = trial_configs(spec, batch_size, args.optimizers[0], k, args.steps, args.device)
     seen = []
 
@@ -272,6 +308,8 @@ def parse_args(argv=None):
                         help="default: the campaign's")
     parser.add_argument("--steps", type=int, default=20, help="steps of the timed run")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per batch size (best)")
+    parser.add_argument("--measure-batch-sizes", type=ints, default=None,
+                        help="time only these of --batch-sizes; interpolate the rest (default: all)")
     parser.add_argument("--k", type=int, default=None, help="trials at once (default: choose_k)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--compile", action="store_true", default=None,
@@ -312,17 +350,34 @@ def main(argv=None) -> None:
           f"of {args.optimizers[0]}, best of {args.repeats}\n", flush=True)
     per_cell = steps_from_storage(args.from_storage, args.campaign_name) if args.from_storage else None
     steps = cell_steps(args.batch_sizes, args.optimizers, args.steps_to_result, per_cell)
-    cache, step_cache, costs = synthetic_cache(args.train_size, args.val_size), {}, {}
-    print("| batch | K | ms/trial-step | ms/trial-eval | s setup/group | warm-up +s | S(B) | lower min "
-          "| upper min |\n|---:|---:|---:|---:|---:|---:|---|---:|---:|")
-    for batch in args.batch_sizes:
-        costs[batch] = cost = measure(spec, batch, args, cache, step_cache)
+    cache, step_cache = synthetic_cache(args.train_size, args.val_size), {}
+    timed_batches = [b for b in args.batch_sizes if b in (args.measure_batch_sizes or args.batch_sizes)]
+    if not timed_batches:
+        raise SystemExit("error: --measure-batch-sizes names none of --batch-sizes")
+    print("| batch | K | ms/trial-step | ms/trial-eval | s setup/group | warm-up +s | min per 1,000 S "
+          "| S(B) | lower min | upper min |\n|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|")
+    row = lambda batch, cost, warm: print(
+        f"| {batch} | {cost.k} | {cost.step_ms:.3f} | {cost.eval_ms:.1f} | {cost.setup_s:.2f} | {warm} | "
+        f"{minutes_per_kilostep(cost, cells=len(args.optimizers), trials=args.trials, eval_every=spec.eval_every):.2f} | "
+        + " | ".join(estimate_cells(batch, cost)) + " |", flush=True)
+
+    def estimate_cells(batch: int, cost: Cost) -> list[str]:
         lower, upper = estimate({batch: cost}, steps, trials=args.trials, max_steps=spec.max_steps,
                                 eval_every=spec.eval_every)[batch]
         shown = sorted({round(s) for (b, _), s in steps.items() if b == batch and s is not None})
-        print(f"| {batch} | {cost.k} | {cost.step_ms:.3f} | {cost.eval_ms:.1f} | {cost.setup_s:.2f} | "
-              f"{cost.compile_s:.1f} | {'/'.join(map(str, shown)) or '-'} | "
-              f"{'-' if lower is None else f'{lower / 60:.1f}'} | {upper / 60:.1f} |", flush=True)
+        return ['/'.join(map(str, shown)) or '-', '-' if lower is None else f'{lower / 60:.1f}',
+                f'{upper / 60:.1f}']
+
+    measured = {}
+    for batch in timed_batches:
+        measured[batch] = cost = measure(spec, batch, args, cache, step_cache)
+        row(batch, cost, f"{cost.compile_s:.1f}")
+    costs = dict(measured)
+    if len(timed_batches) < len(args.batch_sizes):
+        print("\ninterpolated from the timed batch sizes (log-log in B), K as the worker picks it:")
+        for batch in sorted(set(args.batch_sizes) - set(timed_batches)):
+            costs[batch] = cost = interpolate_cost(measured, batch, worker_k(spec, batch, args, cache))
+            row(batch, cost, "-")
     totals = estimate(costs, steps, trials=args.trials, max_steps=spec.max_steps, eval_every=spec.eval_every)
     upper = sum(u for _, u in totals.values()) / 60
     lowers = [l for l, _ in totals.values()]
@@ -333,6 +388,10 @@ def main(argv=None) -> None:
     else:
         print(f"\ntotal: lower {verdict(sum(lowers) / 60)}, upper {verdict(upper)} "
               f"vs the {TARGET_MINUTES:g}-minute target (compilation and storage not included)")
+    flat = flat_steps_within(costs, TARGET_MINUTES, cells_per_batch=len(args.optimizers),
+                             trials=args.trials, eval_every=spec.eval_every)
+    print(f"{TARGET_MINUTES:g} minutes cover S(B) up to {flat:,.0f} steps at every batch size alike "
+          f"(lower estimate: every trial stops at S)")
     print("load average at end: " + ", ".join(f"{v:.1f}" for v in os.getloadavg()))
     if args.run or Path(args.data_dir).exists():
         run_study(spec, args, max(c.k for c in costs.values()))

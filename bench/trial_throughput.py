@@ -139,14 +139,15 @@ def warm_up(workload: str, batch_size: int, args, cache: DataCache, step_cache: 
 
 
 def bench_cell(workload: str, batch_size: int, args, cache: DataCache,
-               step_cache: dict) -> list[tuple[str, float]]:
-    """(method, trials per second) for one workload and batch size."""
+               step_cache: dict) -> tuple[list[tuple[str, float]], float]:
+    """(method, trials per second) for one workload and batch size, and the warm-up's wall
+    seconds (on CUDA mostly the compilation of each K's step)."""
     device = resolve_device(args.device)
     sequential_count = args.sequential_trials
     configs = trial_configs(workload, batch_size, args.steps, max([sequential_count, *args.ks]),
                             args.device, args.data_dir)
     few = configs[:sequential_count]
-    warm_up(workload, batch_size, args, cache, step_cache)
+    warm = timed(lambda: warm_up(workload, batch_size, args, cache, step_cache), device, 1)
     rows = [("baseline, typical (PIL transforms + DataLoader)",
              len(few) / timed(lambda: [baseline_trial(c, cache, typical=True) for c in few],
                               device, args.repeats)),
@@ -162,7 +163,7 @@ def bench_cell(workload: str, batch_size: int, args, cache: DataCache,
                                                 stacked=stacked)
             name = f"batchlab vectorized K={k}" + ("" if stacked else " (vmap path)")
             rows.append((name, k / timed(run, device, args.repeats)))
-    return rows
+    return rows, warm
 
 
 def parse_args(argv=None):
@@ -203,14 +204,18 @@ def main(argv=None) -> None:
     cache, step_cache = DataCache(), {}
     print("| workload | batch | method | trials/s | vs typical baseline | vs strong baseline |\n"
           "|---|---:|---|---:|---:|---:|")
+    warm_ups = []
     for workload in workloads:
         for batch_size in args.batch_sizes:
-            rows = bench_cell(workload, batch_size, args, cache, step_cache)
+            rows, warm = bench_cell(workload, batch_size, args, cache, step_cache)
+            warm_ups.append(f"{workload} B={batch_size} {warm:.1f} s")
             typical, strong = rows[0][1], rows[1][1]
             for method, rate in rows:
                 print(f"| {workload} | {batch_size} | {method} | {rate:.2f} | {rate / typical:.2f}x "
                       f"| {rate / strong:.2f}x |", flush=True)
-    print("\nload average at end: " + ", ".join(f"{v:.1f}" for v in os.getloadavg()))
+    print("\nwarm-up per cell (untimed first calls of every method; compilation where the step "
+          "is compiled): " + ", ".join(warm_ups))
+    print("load average at end: " + ", ".join(f"{v:.1f}" for v in os.getloadavg()))
 
 
 if __name__ == "__main__":

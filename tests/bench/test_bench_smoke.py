@@ -1,4 +1,5 @@
-"""Smoke test of the end-to-end benchmarks (bench/study_wall_time.py, bench/overhead.py):
+"""Smoke test of the end-to-end benchmarks (bench/study_wall_time.py, bench/overhead.py,
+bench/trial_throughput.py, bench/conv_stacking.py):
 each runs with its smallest options, as a user runs it, and prints the device header and
 a ratio line that parses. Numbers are not checked (a shared CPU makes them noise)."""
 from __future__ import annotations
@@ -82,3 +83,22 @@ def test_trial_throughput_smallest_run_prints_both_baselines():
                            "baseline, strong (normalised TensorDataset + DataLoader)"], out
     assert methods[2:] == ["batchlab sequential (run_trial)", "batchlab vectorized K=2"], out
     assert float(rows[0][2]) == 1.0 and float(rows[1][3]) == 1.0  # each baseline against itself
+
+
+def test_conv_stacking_methods_compute_the_same_gradients_and_print_rows():
+    """Every way bench/conv_stacking.py times is the same computation: the vmapped and
+    looped trials' gradients equal each trial's own (fp32, CPU)."""
+    import torch
+
+    from bench.conv_stacking import main, methods
+    found = methods(4, 2, torch.device("cpu"), None)
+    vmapped, _ = found["vmap K=2"][0]()  # grads (K, *shape) per parameter name
+    looped = found["loop K=2"][0]()  # per model, per parameter
+    names = list(vmapped)
+    for k in range(2):
+        for i, name in enumerate(names):
+            torch.testing.assert_close(vmapped[name][k], looped[k * len(names) + i], rtol=1e-4, atol=1e-6)
+    out = _run("bench.conv_stacking", "--cells", "4:2", "--iters", "1", "--repeats", "1")
+    rows = re.findall(r"^\| 4 \| 2 \| (.+?) \| (\d+\.\d+) \| (\d+\.\d+)x \|$", out, re.M)
+    assert [r[0] for r in rows] == ["single", "single, channels_last", "vmap K=2", "loop K=2"], out
+    assert all(float(ms) > 0 for _, ms, _ in rows)

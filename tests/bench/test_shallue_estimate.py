@@ -8,7 +8,8 @@ import re
 
 import pytest
 
-from bench.shallue_estimate import (Cost, cell_steps, estimate, interpolate, main, parse_args,
+from bench.shallue_estimate import (Cost, cell_steps, estimate, flat_steps_within, interpolate,
+                                    interpolate_cost, main, minutes_per_kilostep, parse_args,
                                     parse_steps, run_study, steps_from_storage, study_spec_text)
 from study.cli import main as batchlab
 from study.spec import load_spec
@@ -66,6 +67,28 @@ def test_estimate_against_hand_computed_totals():
     assert estimate(one, {(8, "a"): None}, trials=2, max_steps=1000, eval_every=50)[8][0] is None
 
 
+def test_cost_interpolation_and_the_s_that_fits():
+    costs = {16: Cost(k=8, step_ms=0.1, eval_ms=4.0, setup_s=0.0, compile_s=30.0),
+             256: Cost(k=2, step_ms=1.6, eval_ms=4.0, setup_s=0.5)}
+    mid = interpolate_cost(costs, 64, k=4)  # halfway in log2 B: geometric means
+    assert (mid.k, mid.compile_s) == (4, 0.0)
+    assert mid.step_ms == pytest.approx(0.4) and mid.eval_ms == pytest.approx(4.0)
+    assert mid.setup_s == pytest.approx(math.sqrt(1e-9 * 0.5))  # a zero is floored, not log(0)
+    assert interpolate_cost(costs, 4096, k=1).step_ms == 1.6  # flat outside
+    # 2 cells x 10 trials x (1000 x 0.1 ms + 50 evals x 4 ms) = 6 s = 0.1 min per 1,000 S
+    assert minutes_per_kilostep(costs[16], cells=2, trials=10, eval_every=20) == pytest.approx(0.1)
+    # 256: 2 x 10 x (1000 x 1.6 + 50 x 4) ms = 36 s = 0.6 min; setup 2 cells x 5 groups x 0.5 s
+    # = 5 s. S minutes-per-step 0.7 / 1000, so 10 min fit (10 - 5/60) / 0.0007 steps.
+    assert flat_steps_within(costs, 10, cells_per_batch=2, trials=10, eval_every=20) == \
+        pytest.approx((10 - 5 / 60) / 0.0007)
+    # ... and the lower estimate at that S takes those 10 minutes (up to its ceil(S / E)
+    # evaluations: the part of an evaluation interval counts as a whole evaluation).
+    s = flat_steps_within(costs, 10, cells_per_batch=2, trials=10, eval_every=1)
+    out = estimate(costs, {(b, o): s for b in costs for o in "ab"}, trials=10, max_steps=10 ** 9,
+                   eval_every=1)
+    assert sum(lower for lower, _ in out.values()) / 60 == pytest.approx(10, abs=0.004)
+
+
 def _rows(*pairs):
     return {"step": [p[0] for p in pairs], "val/classification_error": [p[1] for p in pairs]}
 
@@ -111,10 +134,24 @@ def test_small_real_run_on_cpu(k, tmp_path, capsys):
           "--data-dir", str(tmp_path / "absent"), *(["--k", str(k)] if k else [])])
     out = capsys.readouterr().out
     assert out.startswith("device: cpu")
-    row = re.search(r"^\| 16 \| (\d+) \| ([\d.]+) \| ([\d.]+) \| [\d.]+ \| [\d.]+ \| 100 \| ([\d.]+) \| ([\d.]+) \|$",
-                    out, re.M)
+    row = re.search(r"^\| 16 \| (\d+) \| ([\d.]+) \| ([\d.]+) \| [\d.]+ \| [\d.]+ \| [\d.]+ \| 100 "
+                    r"\| ([\d.]+) \| ([\d.]+) \|$", out, re.M)
     assert row, out
     assert int(row[1]) == (k or 1)
     step_ms, eval_ms, lower, upper = map(float, row.groups()[1:])
     assert 0 < step_ms < math.inf and 0 < eval_ms < math.inf and 0 < lower < upper
     assert re.search(r"^total: lower [\d.]+ min \((under|over) 30\), upper", out, re.M), out
+
+
+def test_untimed_batch_sizes_are_interpolated(tmp_path, capsys):
+    main(["--batch-sizes", "16,32,64", "--measure-batch-sizes", "16,64", "--steps", "2", "--trials", "2",
+          "--repeats", "1", "--train-size", "256", "--val-size", "128", "--k", "1",
+          "--data-dir", str(tmp_path / "absent")])
+    out = capsys.readouterr().out
+    step = {int(m[1]): float(m[2]) for m in re.finditer(r"^\| (\d+) \| 1 \| ([\d.]+) \|", out, re.M)}
+    assert sorted(step) == [16, 32, 64], out
+    assert re.search(r"^\| 32 \| 1 \| [\d.]+ \| [\d.]+ \| [\d.]+ \| - \|", out, re.M), out  # not timed
+    assert step[32] == pytest.approx(math.sqrt(step[16] * step[64]), rel=0.02, abs=0.002)
+    assert re.search(r"^30 minutes cover S\(B\) up to [\d,]+ steps", out, re.M), out
+    with pytest.raises(SystemExit, match="names none"):
+        main(["--batch-sizes", "16", "--measure-batch-sizes", "32", "--data-dir", str(tmp_path)])
