@@ -9,7 +9,10 @@ stacks their parameters along a leading trial axis and trains them together:
 - every trial keeps its own `torch.Generator`, seeded like `run_trial`'s, so its data
   order (one `randperm` per epoch) and augmentation are the sequential ones; the per-step
   index tensors are stacked to (K, B);
-- the loss and gradients come from `vmap(grad_and_value(functional_call(...)))`; the
+- the loss and gradients come from `vmap(grad_and_value(functional_call(...)))`, or, for
+  convnets once a trial's batch is large (`_CONV_LOOP_MIN_BATCH`: 1024 on CUDA, 64 on CPU),
+  from the trials' plain convolutions run one after another (vmap would make them one
+  grouped convolution, measured 1.3x to 2x slower there; same numbers either way); the
   optimizer updates are written functionally, with the learning rate and every other
   hyperparameter as (K,) tensors, and follow torch.optim's update formulas exactly
   (sgd / momentum / nesterov / adam / adamw, L2 `weight_decay` for the first four,
@@ -19,7 +22,8 @@ stacks their parameters along a leading trial axis and trains them together:
   later measurements; when at most half of the stacked trials are still running the
   stack is compacted to the running ones;
 - evaluation runs on the full validation set for every running trial at once (vmap over
-  trials, the same chunks of `eval_batch_size` examples), exactly when `run_trial`
+  trials, or the same loop for convnets, in the same chunks of `eval_batch_size` examples
+  and at the same precision: bf16 autocast on CUDA by default), exactly when `run_trial`
   evaluates, and the stopping rules are `run_trial`'s.
 
 Fast path: plain MLPs (Flatten, Linear, ReLU) skip torch.func when the step is neither
@@ -70,8 +74,8 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, stack_module_state, vmap
 
 from trainers.config import Measurement, TrialConfig, TrialResult
-from trainers.loop import (DataCache, StopState, build_model, decide, measurement_extras,
-                           resolve_device, run_trial)
+from trainers.loop import (DataCache, StopState, _memory_format, build_model, decide,
+                           measurement_extras, resolve_device, run_trial)
 from trainers.schedules import get_schedule
 from trainers.stacked import StackedMLP, StackedTrainer, preprocessed_train_x
 from trainers.workloads import DataOptions, ModelOptions, Workload, get_workload
@@ -442,10 +446,19 @@ def allow_recompiles(limit: int = _RECOMPILE_LIMIT) -> None:
 
 def _make_context(workload, device, splits, model, optimizer, options) -> _Context:
     skeleton = copy.deepcopy(model).to("meta")
-    step_fn = _build_step(skeleton, workload, optimizer, options.autocast_dtype, device)
+    grads = _trial_loss_fn(skeleton, workload, options.autocast_dtype, device)
+    vmapped = _build_step(vmap(grad_and_value(grads, has_aux=True)), optimizer)
     if options.compile:
         allow_recompiles()
-        step_fn = torch.compile(step_fn, dynamic=False)
+        vmapped = torch.compile(vmapped, dynamic=False)
+    # The loop runs eager even where the vmapped step is compiled: on an H200 the eager
+    # loop beat the compiled vmapped step (1.35x at B = 4096, K = 9), and compiling K
+    # unrolled copies of the model would cost a compilation per stack size.
+    looped = _build_step(_looped_grads_fn(skeleton, workload, options.autocast_dtype, device), optimizer)
+
+    def step_fn(params, buffers, opt_state, hparams, row, x, y, active):
+        step = looped if _loops_trials(skeleton, x.shape[1], x.device) else vmapped
+        return step(params, buffers, opt_state, hparams, row, x, y, active)
     return _Context(workload, device, splits, skeleton, optimizer, step_fn, options)
 
 
@@ -531,14 +544,34 @@ def _init_opt_state(optimizer: str, params: dict[str, torch.Tensor]) -> dict[str
     return {}
 
 
-def _build_step(skeleton: nn.Module, workload: Workload, optimizer: str,
-                autocast_dtype: torch.dtype | None, device: torch.device) -> Callable:
+# A convolution whose input and weight both carry the trial axis becomes, under vmap, one
+# grouped convolution (groups = K). Once a trial's own batch is large enough, K plain
+# convolutions in a loop beat it. MNIST's simple CNN, forward + backward, per trial-step
+# (bench/conv_stacking.py):
+# - H200, bf16, eager: the loop 1.6x faster at B = 1024 (K = 20), 1.8x at 4096 (K = 9),
+#   2.0x at 16384 (K = 2); at B = 256 (K = 30) and below vmap is 2x to 7x faster;
+# - 2-core CPU, fp32: the loop 1.35x faster at B = 64 (K = 2), 1.75x at 128 (K = 8),
+#   1.35x at 512 (K = 4); even at B = 16.
+# Other devices take CUDA's threshold.
+_CONV_LOOP_MIN_BATCH = {"cuda": 1024, "cpu": 64}
+
+
+def _has_conv(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.conv._ConvNd) for m in module.modules())
+
+
+def _loops_trials(skeleton: nn.Module, batch_size: int, device: torch.device) -> bool:
+    """Whether a convnet's trials run as a loop of plain convolutions at this batch size."""
+    threshold = _CONV_LOOP_MIN_BATCH.get(device.type, _CONV_LOOP_MIN_BATCH["cuda"])
+    return batch_size >= threshold and _has_conv(skeleton)
+
+
+def _build_step(grads_fn: Callable, optimizer: str) -> Callable:
     """step(params, buffers, opt_state, hparams, row, x, y, active) ->
     (params, buffers, opt_state, loss_sums): one update of every trial, stopped trials
-    unchanged. Batch-norm buffers come back as the forward pass left them (running
-    statistics updated once per batch, or per ghost batch)."""
-    grads_fn = vmap(grad_and_value(_trial_loss_fn(skeleton, workload, autocast_dtype, device),
-                                   has_aux=True))
+    (False in `active`; None: all running, no masking pass) unchanged. Batch-norm buffers
+    come back as the forward pass left them (running statistics updated once per batch,
+    or per ghost batch). `grads_fn` is vmapped `_trial_loss_fn` or `_looped_grads_fn`."""
     update = _UPDATES[optimizer]
 
     def step(params, buffers, opt_state, hparams, row, x, y, active):
@@ -546,6 +579,8 @@ def _build_step(skeleton: nn.Module, workload: Workload, optimizer: str,
         if "grad_clip_norm" in hparams:
             grads = _clip_per_trial(grads, hparams["grad_clip_norm"])
         new_params, new_state = update(params, grads, opt_state, hparams, row)
+        if active is None:  # every trial running: nothing to freeze
+            return new_params, new_buffers, new_state, loss_sums
         new_params = {n: _where_active(active, new_params[n], params[n]) for n in params}
         new_state = {s: {n: _where_active(active, new_state[s][n], opt_state[s][n]) for n in params}
                      for s in opt_state}
@@ -568,6 +603,34 @@ def _trial_loss_fn(skeleton, workload, autocast_dtype, device):
         loss_sum, count, _ = workload.loss(logits, y)
         return loss_sum / count, (loss_sum.detach(), buffers)
     return loss_fn
+
+
+def _looped_grads_fn(skeleton, workload, autocast_dtype, device):
+    """What `vmap(grad_and_value(_trial_loss_fn(...), has_aux=True))` returns, computed by
+    running the K trials one after another on plain (ungrouped) layers: the gradient of
+    the sum of the trials' mean losses with respect to the stacked parameters is, slice
+    by slice, each trial's own gradient (trial k's loss depends on slice k alone).
+    `unbind` hands out the slices, so the backward stacks the K gradients once."""
+    def total_loss(params, buffers, x, y):  # x (K, B, *input), y (K, B)
+        buffers = {name: b.clone() for name, b in buffers.items()}  # updated in place, returned
+        slices = {name: p.unbind(0) for name, p in params.items()}
+        means, sums = [], []
+        for k in range(x.shape[0]):
+            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
+                                enabled=autocast_dtype is not None):
+                logits = functional_call(skeleton, ({n: v[k] for n, v in slices.items()},
+                                                    {n: b[k] for n, b in buffers.items()}),
+                                         (_memory_format(x[k], device),))  # as run_trial feeds it
+            loss_sum, count, _ = workload.loss(logits, y[k])
+            means.append(loss_sum / count)
+            sums.append(loss_sum.detach())
+        means = torch.stack(means)
+        return means.sum(), (means.detach(), (torch.stack(sums), buffers))
+
+    def grads_fn(params, buffers, x, y):
+        grads, (_, aux) = grad_and_value(total_loss, has_aux=True)(params, buffers, x, y)
+        return grads, aux
+    return grads_fn
 
 
 def _per_trial(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -656,8 +719,9 @@ def _train_step(context: _Context, stack: _Stack, clock: _Clock, start: int, bat
         x = torch.stack([workload.augment(x[k], g) for k, g in enumerate(stack.generators)])
     y = splits.train_y[index]  # (K, b)
     row = {name: table[clock.step] for name, table in stack.tables.items()}  # name -> (K,)
+    active = None if len(stack.running()) == len(stack.trials) else stack.active
     stack.params, stack.buffers, stack.opt_state, loss_sums = context.step_fn(
-        stack.params, stack.buffers, stack.opt_state, stack.hparams, row, x, y, stack.active)
+        stack.params, stack.buffers, stack.opt_state, stack.hparams, row, x, y, active)
     stack.interval_loss = stack.interval_loss + loss_sums.float()
     return int(index.shape[1])
 
@@ -682,18 +746,30 @@ def _sync(device: torch.device) -> None:
 @torch.no_grad()
 def evaluate_stacked(skeleton: nn.Module, workload: Workload, params: dict[str, torch.Tensor],
                      buffers: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
-                     batch_size: int) -> tuple[list[float], list[float]]:
+                     batch_size: int, autocast_dtype: torch.dtype | None = None
+                     ) -> tuple[list[float], list[float]]:
     """Mean loss and error rate of each of K stacked models over a whole split, in the
-    chunks of `batch_size` examples `trainers.loop.evaluate` uses (eval mode)."""
-    forward = vmap(lambda p, b, inputs: functional_call(skeleton, (p, b), (inputs,)),
+    chunks of `batch_size` examples `trainers.loop.evaluate` uses (eval mode), under
+    autocast to `autocast_dtype` when given (as `run_trial` evaluates: bf16 on CUDA).
+    Convnets evaluate chunks of `_CONV_LOOP_MIN_BATCH` or more one trial at a time."""
+    vmapped = vmap(lambda p, b, inputs: functional_call(skeleton, (p, b), (inputs,)),
                    in_dims=(0, 0, None))
+
+    def looped(p, b, inputs):
+        inputs = _memory_format(inputs, inputs.device)
+        return torch.stack([functional_call(skeleton, ({n: v[i] for n, v in p.items()},
+                                                       {n: v[i] for n, v in b.items()}), (inputs,))
+                            for i in range(k)])
+    forward = looped if _loops_trials(skeleton, min(batch_size, len(y)), x.device) else vmapped
     k = next(iter(params.values())).shape[0]
     loss_sum = torch.zeros(k, device=x.device, dtype=torch.float64)
     wrong = torch.zeros(k, device=x.device, dtype=torch.int64)
     skeleton.eval()
     try:
         for start in range(0, len(y), batch_size):
-            logits = forward(params, buffers, workload.preprocess(x[start:start + batch_size]))  # (K, b, C)
+            with torch.autocast(x.device.type, dtype=autocast_dtype or torch.float32,
+                                enabled=autocast_dtype is not None):
+                logits = forward(params, buffers, workload.preprocess(x[start:start + batch_size]))  # (K, b, C)
             labels = y[start:start + batch_size]  # (b,)
             loss_sum += vmap(lambda out: workload.loss(out, labels)[0])(logits).double()
             wrong += (logits.argmax(dim=2) != labels).sum(dim=1)
@@ -714,7 +790,7 @@ def _evaluate_and_decide(context: _Context, stack: _Stack, clock: _Clock, sinks:
     else:
         val_losses, val_errors = evaluate_stacked(context.skeleton, context.workload, stack.params,
                                                   stack.buffers, splits.val_x, splits.val_y,
-                                                  config.eval_batch_size)
+                                                  config.eval_batch_size, context.options.autocast_dtype)
     clock.eval_seconds += time.perf_counter() - eval_start
     train_losses = [v / clock.interval_count for v in stack.interval_loss.tolist()]
     stack.interval_loss = torch.zeros_like(stack.interval_loss)

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from trainers.config import Target, TrialConfig
+from trainers.config import Target, TrialConfig, TrialResult
 from trainers.loop import DataCache, run_trial
 from trainers.loop import build_model
 from shared_data import MNIST_T10K
@@ -111,7 +111,8 @@ def test_a_masked_trial_is_frozen():
     models = [build_model(workload, c, CPU) for c in configs]
     context = _make_context(workload, CPU, splits, models[0], "adam", _StepOptions(False, None))
     stack = _make_stack(configs, [0, 1], models, CPU, splits.train_size)
-    stack.active = torch.tensor([True, False])
+    stack.active = torch.tensor([True, False])  # as a decided trial leaves it (mask and result)
+    stack.trials[1].result = TrialResult("pruned", steps=0, examples=0, wall_seconds=0.0)
     before = {n: p.clone() for n, p in stack.params.items()}
     stack.orders = torch.stack([torch.randperm(splits.train_size, generator=g) for g in stack.generators])
     clock = _Clock()
