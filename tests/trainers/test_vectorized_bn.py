@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import trainers.workloads as workloads_module
-from trainers.config import Target, TrialConfig
+from trainers.config import Target, TrialConfig, TrialResult
 from trainers.loop import DataCache, build_model, run_trial
 from trainers.models.ghost_bn import batch_norm_1d
 from trainers.optim import get_optimizer
@@ -64,7 +64,12 @@ def vectorized(configs, **kwargs):
     return list(zip(results, measurements))
 
 
-def assert_same_runs(expected, actual, rtol=1e-4, atol=1e-6, val_error_abs=0.0):
+def assert_same_runs(expected, actual, rtol=1e-3, atol=1e-6, val_error_abs=3 / 300):
+    """Outcomes, steps and schedules exactly; losses to `rtol` and validation error to a few
+    of digits' 300 validation images. Batch norm amplifies the rounding differences of a
+    different summation order (trainers.vectorized's docstring): on the CPU of an H200
+    machine (16 threads, torch 2.11) 2 of 300 validation images moved; 2 cores here move
+    none and keep the losses within 1e-4."""
     for (want, want_ms), (got, got_ms) in zip(expected, actual, strict=True):
         assert (got.outcome, got.steps, got.examples, got.steps_to_result) == \
             (want.outcome, want.steps, want.examples, want.steps_to_result)
@@ -118,7 +123,8 @@ def test_running_statistics_follow_the_sequential_model_and_freeze_when_stopped(
     clock = _Clock()
     starts = (0, 64, 1152, 128, 192)  # 1152: the epoch's last batch, 45 examples
     for step, start in enumerate(starts):
-        if step == 2:
+        if step == 2:  # trial 1 decided, as _evaluate_and_decide leaves it: result and mask
+            stack.trials[1].result = TrialResult("pruned", steps=2, examples=128, wall_seconds=0.0)
             stack.active = torch.tensor([True, False, True])
         _train_step(context, stack, clock, start, 64)
         clock.step += 1
