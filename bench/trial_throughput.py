@@ -127,14 +127,17 @@ def timed(run: Callable[[], object], device: torch.device, repeats: int) -> floa
 
 
 def warm_up(workload: str, batch_size: int, args, cache: DataCache, step_cache: dict) -> None:
-    """A few untimed steps of every method: lazy imports, allocator, data, compilation."""
-    few = trial_configs(workload, batch_size, 3, max(args.ks), args.device, args.data_dir)
+    """Untimed runs of every method: lazy imports, allocator, data, compilation. A few
+    steps, except for the vectorized methods, which run the timed trials once: a compiled
+    step compiles again for the shorter last batch of an epoch, which a few steps miss."""
+    few = trial_configs(workload, batch_size, 3, 1, args.device, args.data_dir)
     baseline_trial(few[0], cache)
     baseline_trial(few[0], cache, typical=True)
     run_trial(few[0], data_cache=cache)
+    timed_configs = trial_configs(workload, batch_size, args.steps, max(args.ks), args.device, args.data_dir)
     for k in args.ks:
         for stacked in (True, False) if args.vmap_rows else (True,):
-            run_trials_vectorized(few[:k], data_cache=cache, chunk_size=k, compile=args.compile,
+            run_trials_vectorized(timed_configs[:k], data_cache=cache, chunk_size=k, compile=args.compile,
                                   step_cache=step_cache, stacked=stacked)
 
 
