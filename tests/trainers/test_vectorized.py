@@ -11,7 +11,7 @@ from trainers.loop import DataCache, run_trial
 from trainers.loop import build_model
 from shared_data import MNIST_T10K
 from trainers.vectorized import (_UPDATES, _Clock, _group_k, _hparam_tensors, _make_context, _make_stack,
-                                 _step_tables, _StepOptions, _train_step, choose_k,
+                                 _StepOptions, _StepTables, _train_step, choose_k,
                                  is_vectorizable, run_trials_vectorized)
 from trainers.workloads import DataOptions, get_workload
 
@@ -142,16 +142,39 @@ def test_functional_updates_match_torch_optim(optimizer):
              {"momentum": ["momentum_buffer"], "nesterov": ["momentum_buffer"],
               "adam": ["exp_avg", "exp_avg_sq"], "adamw": ["exp_avg", "exp_avg_sq"]}.get(optimizer, [])}
     hp = _hparam_tensors(configs, CPU)
-    tables, _ = _step_tables(configs, 1000, CPU)
+    tables = _StepTables(configs, 1000, CPU)
     for step in range(5):
         grads = torch.randn(2, 3, 4, generator=generator)
         for k in range(2):
             references[k].grad = grads[k].clone()
             optims[k].step()
-        row = {name: table[step] for name, table in tables.items()}
-        params, state = _UPDATES[optimizer](params, {"w": grads}, state, hp, row)
+        params, state = _UPDATES[optimizer](params, {"w": grads}, state, hp, tables.row(step))
     for k in range(2):
         torch.testing.assert_close(params["w"][k], references[k].detach(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("optimizer", ["momentum", "adamw"])
+def test_step_tables_in_chunks_equal_the_whole_budget_at_once(optimizer):
+    """Chunks of 4 steps (a schedule over the epochs of a 100-example set, batch 64: the
+    epoch's last batch is 36) give the whole-budget table bit for bit, also after a
+    compaction drops a trial mid-chunk."""
+    hparams = [{"learning_rate": lr, "momentum": 0.9, "weight_decay": 1e-3, "end_factor": 0.1}
+               for lr in (0.1, 0.03, 0.01)]
+    configs = [config(optimizer, h, i, max_steps=30, schedule="linear_decay") for i, h in enumerate(hparams)]
+    whole = _StepTables(configs, 100, CPU, chunk=1000)
+    chunked = _StepTables(configs, 100, CPU, chunk=4)
+    names = set(whole.row(0))
+    assert names == ({"lr"} if optimizer == "momentum" else {"lr", "step_size", "bias2_sqrt", "decay"})
+    for step in range(30):
+        if step == 10:
+            chunked = chunked.select([0, 2])
+        want, got = whole.row(step), chunked.row(step)
+        keep = [0, 1, 2] if step < 10 else [0, 2]
+        for name in names:
+            assert torch.equal(got[name], want[name][keep])
+        assert chunked.lr(step) == [whole.lr(step)[k] for k in keep]
+    assert len(chunked.tables["lr"]) <= 4 and chunked.end == 30
+    assert whole.lr(29)[0] < whole.lr(0)[0]  # the schedule moves: a constant table would pass anything
 
 
 def test_choose_k_shrinks_with_the_batch(monkeypatch):
