@@ -790,6 +790,7 @@ def evaluate_stacked(skeleton: nn.Module, workload: Workload, params: dict[str, 
     chunks of `batch_size` examples `trainers.loop.evaluate` uses (eval mode), under
     autocast to `autocast_dtype` when given (as `run_trial` evaluates: bf16 on CUDA).
     Convnets evaluate chunks of `_CONV_LOOP_MIN_BATCH` or more one trial at a time."""
+    k = next(iter(params.values())).shape[0]
     vmapped = vmap(lambda p, b, inputs: functional_call(skeleton, (p, b), (inputs,)),
                    in_dims=(0, 0, None))
 
@@ -799,7 +800,6 @@ def evaluate_stacked(skeleton: nn.Module, workload: Workload, params: dict[str, 
                                                        {n: v[i] for n, v in b.items()}), (inputs,))
                             for i in range(k)])
     forward = looped if _loops_trials(skeleton, min(batch_size, len(y)), x.device) else vmapped
-    k = next(iter(params.values())).shape[0]
     loss_sum = torch.zeros(k, device=x.device, dtype=torch.float64)
     wrong = torch.zeros(k, device=x.device, dtype=torch.int64)
     skeleton.eval()

@@ -191,7 +191,9 @@ def test_choose_k_shrinks_with_the_batch(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available() and not os.environ.get("BATCHLAB_COMPILE_TESTS"),
                     reason="compiling on CPU takes ~30 s; set BATCHLAB_COMPILE_TESTS=1 to run it")
 def test_compiled_step_equals_eager():
-    configs = [config("adam", {"learning_rate": lr}, s, max_steps=40) for s, lr in ((1, 1e-3), (2, 3e-3))]
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the compiled path users run
+    configs = [config("adam", {"learning_rate": lr}, s, max_steps=40, device=device)
+               for s, lr in ((1, 1e-3), (2, 3e-3))]
     eager = vectorized(configs, compile=False, precision="fp32")
     compiled = vectorized(configs, compile=True, precision="fp32")
     assert_same_runs(eager, compiled)

@@ -179,6 +179,7 @@ def test_keskar_f1_ghost_bn_equals_sequential():
                     reason="compiling on CPU takes ~1 min; set BATCHLAB_COMPILE_TESTS=1 to run it")
 @pytest.mark.parametrize("ghost", [None, 16], ids=["bn", "ghost_bn"])
 def test_compiled_bn_step_equals_eager(ghost):
-    configs = [config(lr, seed, ghost, max_steps=30) for lr, seed in ((0.1, 5), (0.01, 2))]
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the compiled path users run
+    configs = [config(lr, seed, ghost, max_steps=30, device=device) for lr, seed in ((0.1, 5), (0.01, 2))]
     assert_same_runs(vectorized(configs, compile=False, precision="fp32"),
                      vectorized(configs, compile=True, precision="fp32"))
