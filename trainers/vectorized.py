@@ -367,7 +367,8 @@ class _Context:
     splits: object
     skeleton: nn.Module  # a copy on the meta device: structure only
     optimizer: str
-    step_fn: Callable = field(repr=False)
+    step_fn: Callable = field(repr=False)  # vmapped (compiled where options.compile)
+    looped_step_fn: Callable = field(repr=False)  # the same step, trials in a loop, eager
     options: _StepOptions
 
 
@@ -454,11 +455,7 @@ def _make_context(workload, device, splits, model, optimizer, options) -> _Conte
     # loop beat the compiled vmapped step (1.35x at B = 4096, K = 9), and compiling K
     # unrolled copies of the model would cost a compilation per stack size.
     looped = _build_step(_looped_grads_fn(skeleton, workload, options.autocast_dtype, device), optimizer)
-
-    def step_fn(params, buffers, opt_state, hparams, row, x, y, active):
-        step = looped if _loops_trials(skeleton, x.shape[1], x.device) else vmapped
-        return step(params, buffers, opt_state, hparams, row, x, y, active)
-    return _Context(workload, device, splits, skeleton, optimizer, step_fn, options)
+    return _Context(workload, device, splits, skeleton, optimizer, vmapped, looped, options)
 
 
 def _make_stack(configs, indices, models, device, train_size) -> _Stack:
@@ -758,7 +755,11 @@ def _train_step(context: _Context, stack: _Stack, clock: _Clock, start: int, bat
     y = splits.train_y[index]  # (K, b)
     row = stack.tables.row(clock.step)  # name -> (K,)
     active = None if len(stack.running()) == len(stack.trials) else stack.active
-    stack.params, stack.buffers, stack.opt_state, loss_sums = context.step_fn(
+    # By the cell's batch size, not this batch's: an epoch's shorter last batch keeps the
+    # path (and, compiled, needs no variant of the other one).
+    step = context.looped_step_fn if _loops_trials(context.skeleton, batch_size, context.device) \
+        else context.step_fn
+    stack.params, stack.buffers, stack.opt_state, loss_sums = step(
         stack.params, stack.buffers, stack.opt_state, stack.hparams, row, x, y, active)
     stack.interval_loss = stack.interval_loss + loss_sums.float()
     return int(index.shape[1])
