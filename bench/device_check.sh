@@ -42,13 +42,13 @@ if [ -n "${SMALL:-}" ]; then  # the dry run: every command, tiny
   TP=(--batch-sizes 16 --ks 4 --steps 5 --repeats 1 --sequential-trials 1)
   TP_LARGE=("${TP[@]}")
   SE=(--batch-sizes 16,32,64 --measure-batch-sizes 16,64 --trials 2 --train-size 512 --val-size 256)
-  TESTS=(tests/trainers/test_vectorized.py)
+  TESTS=(tests/trainers/test_cuda_graphs.py)
 else
   TP=(--batch-sizes 16,128 --ks 8,32 --steps 200 --repeats 2 --sequential-trials 2)
   TP_LARGE=(--batch-sizes 1024 --ks 8,32 --steps 100 --repeats 1 --sequential-trials 2)
   SE=(--measure-batch-sizes 16,256,4096,16384)
-  TESTS=(tests/trainers/test_vectorized.py tests/trainers/test_vectorized_bn.py
-         tests/trainers/test_vectorized_conv.py tests/trainers/test_stacked.py)
+  TESTS=(tests/trainers/test_cuda_graphs.py tests/trainers/test_vectorized.py
+         tests/trainers/test_vectorized_conv.py tests/trainers/test_vectorized_bn.py)
 fi
 
 step env 20 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; $PY -c '
@@ -57,8 +57,8 @@ print(torch.__version__, torchvision.__version__, optuna.__version__, sqlalchemy
 print(torch.cuda.is_available() and torch.cuda.get_device_name())'"
 # Correctness first: a fast number from a broken compiled path means nothing. No -x: one
 # call should report every failure.
-step gpu_tests 160 env BATCHLAB_COMPILE_TESTS=1 $PY -m pytest -q -rfE -p no:cacheprovider "${TESTS[@]}"
-step throughput 190 $PY -m bench.trial_throughput --device "$DEVICE" --data-dir "$DATA" \
+step gpu_tests 170 env BATCHLAB_COMPILE_TESTS=1 $PY -m pytest -q -rfE -p no:cacheprovider "${TESTS[@]}"
+step throughput 210 $PY -m bench.trial_throughput --device "$DEVICE" --data-dir "$DATA" \
   --workloads mnist10k_mlp,mnist10k_simple_cnn --no-vmap-rows "${TP[@]}"
 step shallue_estimate 130 $PY -m bench.shallue_estimate --device "$DEVICE" --steps 20 --repeats 1 \
   --data-dir /nonexistent "${SE[@]}"

@@ -19,8 +19,11 @@ Every ratio is printed against both.
     python -m bench.trial_throughput --device cuda --ks 8,32,128 --steps 500
 
 Rows "vectorized K" use the default path (trainers.stacked's fast path for these MLPs
-when the step is not compiled, i.e. on CPU); "(vmap path)" rows force the torch.func path
-(`stacked=False`) for comparison.
+when the step is not compiled, i.e. on CPU; on CUDA the compiled step, replayed from CUDA
+graphs up to B = 512); "(vmap path)" rows force the torch.func path (`stacked=False`) for
+comparison. On CUDA, "(no CUDA graphs)" rows run the compiled step without graphs and
+"(eager + CUDA graphs)" rows replay the uncompiled step from graphs (`--no-graph-rows`
+skips both).
 
 Prints the device, torch version and date, then trials/second per method and its ratio
 against the baseline measured in the same run (best of --repeats).
@@ -136,9 +139,21 @@ def warm_up(workload: str, batch_size: int, args, cache: DataCache, step_cache: 
     run_trial(few[0], data_cache=cache)
     timed_configs = trial_configs(workload, batch_size, args.steps, max(args.ks), args.device, args.data_dir)
     for k in args.ks:
-        for stacked in (True, False) if args.vmap_rows else (True,):
-            run_trials_vectorized(timed_configs[:k], data_cache=cache, chunk_size=k, compile=args.compile,
-                                  step_cache=step_cache, stacked=stacked)
+        for _, options in vectorized_variants(args):
+            run_trials_vectorized(timed_configs[:k], data_cache=cache, chunk_size=k,
+                                  step_cache=step_cache, **options)
+
+
+def vectorized_variants(args) -> list[tuple[str, dict]]:
+    """(row suffix, run_trials_vectorized options) of the vectorized rows."""
+    default = {"compile": args.compile}
+    variants = [("", default)]
+    if args.vmap_rows:
+        variants.append((" (vmap path)", {**default, "stacked": False}))
+    if args.graph_rows and resolve_device(args.device).type == "cuda":
+        variants += [(" (no CUDA graphs)", {**default, "cuda_graphs": False}),
+                     (" (eager + CUDA graphs)", {"compile": False, "cuda_graphs": True})]
+    return variants
 
 
 def bench_cell(workload: str, batch_size: int, args, cache: DataCache,
@@ -160,12 +175,10 @@ def bench_cell(workload: str, batch_size: int, args, cache: DataCache,
              len(few) / timed(lambda: [run_trial(c, data_cache=cache) for c in few], device, args.repeats))]
     for k in args.ks:
         group = configs[:k]
-        for stacked in (True, False) if args.vmap_rows else (True,):
+        for suffix, options in vectorized_variants(args):
             run = lambda: run_trials_vectorized(group, data_cache=cache, chunk_size=k,
-                                                compile=args.compile, step_cache=step_cache,
-                                                stacked=stacked)
-            name = f"batchlab vectorized K={k}" + ("" if stacked else " (vmap path)")
-            rows.append((name, k / timed(run, device, args.repeats)))
+                                                step_cache=step_cache, **options)
+            rows.append((f"batchlab vectorized K={k}{suffix}", k / timed(run, device, args.repeats)))
     return rows, warm
 
 
@@ -189,6 +202,8 @@ def parse_args(argv=None):
     parser.add_argument("--no-vmap-rows", dest="vmap_rows", action="store_false",
                         help="skip the torch.func (vmap) path rows; the default vectorized rows "
                              "use the stacked-MLP fast path where it applies (CPU, not compiled)")
+    parser.add_argument("--no-graph-rows", dest="graph_rows", action="store_false",
+                        help="on CUDA, skip the rows without CUDA graphs and with the eager step in graphs")
     return parser.parse_args(argv)
 
 

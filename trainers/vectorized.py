@@ -53,7 +53,11 @@ wall time of the whole group's training so far (what the trial really waited), n
 per-trial share of it.
 
 On CUDA the step is compiled with `torch.compile` and runs under bf16 autocast by
-default (`compile=`, `precision=` override); on CPU neither is used unless asked, and
+default (`compile=`, `precision=` override), and a small step (the vmapped step of a cell
+whose batch size is at most `_GRAPH_MAX_BATCH`) is replayed from a captured CUDA graph
+(`trainers.cuda_graphs`; `cuda_graphs=` overrides), its stacked state kept in static
+tensors that each new group of the same stack size is copied into (reset in place, not
+reallocated). On CPU neither compilation nor autocast is used unless asked, and
 with fp32 the results equal `run_trial`'s up to floating-point rounding. Some models
 amplify rounding (as they do between two `run_trial` runs on different thread counts):
 with batch norm, a ReLU input within rounding of zero, or Adam's normalised steps on
@@ -74,6 +78,7 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, stack_module_state, vmap
 
 from trainers.config import Measurement, TrialConfig, TrialResult
+from trainers.cuda_graphs import GraphedStep
 from trainers.loop import (DataCache, StopState, _memory_format, build_model, decide,
                            measurement_extras, resolve_device, run_trial)
 from trainers.schedules import get_schedule
@@ -107,7 +112,8 @@ def run_trials_vectorized(configs: Sequence[TrialConfig], *, data_cache: DataCac
                           precision: Precision = "auto",
                           on_result: IndexedResultSink | None = None,
                           step_cache: dict | None = None,
-                          stacked: bool = True) -> list[TrialResult]:
+                          stacked: bool = True,
+                          cuda_graphs: bool | None = None) -> list[TrialResult]:
     """Train every config and return their results in the order given.
 
     Configs that share the cell fields (`_SHARED_FIELDS`) are trained together in groups
@@ -120,7 +126,8 @@ def run_trials_vectorized(configs: Sequence[TrialConfig], *, data_cache: DataCac
     calls, so a compiled step is not recompiled for every group of the same shape.
     `stacked` (default) trains plain MLPs with the vmap-free fast path of
     `trainers.stacked` when the step is neither compiled nor autocast (CPU by default);
-    False forces the torch.func path everywhere.
+    False forces the torch.func path everywhere. `cuda_graphs` (default: True on CUDA,
+    where only) replays small vmapped steps from CUDA graphs.
     """
     cache = data_cache or DataCache()
     steps = {} if step_cache is None else step_cache
@@ -136,7 +143,7 @@ def run_trials_vectorized(configs: Sequence[TrialConfig], *, data_cache: DataCac
         size = chunk_size or _group_k(group[0], cache, device)
         for start in range(0, len(indices), size):
             chunk = indices[start:start + size]
-            options = _StepOptions.resolve(device, compile, precision, stacked)
+            options = _StepOptions.resolve(device, compile, precision, stacked, cuda_graphs)
             for i, result in zip(chunk, _run_group([configs[i] for i in chunk], chunk, cache,
                                                    sinks, options, steps)):
                 results[i] = result
@@ -307,17 +314,26 @@ class _StepOptions:
     compile: bool
     autocast_dtype: torch.dtype | None
     stacked: bool = False  # use trainers.stacked where it covers the model
+    graphs: bool = False  # replay small vmapped steps from CUDA graphs
 
     @staticmethod
     def resolve(device: torch.device, compile: bool | None, precision: Precision,
-                stacked: bool = False) -> "_StepOptions":
+                stacked: bool = False, cuda_graphs: bool | None = None) -> "_StepOptions":
         on_cuda = device.type == "cuda"
         if precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
+        if cuda_graphs and not on_cuda:
+            raise ValueError(f"cuda_graphs=True needs a CUDA device; the trials run on {device}")
         bf16 = precision == "bf16" or (precision == "auto" and on_cuda)
         compiled = on_cuda if compile is None else compile
         return _StepOptions(compiled, torch.bfloat16 if bf16 else None,
-                            stacked and not compiled and not bf16)
+                            stacked and not compiled and not bf16,
+                            on_cuda if cuda_graphs is None else cuda_graphs)
+
+    @property
+    def step_key(self) -> tuple:
+        """What the built step depends on (graphs replay the same step)."""
+        return self.compile, self.autocast_dtype, self.stacked
 
 
 @dataclass
@@ -370,6 +386,9 @@ class _Context:
     step_fn: Callable = field(repr=False)  # vmapped (compiled where options.compile)
     looped_step_fn: Callable = field(repr=False)  # the same step, trials in a loop, eager
     options: _StepOptions
+    # step_fn replayed from CUDA graphs, one per stack size K, shared by every group
+    # (and every copy of this context) that replays graphs
+    graphed: dict[int, GraphedStep] = field(default_factory=dict, repr=False)
 
 
 def _run_group(configs: list[TrialConfig], indices: list[int], cache: DataCache, sinks: _Sinks,
@@ -381,11 +400,11 @@ def _run_group(configs: list[TrialConfig], indices: list[int], cache: DataCache,
     splits = cache.get(workload, DataOptions(first.data_dir, first.download), device)
     models = [build_model(workload, config, device) for config in configs]
     stack = _make_stack(configs, indices, models, device, splits.train_size)
-    key = (workload.name, str(device), first.optimizer, options, tuple(sorted(stack.hparams)),
+    key = (workload.name, str(device), first.optimizer, options.step_key, tuple(sorted(stack.hparams)),
            _ghost_batch_size(first), bool(stack.buffers))
     if key not in steps:  # same key: same skeleton and step function, so no recompilation
         steps[key] = _make_context(workload, device, splits, models[0], first.optimizer, options)
-    context = dataclasses.replace(steps[key], splits=splits)
+    context = dataclasses.replace(steps[key], splits=splits, options=options)
     trainer = _stacked_trainer(context, models[0], splits, steps) if options.stacked else None
     trials = list(stack.trials)
     clock = _Clock()
@@ -590,9 +609,29 @@ def _init_opt_state(optimizer: str, params: dict[str, torch.Tensor]) -> dict[str
 # Other devices take CUDA's threshold.
 _CONV_LOOP_MIN_BATCH = {"cuda": 1024, "cpu": 64}
 
+# CUDA graphs replay the vmapped step of cells up to this batch size: there a step is a
+# few hundred short kernels whose launches, not their arithmetic, set its time (H200:
+# 0.08 ms per trial-step at B = 16, K = 32 with the step compiled); larger steps are
+# bound by their arithmetic, and a graph would only hold their activations' memory.
+_GRAPH_MAX_BATCH = 512
+
 
 def _has_conv(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.conv._ConvNd) for m in module.modules())
+
+
+def _step_for(context: _Context, batch_size: int, k: int) -> Callable:
+    """The step a group of `k` trials at the cell's `batch_size` trains with: the trials
+    in a loop (convnets at large batches), the vmapped step replayed from a CUDA graph
+    (small batches, where graphs are on), or the vmapped step."""
+    if _loops_trials(context.skeleton, batch_size, context.device):
+        return context.looped_step_fn
+    if context.options.graphs and batch_size <= _GRAPH_MAX_BATCH:
+        graphed = context.graphed.get(k)
+        if graphed is None:
+            graphed = context.graphed[k] = GraphedStep(context.step_fn, context.device)
+        return graphed
+    return context.step_fn
 
 
 def _loops_trials(skeleton: nn.Module, batch_size: int, device: torch.device) -> bool:
@@ -757,8 +796,7 @@ def _train_step(context: _Context, stack: _Stack, clock: _Clock, start: int, bat
     active = None if len(stack.running()) == len(stack.trials) else stack.active
     # By the cell's batch size, not this batch's: an epoch's shorter last batch keeps the
     # path (and, compiled, needs no variant of the other one).
-    step = context.looped_step_fn if _loops_trials(context.skeleton, batch_size, context.device) \
-        else context.step_fn
+    step = _step_for(context, batch_size, len(stack.trials))
     stack.params, stack.buffers, stack.opt_state, loss_sums = step(
         stack.params, stack.buffers, stack.opt_state, stack.hparams, row, x, y, active)
     stack.interval_loss = stack.interval_loss + loss_sums.float()

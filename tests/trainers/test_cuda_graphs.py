@@ -1,0 +1,173 @@
+"""The graphed step (trainers.cuda_graphs) computes what the plain vmapped step computes.
+
+On the CPU the static-state bookkeeping runs uncaptured: adopting a new group's state in
+place, one replay per batch shape and masking variant, a state of another stack size.
+On CUDA the captured graphs give the same trials as the step without them."""
+import dataclasses
+
+import pytest
+import torch
+
+import trainers.vectorized as vectorized_module
+from trainers.config import TrialConfig
+from trainers.cuda_graphs import GraphedStep
+from trainers.loop import DataCache, build_model
+from trainers.vectorized import (_Clock, _Context, _make_context, _make_stack, _Sinks, _StepOptions,
+                                 run_trials_vectorized)
+from trainers.workloads import DataOptions, get_workload
+
+from test_vectorized import CELLS, assert_same_runs, config, vectorized
+
+CACHE = DataCache()
+CPU = torch.device("cpu")
+WORKLOAD = get_workload("digits_mlp")
+
+
+def _stack(configs, context=None):
+    splits = CACHE.get(WORKLOAD, DataOptions(), CPU)
+    models = [build_model(WORKLOAD, c, CPU) for c in configs]
+    if context is None:
+        context = _make_context(WORKLOAD, CPU, splits, models[0], configs[0].optimizer, _StepOptions(False, None))
+    stack = _make_stack(configs, list(range(len(configs))), models, CPU, splits.train_size)
+    stack.orders = torch.stack([torch.randperm(splits.train_size, generator=g) for g in stack.generators])
+    return context, stack, splits
+
+
+def _inputs(stack, splits, step, start, size):
+    index = stack.orders[:, start:start + size]
+    return stack.tables.row(step), WORKLOAD.preprocess(splits.train_x[index]), splits.train_y[index]
+
+
+def _drive(step_fn, stack, splits, active_from: int):
+    """Eight steps: full batches of 64, a short one of 40, then with trial 1 masked."""
+    state = (stack.params, stack.buffers, stack.opt_state)
+    losses = []
+    for step, (start, size) in enumerate([(0, 64), (64, 64), (128, 40)] + [(192 + 64 * i, 64) for i in range(5)]):
+        row, x, y = _inputs(stack, splits, step, start, size)
+        active = torch.tensor([True, False, True]) if step >= active_from else None
+        *state, loss = step_fn(*state, stack.hparams, row, x, y, active)
+        losses.append(loss.clone())
+    return state, losses
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for name, value in tree.items():
+        out.update(_flat(value, f"{prefix}{name}.") if isinstance(value, dict) else {prefix + name: value})
+    return out
+
+
+def _assert_equal_states(a, b):
+    """(params, buffers, opt_state) bit for bit."""
+    for tree_a, tree_b in zip(a, b, strict=True):
+        flat_a, flat_b = _flat(tree_a), _flat(tree_b)
+        assert flat_a.keys() == flat_b.keys()
+        for name in flat_a:
+            assert torch.equal(flat_a[name], flat_b[name]), name
+
+
+def _cell(seeds, lrs):
+    return [config("momentum", {"learning_rate": lr, "momentum": 0.9}, s) for s, lr in zip(seeds, lrs)]
+
+
+def test_graphed_state_equals_the_plain_step_across_groups_shapes_and_masks():
+    first = _cell((1, 2, 3), (0.1, 0.05, 0.02))
+    context, stack, splits = _stack(first)
+    graphed = GraphedStep(context.step_fn, CPU)
+    want_state, want_losses = _drive(context.step_fn, stack, splits, active_from=5)
+    _, stack, _ = _stack(first, context)  # the same trials again, from their initial state
+    got_state, got_losses = _drive(graphed, stack, splits, active_from=5)
+    _assert_equal_states(want_state, got_state)
+    assert all(torch.equal(w, g) for w, g in zip(want_losses, got_losses, strict=True))
+    # one replay per (batch shape, masking): (64, all), (40, all), (64, masked)
+    assert len(graphed._replays) == 3 and graphed.captured == 0  # no capture off CUDA
+    addresses = [t.data_ptr() for t in graphed.state[0].values()]
+
+    # A new group of the same size: its state is copied into the same tensors.
+    second = _cell((4, 5, 6), (0.2, 0.01, 0.03))
+    _, stack, _ = _stack(second, context)
+    want_state, _ = _drive(context.step_fn, stack, splits, active_from=3)
+    _, stack, _ = _stack(second, context)
+    got_state, _ = _drive(graphed, stack, splits, active_from=3)
+    _assert_equal_states(want_state, got_state)
+    assert [t.data_ptr() for t in graphed.state[0].values()] == addresses
+    assert got_state[0] is graphed.state[0] and len(graphed._replays) == 3
+
+    # A state of another shape replaces the static one and its replays.
+    _, stack, _ = _stack(second[:2], context)
+    row, x, y = _inputs(stack, splits, 0, 0, 64)
+    want = context.step_fn(stack.params, stack.buffers, stack.opt_state, stack.hparams, row, x, y, None)
+    got = graphed(stack.params, stack.buffers, stack.opt_state, stack.hparams, row, x, y, None)
+    _assert_equal_states(want[:3], got[:3])
+    assert len(graphed._replays) == 1 and next(iter(graphed.state[0].values())).shape[0] == 2
+
+
+def _run_group(configs, options):
+    """trainers.vectorized's group loop with explicit step options (graphs off CUDA run the
+    static-state step uncaptured)."""
+    measurements = [[] for _ in configs]
+    steps = {}
+    sinks = _Sinks(lambda i, m: measurements[i].append(m), None, lambda: None, True)
+    results = vectorized_module._run_group(configs, list(range(len(configs))), CACHE, sinks, options, steps)
+    return list(zip(results, measurements)), steps
+
+
+def test_a_group_through_the_static_state_step_equals_the_plain_one():
+    # One trial reaches the target, one diverges (masked, then compacted): 4 -> 2 trials.
+    configs = CELLS["momentum"]
+    plain, _ = _run_group(configs, _StepOptions(False, None))
+    graphed, steps = _run_group(configs, _StepOptions(False, None, graphs=True))
+    assert_same_runs(plain, graphed)
+    assert sorted(r.outcome for r, _ in graphed) == ["diverged", "not_reached", "not_reached", "reached"]
+    context = next(v for v in steps.values() if isinstance(v, _Context))
+    assert sorted(context.graphed) == [2, 4]  # the compacted stack has its own static state
+
+
+def test_graphs_are_for_small_vmapped_steps_and_need_cuda():
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        run_trials_vectorized(_cell((1,), (0.1,)), data_cache=CACHE, cuda_graphs=True)
+    assert _StepOptions.resolve(torch.device("cuda"), None, "auto").graphs
+    assert not _StepOptions.resolve(torch.device("cuda"), None, "auto", cuda_graphs=False).graphs
+    assert not _StepOptions.resolve(CPU, None, "auto").graphs
+    configs = _cell((1, 2), (0.1, 0.1))
+    context, _, _ = _stack(configs)
+    context = dataclasses.replace(context, options=_StepOptions(False, None, graphs=True))
+    small = vectorized_module._step_for(context, vectorized_module._GRAPH_MAX_BATCH, 2)
+    assert isinstance(small, GraphedStep) and vectorized_module._step_for(context, 16, 2) is small
+    assert vectorized_module._step_for(context, 16, 3) is not small  # one per stack size
+    assert vectorized_module._step_for(context, vectorized_module._GRAPH_MAX_BATCH + 1, 2) is context.step_fn
+
+
+def _cuda(configs, **overrides):
+    return [dataclasses.replace(c, device="cuda", **overrides) for c in configs]
+
+
+def _captured(steps: dict) -> int:
+    return sum(g.captured for v in steps.values() if isinstance(v, _Context) for g in v.graphed.values())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_cuda_graphs_equal_the_step_without_them(compile):
+    configs = _cuda(CELLS["momentum"]) + _cuda(CELLS["adam"])
+    without = vectorized(configs, chunk_size=4, compile=compile, precision="fp32", cuda_graphs=False)
+    steps: dict = {}
+    with_graphs = vectorized(configs, chunk_size=4, compile=compile, precision="fp32", cuda_graphs=True,
+                             step_cache=steps)
+    assert_same_runs(without, with_graphs)
+    # per optimizer: K = 4 (full and last batch, then masked) and the compacted K = 2
+    assert _captured(steps) >= 6
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graphs_by_default_bf16_learn_and_reuse_their_state():
+    configs = _cuda(_cell((1, 2, 3, 4), (0.3, 0.2, 0.1, 0.05)), max_steps=100)
+    steps: dict = {}
+    first = vectorized(configs, chunk_size=4, step_cache=steps)  # CUDA defaults: compiled, bf16, graphs
+    captured = _captured(steps)
+    assert captured >= 1 and all(r.best_metric < 0.2 for r, _ in first)
+    again = vectorized(configs, chunk_size=4, step_cache=steps)  # same shapes: no new capture
+    assert _captured(steps) == captured
+    assert [(r.outcome, r.steps) for r, _ in again] == [(r.outcome, r.steps) for r, _ in first]
+    for (_, want), (_, got) in zip(first, again):
+        assert [m.val_error for m in got] == [m.val_error for m in want]  # deterministic replays
