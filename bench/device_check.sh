@@ -12,7 +12,7 @@
 #   mkdir -p .devdata/datasets && cp -r ../shared/datasets/mnist-t10k .devdata/datasets/
 #   grep -qx '/.devdata/' .git/info/exclude || echo '/.devdata/' >> .git/info/exclude
 # Run with the device tool:  command "bash bench/device_check.sh", carry [".whl", ".devdata"],
-# timeout_s 560. Read the results from the files it brings back. A dry run of the wiring
+# timeout_s 540. Read the results from the files it brings back. A dry run of the wiring
 # here, on the CPU with small sizes:  DEVICE=cpu SMALL=1 bash bench/device_check.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/batchlab-device-check}
@@ -57,12 +57,12 @@ print(torch.__version__, torchvision.__version__, optuna.__version__, sqlalchemy
 print(torch.cuda.is_available() and torch.cuda.get_device_name())'"
 # Correctness first: a fast number from a broken compiled path means nothing. No -x: one
 # call should report every failure.
-step gpu_tests 170 env BATCHLAB_COMPILE_TESTS=1 $PY -m pytest -q -rfE -p no:cacheprovider "${TESTS[@]}"
-step throughput 210 $PY -m bench.trial_throughput --device "$DEVICE" --data-dir "$DATA" \
+step gpu_tests 150 env BATCHLAB_COMPILE_TESTS=1 $PY -m pytest -q -rfE -p no:cacheprovider "${TESTS[@]}"
+step throughput 200 $PY -m bench.trial_throughput --device "$DEVICE" --data-dir "$DATA" \
   --workloads mnist10k_mlp,mnist10k_simple_cnn --no-vmap-rows "${TP[@]}"
-step shallue_estimate 130 $PY -m bench.shallue_estimate --device "$DEVICE" --steps 20 --repeats 1 \
+step shallue_estimate 110 $PY -m bench.shallue_estimate --device "$DEVICE" --steps 20 --repeats 1 \
   --data-dir /nonexistent "${SE[@]}"
 # Last: the issue's table also has B = 1024 (beyond the B <= 128 target), if time is left.
-step throughput_1024 50 $PY -m bench.trial_throughput --device "$DEVICE" --data-dir "$DATA" \
+step throughput_1024 40 $PY -m bench.trial_throughput --device "$DEVICE" --data-dir "$DATA" \
   --workloads mnist10k_mlp,mnist10k_simple_cnn --no-vmap-rows "${TP_LARGE[@]}"
 ls -l "$OUT"
