@@ -150,10 +150,11 @@ def _captured(steps: dict) -> int:
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
 def test_cuda_graphs_equal_the_step_without_them(compile):
     configs = _cuda(CELLS["momentum"]) + _cuda(CELLS["adam"])
-    without = vectorized(configs, chunk_size=4, compile=compile, precision="fp32", cuda_graphs=False)
+    # stacked=False: eager fp32 MLPs would otherwise take trainers.stacked's path, no graphs
+    options = dict(chunk_size=4, compile=compile, precision="fp32", stacked=False)
+    without = vectorized(configs, cuda_graphs=False, **options)
     steps: dict = {}
-    with_graphs = vectorized(configs, chunk_size=4, compile=compile, precision="fp32", cuda_graphs=True,
-                             step_cache=steps)
+    with_graphs = vectorized(configs, cuda_graphs=True, step_cache=steps, **options)
     assert_same_runs(without, with_graphs)
     # per optimizer: K = 4 (full and last batch, then masked) and the compacted K = 2
     assert _captured(steps) >= 6
