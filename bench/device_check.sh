@@ -12,8 +12,9 @@
 #   mkdir -p .devdata/datasets && cp -r ../shared/datasets/mnist-t10k .devdata/datasets/
 #   grep -qx '/.devdata/' .git/info/exclude || echo '/.devdata/' >> .git/info/exclude
 # Run with the device tool:  command "bash bench/device_check.sh", carry [".whl", ".devdata"],
-# timeout_s 540. Read the results from the files it brings back. A dry run of the wiring
-# here, on the CPU with small sizes:  DEVICE=cpu SMALL=1 bash bench/device_check.sh
+# timeout_s 540 (the last run took 346 s with a 40 s B = 1024 step). Read the results from
+# the files it brings back. A dry run of the wiring here, on the CPU with small sizes:
+#   DEVICE=cpu SMALL=1 bash bench/device_check.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/batchlab-device-check}
 mkdir -p "$OUT"
@@ -63,6 +64,6 @@ step throughput 200 $PY -m bench.trial_throughput --device "$DEVICE" --data-dir 
 step shallue_estimate 110 $PY -m bench.shallue_estimate --device "$DEVICE" --steps 20 --repeats 1 \
   --data-dir /nonexistent "${SE[@]}"
 # Last: the table also has B = 1024 (beyond the B <= 128 target), if time is left.
-step throughput_1024 40 $PY -m bench.trial_throughput --device "$DEVICE" --data-dir "$DATA" \
+step throughput_1024 110 $PY -m bench.trial_throughput --device "$DEVICE" --data-dir "$DATA" \
   --workloads mnist10k_mlp,mnist10k_simple_cnn --no-vmap-rows "${TP_LARGE[@]}"
 ls -l "$OUT"
