@@ -614,6 +614,11 @@ _CONV_LOOP_MIN_BATCH = {"cuda": 1024, "cpu": 64}
 # 0.08 ms per trial-step at B = 16, K = 32 with the step compiled); larger steps are
 # bound by their arithmetic, and a graph would only hold their activations' memory.
 _GRAPH_MAX_BATCH = 512
+# Stack sizes whose static state and graphs a context keeps (least recently used freed):
+# a group of 32 compacts to a few smaller sizes, and the next group starts at 32 again.
+# Unbounded, a long study would hold one set per size ever compacted to, and `choose_k`,
+# which sees only the device's free memory, would pick ever smaller stacks.
+_GRAPHED_STACK_SIZES = 4
 
 
 def _has_conv(module: nn.Module) -> bool:
@@ -627,9 +632,10 @@ def _step_for(context: _Context, batch_size: int, k: int) -> Callable:
     if _loops_trials(context.skeleton, batch_size, context.device):
         return context.looped_step_fn
     if context.options.graphs and batch_size <= _GRAPH_MAX_BATCH:
-        graphed = context.graphed.get(k)
-        if graphed is None:
-            graphed = context.graphed[k] = GraphedStep(context.step_fn, context.device)
+        graphed = context.graphed.pop(k, None) or GraphedStep(context.step_fn, context.device)
+        context.graphed[k] = graphed  # the most recently used last
+        if len(context.graphed) > _GRAPHED_STACK_SIZES:  # free the least recently used
+            del context.graphed[next(iter(context.graphed))]
         return graphed
     return context.step_fn
 

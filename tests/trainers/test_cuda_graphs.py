@@ -135,6 +135,10 @@ def test_graphs_are_for_small_vmapped_steps_and_need_cuda():
     small = vectorized_module._step_for(context, vectorized_module._GRAPH_MAX_BATCH, 2)
     assert isinstance(small, GraphedStep) and vectorized_module._step_for(context, 16, 2) is small
     assert vectorized_module._step_for(context, 16, 3) is not small  # one per stack size
+    for k in (3, 4, 5, 2, 6):  # 3 is then the least recently used: freed for 6
+        vectorized_module._step_for(context, 16, k)
+    assert list(context.graphed) == [4, 5, 2, 6]
+    assert len(context.graphed) == vectorized_module._GRAPHED_STACK_SIZES
     assert vectorized_module._step_for(context, vectorized_module._GRAPH_MAX_BATCH + 1, 2) is context.step_fn
 
 
