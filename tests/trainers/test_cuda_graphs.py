@@ -9,10 +9,9 @@ import pytest
 import torch
 
 import trainers.vectorized as vectorized_module
-from trainers.config import TrialConfig
 from trainers.cuda_graphs import GraphedStep
 from trainers.loop import DataCache, build_model
-from trainers.vectorized import (_Clock, _Context, _make_context, _make_stack, _Sinks, _StepOptions,
+from trainers.vectorized import (_Context, _make_context, _make_stack, _Sinks, _StepOptions,
                                  run_trials_vectorized)
 from trainers.workloads import DataOptions, get_workload
 
