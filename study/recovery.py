@@ -110,6 +110,22 @@ def abandon_trial(engine: Engine, storage: optuna.storages.BaseStorage, trial_ro
     return True
 
 
+_RERUN_PENDING = text("""
+SELECT 1 FROM bl_trials r
+WHERE r.cell_id = :cell_id AND r.outcome = 'abandoned' AND r.optuna_trial_id >= 0
+  AND NOT EXISTS (SELECT 1 FROM bl_trials s
+                  WHERE s.attempt_of = COALESCE(r.attempt_of, r.id) AND s.attempt = r.attempt + 1)
+LIMIT 1
+""")
+
+
+def rerun_pending(engine: Engine, cell_id: int) -> bool:
+    """Whether an abandoned attempt of this cell has no re-run row yet: its point is being
+    re-queued (`abandon_trial` gives the slot back first), or is queued and not yet asked."""
+    with engine.connect() as connection:
+        return connection.execute(_RERUN_PENDING, {"cell_id": cell_id}).first() is not None
+
+
 def _mark_abandoned(engine: Engine, trial_row_id: int, reason: str, stale_before: datetime | None):
     conditions = [Trial.id == trial_row_id, Trial.outcome == "running"]
     if stale_before is not None:

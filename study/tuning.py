@@ -3,8 +3,9 @@ storages and samplers, and how a trial's outcome is told to its study."""
 from __future__ import annotations
 
 import math
+import time
 import warnings
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import optuna
@@ -108,6 +109,34 @@ def make_sampler(kind: str, seed: int) -> optuna.samplers.BaseSampler:
             return optuna.samplers.QMCSampler(qmc_type="halton", scramble=True, seed=seed,
                                               warn_independent_sampling=False)
     return optuna.samplers.RandomSampler(seed=seed)
+
+
+# How long an ask waits at most for a point being re-queued (`ask_queued`): a re-queue
+# takes milliseconds; one whose reaper died in between is finished by the sweep, later.
+REQUEUE_WAIT_SECONDS = 10.0
+
+
+def ask_queued(study: optuna.Study, fixed_distributions: Mapping[str, BaseDistribution],
+               rerun_pending: Callable[[], bool], *,
+               wait_seconds: float = REQUEUE_WAIT_SECONDS) -> optuna.Trial:
+    """Ask a cell whose points were all enqueued at creation (quasi-random, random) for one
+    of those points. A reaper gives a lost trial's slot back and then re-queues its point
+    (recovery.abandon_trial): a claim in between finds no queued point, and Optuna would
+    sample a fresh one that the cell was never meant to have, leaving the re-queued point
+    unrun. So while `rerun_pending()` says a re-run has not been asked yet, a sampled trial
+    is failed at once and the ask repeated (for at most `wait_seconds`). Otherwise a
+    sampled point is kept: the queue ran dry for another reason (an ask whose
+    acknowledgement was lost took a point), and the cell still needs its trial."""
+    deadline = time.monotonic() + wait_seconds
+    delay = 0.01
+    while True:
+        trial = study.ask(fixed_distributions=fixed_distributions)
+        if "fixed_params" in trial.storage.get_trial_system_attrs(trial._trial_id) \
+                or time.monotonic() >= deadline or not rerun_pending():
+            return trial
+        study.tell(trial, state=TrialState.FAIL)
+        time.sleep(delay)
+        delay = min(2 * delay, 0.5)
 
 
 def tell(study: optuna.Study, trial: optuna.Trial, outcome: str, steps_to_result: int | None) -> None:

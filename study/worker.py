@@ -40,12 +40,12 @@ from study.importer import IMPORTED_SAMPLER
 from study.pipeline import CellBest, MeasurementBuffer, StorageJobError, StoragePipeline
 from study.recovery import (ATTEMPT_ATTR, ATTEMPT_OF_ATTR, DEFAULT_GRACE_SECONDS,
                             DEFAULT_HEARTBEAT_SECONDS, SEED_ATTR, Heartbeat, abandon_trial,
-                            fail_orphaned_asks,
-                            reap_lost_trials, requeue)
+                            fail_orphaned_asks, reap_lost_trials, requeue, rerun_pending)
 from study.retry import call_with_retry
 from study.resolve import resolve_trial_config, with_checkpoint
 from study.spec import Param, parse_spec
-from study.tuning import (distributions, hparams_from_optuna, make_sampler, optuna_storage, tell)
+from study.tuning import (ask_queued, distributions, hparams_from_optuna, make_sampler, optuna_storage,
+                          tell)
 from trainers.config import Measurement, TrialConfig, TrialResult
 from trainers.loop import DataCache, resolve_device, run_trial
 from trainers.workloads import DataOptions, get_workload
@@ -508,6 +508,9 @@ class CampaignWorker:
             study = optuna.load_study(study_name=claim.study_name, storage=self.storage,
                                       sampler=make_sampler(self.spec.sampler, self.spec.seed))
             self._studies[claim.study_name] = study
+        if self.prefetch_ask:  # every point was enqueued at creation: take one of those
+            return study, ask_queued(study, distributions(space),
+                                     lambda: rerun_pending(self.engine, claim.cell_id))
         return study, study.ask(fixed_distributions=distributions(space))
 
     def _refresh_best(self, cell_id: int) -> None:

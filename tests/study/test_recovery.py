@@ -4,12 +4,14 @@ ends with exactly its planned finished trials per cell, and every abandoned atte
 re-run with identical hyperparameters and seed."""
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
 
@@ -28,10 +30,12 @@ from db.engine import make_engine
 from db.models import Trial
 from study.campaigns import create_campaign
 from study.results import FINISHED as FINISHED_OUTCOMES
-from study.recovery import (ATTEMPT_ATTR, ATTEMPT_OF_ATTR, SEED_ATTR, reap_lost_trials)
+from study import recovery
+from study.recovery import (ATTEMPT_ATTR, ATTEMPT_OF_ATTR, SEED_ATTR, abandon_trial, reap_lost_trials,
+                            rerun_pending)
 from study.results import campaign_info
 from study.spec import parse_spec
-from study.tuning import distributions, optuna_storage
+from study.tuning import ask_queued, distributions, optuna_storage
 from study.worker import Attempt, claim_cell
 
 FINISHED = {"reached", "not_reached", "diverged", "failed", "pruned"}
@@ -208,6 +212,51 @@ def test_concurrent_reapers_abandon_once_and_requeue_the_same_point(any_url):
     assert rerun.user_attrs == {ATTEMPT_ATTR: 2, ATTEMPT_OF_ATTR: row_id, SEED_ATTR: int(rows["seed"][0])}
 
 
+def test_a_claim_between_a_reapers_slot_and_its_requeue_waits_for_the_point(tmp_path, monkeypatch):
+    """A reaper gives the slot back, then re-queues the point: a claim in that window finds
+    no queued point. A plain ask samples a fresh one (the race); `ask_queued`, which the
+    worker uses for enqueued cells, fails that and gets the re-queued point."""
+    url = f"sqlite:///{tmp_path / 'window.db'}"
+    engine, info = create(url, spec_text("window", batch_sizes=(16,), trials_per_cell=2))
+    lost = running_trial(engine, url, info, "ghost")
+    running_trial(engine, url, info, "other")  # the cell's second and last queued point
+    space = distributions(parse_spec(_spec_text(engine, info.id), "db").cell_space("momentum", "constant"))
+    storage = optuna_storage(url)
+    cell = queries.cells(engine, info.id).iloc[0]
+    cell_id = int(cell["cell_id"])
+    study = optuna.load_study(study_name=cell["study_name"], storage=storage)
+    assert not rerun_pending(engine, cell_id)
+    asked = {}
+
+    def claim_and_ask() -> None:
+        assert claim_cell(engine, info.id, "late") is not None  # the slot is back already
+        asked["queued"] = ask_queued(study, space, lambda: rerun_pending(engine, cell_id))
+
+    real_requeue = recovery.requeue
+
+    def requeue_later(*args, **kwargs):
+        asked["plain"] = study.ask(fixed_distributions=space)  # what a plain ask gets here
+        late = threading.Thread(target=claim_and_ask)
+        late.start()
+        time.sleep(0.3)  # the late claim asks, and finds nothing queued, before the re-queue
+        assert rerun_pending(engine, cell_id)
+        done = real_requeue(*args, **kwargs)
+        late.join()
+        return done
+    monkeypatch.setattr(recovery, "requeue", requeue_later)
+    assert abandon_trial(engine, storage, lost, "lost")
+    row = trial_rows(engine, info.id).set_index("id").loc[lost]
+    lost_point = json.loads(row["hparams"])
+    sampled = storage.get_trial(asked["plain"]._trial_id)
+    assert "fixed_params" not in sampled.system_attrs and sampled.params != lost_point  # the race
+    rerun = storage.get_trial(asked["queued"]._trial_id)
+    assert rerun.params == lost_point and rerun.user_attrs[ATTEMPT_ATTR] == 2
+    failed = [t for t in study.trials if t.state.name == "FAIL"]
+    # the lost trial, and the points ask_queued sampled while nothing was queued
+    assert len(failed) >= 2 and [t.number for t in failed if "fixed_params" in t.system_attrs] == \
+        [int(row["trial_number"])]
+
+
 def test_reaper_settles_a_trial_killed_between_claim_and_ask(tmp_path):
     """A worker that died after Optuna gave it a point but before it recorded the point:
     its row is abandoned by heartbeat, its Optuna trial is swept and its point re-queued."""
@@ -295,8 +344,11 @@ def test_postgres_restart_mid_campaign(local_postgres, tmp_path):
     logs = tmp_path / "workers.log"
     # A grace longer than the restart: no live trial is taken for a lost one.
     workers = [start_worker(url, "restart", grace=30, heartbeat=1, log=logs) for _ in range(3)]
-    wait_for(lambda: (trial_rows(engine, info.id)["trial_number"] >= 0).sum() >= 3, 120,
-             "trials to start")
+    # Every worker registered too: one worker can hold three rows (it claims ahead), and a
+    # worker still starting up when the server goes down exits (start-up is not retried).
+    wait_for(lambda: set(queries.workers(engine, info.id)["pid"]) >= {w.pid for w in workers}
+             and (trial_rows(engine, info.id)["trial_number"] >= 0).sum() >= 3, 120,
+             "every worker to register and trials to start")
     finished_before = int(trial_rows(engine, info.id)["outcome"].isin(FINISHED_OUTCOMES).sum())
     engine.dispose()
     local_postgres.restart()
