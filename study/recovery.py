@@ -74,15 +74,20 @@ class Heartbeat:
         self._thread.join(timeout=5)
 
     def beat(self) -> None:
-        """One heartbeat now (also called by the worker at each claim)."""
+        """One heartbeat now (also called by the worker at each claim).
+
+        Trial rows first, then the worker row: the order of every transaction that
+        updates both (the worker marks trials started and finishes them on its storage
+        thread). In the opposite order, PostgreSQL aborts one of two such transactions
+        as a deadlock."""
         with Session(self.engine) as session, session.begin():
-            session.execute(update(Worker).where(Worker.id == self.worker_id)
-                            .values(heartbeat_at=func.current_timestamp()))
             rows = self.trial_row_ids
             if rows:
                 # Only running rows: a trial reaped while this worker was cut off stays dead.
                 session.execute(update(Trial).where(Trial.id.in_(rows), Trial.outcome == "running")
                                 .values(heartbeat_at=func.current_timestamp()))
+            session.execute(update(Worker).where(Worker.id == self.worker_id)
+                            .values(heartbeat_at=func.current_timestamp()))
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):

@@ -27,12 +27,12 @@ from sqlalchemy.orm import Session
 
 from db import queries
 from db.engine import make_engine
-from db.models import Trial
+from db.models import Trial, Worker
 from study.campaigns import create_campaign
 from study.results import FINISHED as FINISHED_OUTCOMES
 from study import recovery
-from study.recovery import (ATTEMPT_ATTR, ATTEMPT_OF_ATTR, SEED_ATTR, abandon_trial, reap_lost_trials,
-                            rerun_pending)
+from study.recovery import (ATTEMPT_ATTR, ATTEMPT_OF_ATTR, SEED_ATTR, Heartbeat, abandon_trial,
+                            reap_lost_trials, rerun_pending)
 from study.results import campaign_info
 from study.spec import parse_spec
 from study.tuning import ask_queued, distributions, optuna_storage
@@ -255,6 +255,39 @@ def test_a_claim_between_a_reapers_slot_and_its_requeue_waits_for_the_point(tmp_
     # the lost trial, and the points ask_queued sampled while nothing was queued
     assert len(failed) >= 2 and [t.number for t in failed if "fixed_params" in t.system_attrs] == \
         [int(row["trial_number"])]
+
+
+def test_a_heartbeat_during_the_storage_threads_transaction_does_not_deadlock(local_postgres):
+    """The storage thread updates a worker's trial rows, then its worker row, in one
+    transaction; a heartbeat in the middle of it must wait on the same order. (It used to
+    take the worker row first: PostgreSQL then aborted one of the two as a deadlock, which
+    the 32-worker load test caught once in CI.)"""
+    url = local_postgres.create_database(f"beat_{uuid.uuid4().hex[:8]}")
+    engine, info = create(url, spec_text("beat", batch_sizes=(16,), trials_per_cell=2))
+    with Session(engine) as session, session.begin():
+        session.add(Worker(id="w", campaign_id=info.id, host="h", pid=1, device="cpu"))
+    rows = [running_trial(engine, url, info, "w") for _ in range(2)]
+    heartbeat = Heartbeat(engine, "w", 1.0, log=print)
+    heartbeat.trial_row_ids = frozenset(rows)
+    errors = []
+
+    def beat():
+        try:
+            heartbeat.beat()
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    with Session(make_engine(url)) as session, session.begin():  # what _mark_started does
+        session.execute(update(Trial).where(Trial.id.in_(rows)).values(started_at=_utc_now_naive()))
+        beating = threading.Thread(target=beat)
+        beating.start()
+        time.sleep(0.5)  # the heartbeat now waits for a lock this transaction holds
+        assert beating.is_alive()
+        session.execute(update(Worker).where(Worker.id == "w").values(current_trial_id=rows[-1]))
+    beating.join(timeout=10)
+    assert not beating.is_alive() and errors == []
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT current_trial_id FROM bl_workers")).scalar() == rows[-1]
 
 
 def test_reaper_settles_a_trial_killed_between_claim_and_ask(tmp_path):
