@@ -13,6 +13,7 @@ from optuna.distributions import (BaseDistribution, CategoricalDistribution, Flo
                                   IntDistribution)
 from optuna.trial import TrialState
 from scipy.stats import qmc
+from sqlalchemy import text
 from sqlalchemy.pool import QueuePool
 
 from db.engine import configure_sqlite, make_engine
@@ -116,20 +117,64 @@ def make_sampler(kind: str, seed: int) -> optuna.samplers.BaseSampler:
 REQUEUE_WAIT_SECONDS = 10.0
 
 
-def ask_queued(study: optuna.Study, fixed_distributions: Mapping[str, BaseDistribution],
+# The study's next enqueued trial, in the order Study.ask pops them (by number). Optuna's
+# own tables, stable since Optuna 1.x (study.recovery reads them too).
+_NEXT_WAITING = text("""
+SELECT t.trial_id FROM trials t JOIN studies s ON s.study_id = t.study_id
+WHERE s.study_name = :name AND t.state = 'WAITING' ORDER BY t.number LIMIT 1
+""")
+
+
+def pop_queued(study: optuna.Study, storage: optuna.storages.RDBStorage,
+               fixed_distributions: Mapping[str, BaseDistribution]) -> optuna.Trial | None:
+    """The study's next enqueued trial, set RUNNING with its fixed parameters; None if
+    nothing is queued. `study.ask(fixed_distributions)` for an enqueued point, at a cost
+    that does not grow with the queue: Optuna's ask reads every WAITING trial with all its
+    attributes (its cached storage re-reads unfinished trials at each ask) to take the
+    first, two thirds of an ask with 50 points queued. Here one query finds the first.
+    The state and parameters go through `storage` (the study's uncached RDBStorage: the
+    cache only knows trials it has read), then the Trial is built as Study.ask builds it.
+    Two workers that select the same trial race on Optuna's RUNNING-only-from-WAITING
+    update; the loser selects again."""
+    while True:
+        with storage.engine.connect() as connection:
+            trial_id = connection.execute(_NEXT_WAITING, {"name": study.study_name}).scalar()
+        if trial_id is None:
+            return None
+        try:
+            if not storage.set_trial_state_values(trial_id, TrialState.RUNNING):
+                continue  # another worker popped it first
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # failed meanwhile (a sweep of stranded points)
+        fixed = storage.get_trial_system_attrs(trial_id).get("fixed_params", {})
+        missing = sorted(set(fixed_distributions) - set(fixed))
+        if missing:  # batchlab enqueues whole points: this one was added by hand
+            raise ValueError(f"enqueued trial {trial_id} of study {study.study_name!r} has no value "
+                             f"for {', '.join(missing)}; enqueue every parameter of the cell's space")
+        for name, dist in fixed_distributions.items():
+            storage.set_trial_param(trial_id, name, dist.to_internal_repr(fixed[name]), dist)
+        return optuna.Trial(study, trial_id)
+
+
+def ask_queued(study: optuna.Study, storage: optuna.storages.RDBStorage,
+               fixed_distributions: Mapping[str, BaseDistribution],
                rerun_pending: Callable[[], bool], *,
                wait_seconds: float = REQUEUE_WAIT_SECONDS) -> optuna.Trial:
     """Ask a cell whose points were all enqueued at creation (quasi-random, random) for one
-    of those points. A reaper gives a lost trial's slot back and then re-queues its point
-    (recovery.abandon_trial): a claim in between finds no queued point, and Optuna would
-    sample a fresh one that the cell was never meant to have, leaving the re-queued point
-    unrun. So while `rerun_pending()` says a re-run has not been asked yet, a sampled trial
-    is failed at once and the ask repeated (for at most `wait_seconds`). Otherwise a
-    sampled point is kept: the queue ran dry for another reason (an ask whose
-    acknowledgement was lost took a point), and the cell still needs its trial."""
+    of those points (`pop_queued`). A reaper gives a lost trial's slot back and then
+    re-queues its point (recovery.abandon_trial): a claim in between finds no queued
+    point, and Optuna would sample a fresh one that the cell was never meant to have,
+    leaving the re-queued point unrun. So while `rerun_pending()` says a re-run has not
+    been asked yet, a sampled trial is failed at once and the ask repeated (for at most
+    `wait_seconds`). Otherwise a sampled point is kept: the queue ran dry for another
+    reason (an ask whose acknowledgement was lost took a point), and the cell still needs
+    its trial."""
     deadline = time.monotonic() + wait_seconds
     delay = 0.01
     while True:
+        trial = pop_queued(study, storage, fixed_distributions)
+        if trial is not None:
+            return trial
         trial = study.ask(fixed_distributions=fixed_distributions)
         if "fixed_params" in trial.storage.get_trial_system_attrs(trial._trial_id) \
                 or time.monotonic() >= deadline or not rerun_pending():
@@ -139,14 +184,32 @@ def ask_queued(study: optuna.Study, fixed_distributions: Mapping[str, BaseDistri
         delay = min(2 * delay, 0.5)
 
 
-def tell(study: optuna.Study, trial: optuna.Trial, outcome: str, steps_to_result: int | None) -> None:
+def outcome_state(outcome: str, steps_to_result: int | None) -> tuple[TrialState, list[float] | None]:
     """Optuna minimises steps-to-result: a reached trial is COMPLETE with that value;
     trials that stopped without reaching the target are PRUNED (censored); diverged and
-    crashed trials are FAIL. A trial already finished (a retried tell whose first commit
-    went through, or a reaper that settled it) is left as it is."""
+    crashed trials are FAIL."""
     if outcome == "reached":
-        study.tell(trial, float(steps_to_result), skip_if_finished=True)
-    elif outcome in ("pruned", "not_reached"):
-        study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
-    else:
-        study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+        return TrialState.COMPLETE, [float(steps_to_result)]
+    if outcome in ("pruned", "not_reached"):
+        return TrialState.PRUNED, None
+    return TrialState.FAIL, None
+
+
+def tell(study: optuna.Study, trial: optuna.Trial, outcome: str, steps_to_result: int | None) -> None:
+    """Tell the trial's outcome (`outcome_state`). A trial already finished (a retried tell
+    whose first commit went through, or a reaper that settled it) is left as it is."""
+    state, values = outcome_state(outcome, steps_to_result)
+    study.tell(trial, values, state=state, skip_if_finished=True)
+
+
+def tell_queued(storage: optuna.storages.RDBStorage, trial: optuna.Trial, outcome: str,
+                steps_to_result: int | None) -> None:
+    """`tell` for a cell whose points were all enqueued (quasi-random, random), in one
+    update: their samplers (RandomSampler, and QMCSampler over it) do nothing after a
+    trial, so what Study.tell adds around the update is two full reads of the trial
+    (14 of its 17 statements). A trial already finished is left as it is."""
+    state, values = outcome_state(outcome, steps_to_result)
+    try:
+        storage.set_trial_state_values(trial._trial_id, state, values)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        pass

@@ -45,7 +45,7 @@ from study.retry import call_with_retry
 from study.resolve import resolve_trial_config, with_checkpoint
 from study.spec import Param, parse_spec
 from study.tuning import (ask_queued, distributions, hparams_from_optuna, make_sampler, optuna_storage,
-                          tell)
+                          tell, tell_queued)
 from trainers.config import Measurement, TrialConfig, TrialResult
 from trainers.loop import DataCache, resolve_device, run_trial
 from trainers.workloads import DataOptions, get_workload
@@ -509,7 +509,7 @@ class CampaignWorker:
                                       sampler=make_sampler(self.spec.sampler, self.spec.seed))
             self._studies[claim.study_name] = study
         if self.prefetch_ask:  # every point was enqueued at creation: take one of those
-            return study, ask_queued(study, distributions(space),
+            return study, ask_queued(study, self.storage, distributions(space),
                                      lambda: rerun_pending(self.engine, claim.cell_id))
         return study, study.ask(fixed_distributions=distributions(space))
 
@@ -529,7 +529,11 @@ class CampaignWorker:
             self.log(f"[worker {self.worker_id}] trial row {claim.row_id} was abandoned by a reaper "
                      f"while this worker was silent; its result is discarded and it is re-run")
             return False
-        self._retry(lambda: tell(study, trial, result.outcome, result.steps_to_result), "telling Optuna")
+        if self.prefetch_ask:  # an enqueued point: its sampler does nothing after a trial
+            self._retry(lambda: tell_queued(self.storage, trial, result.outcome, result.steps_to_result),
+                        "telling Optuna")
+        else:
+            self._retry(lambda: tell(study, trial, result.outcome, result.steps_to_result), "telling Optuna")
         self.log(f"[worker {self.worker_id}] bs={claim.batch_size} {claim.optimizer}/{claim.schedule} "
                  f"trial {trial.number}: {_describe(result)}")
         return True

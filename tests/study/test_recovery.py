@@ -230,7 +230,7 @@ def test_a_claim_between_a_reapers_slot_and_its_requeue_waits_for_the_point(tmp_
 
     def claim_and_ask() -> None:
         assert claim_cell(engine, info.id, "late") is not None  # the slot is back already
-        asked["queued"] = ask_queued(study, space, lambda: rerun_pending(engine, cell_id))
+        asked["queued"] = ask_queued(study, storage, space, lambda: rerun_pending(engine, cell_id))
 
     real_requeue = recovery.requeue
 

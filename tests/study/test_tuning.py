@@ -1,0 +1,104 @@
+"""study.tuning: pop_queued and tell_queued, the worker's cheaper ask and tell of enqueued
+points, against Optuna's Study.ask and Study.tell."""
+from __future__ import annotations
+
+import threading
+import uuid
+
+import optuna
+import pytest
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+from study.tuning import optuna_storage, pop_queued, tell, tell_queued
+
+DISTS = {"learning_rate": FloatDistribution(1e-3, 1.0, log=True),
+         "one_minus_momentum": FloatDistribution(0.01, 0.2, log=True),
+         "width": IntDistribution(16, 256, log=True),
+         "act": CategoricalDistribution(["relu", "tanh"])}
+POINTS = [{"learning_rate": 0.01 * (i + 1), "one_minus_momentum": 0.02 + 0.01 * i,
+           "width": 16 * (i + 1), "act": ["relu", "tanh"][i % 2]} for i in range(6)]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'tuning.db'}"
+    return request.getfixturevalue("local_postgres").create_database(f"tuning_{uuid.uuid4().hex[:8]}")
+
+
+def queued_study(storage, name: str) -> optuna.Study:
+    study = optuna.create_study(study_name=name, storage=storage, sampler=optuna.samplers.RandomSampler(0))
+    for i, point in enumerate(POINTS):
+        # a re-queued point carries its attempt as user attributes (study.recovery.requeue)
+        study.enqueue_trial(point, user_attrs={"attempt": 2} if i == 2 else None)
+    return study
+
+
+def frozen(trial: optuna.Trial) -> dict:
+    t = trial.study._storage.get_trial(trial._trial_id)
+    return {"number": t.number, "state": t.state, "params": t.params, "distributions": t.distributions,
+            "user_attrs": t.user_attrs, "system_attrs": t.system_attrs, "started": t.datetime_start is not None}
+
+
+def test_pop_queued_gives_what_study_ask_gives(tmp_path):
+    storage = optuna_storage(f"sqlite:///{tmp_path / 'tuning.db'}")
+    asked, popped = queued_study(storage, "asked"), queued_study(storage, "popped")
+    for _ in POINTS:
+        by_ask = asked.ask(fixed_distributions=DISTS)
+        by_pop = pop_queued(popped, storage, DISTS)
+        assert frozen(by_pop) == frozen(by_ask)
+        assert by_pop.params == by_ask.params and by_pop.user_attrs == by_ask.user_attrs
+        popped.tell(by_pop, 1.0)  # a popped trial is told like an asked one
+    assert pop_queued(popped, storage, DISTS) is None  # the queue is empty: the caller samples
+    assert [t.state.name for t in popped.trials] == ["COMPLETE"] * len(POINTS)
+    assert [t.params for t in popped.trials] == POINTS
+
+
+def test_concurrent_pops_take_every_point_exactly_once(url):
+    storage = optuna_storage(url)
+    for i in range(4):
+        queued_study(storage, f"cell{i}")  # 24 points in 4 studies
+    taken: list[tuple[str, int, dict]] = []
+    lock = threading.Lock()
+
+    def drain(worker: int) -> None:
+        own = optuna_storage(url)  # one storage (engine) per worker, as in separate processes
+        for i in (worker % 4, (worker + 1) % 4):
+            study = optuna.load_study(study_name=f"cell{i}", storage=own)
+            while (trial := pop_queued(study, own, DISTS)) is not None:
+                with lock:
+                    taken.append((study.study_name, trial.number, trial.params))
+
+    threads = [threading.Thread(target=drain, args=(w,)) for w in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted((name, number) for name, number, _ in taken) == \
+        [(f"cell{i}", n) for i in range(4) for n in range(len(POINTS))]
+    assert all(params == POINTS[number] for _, number, params in taken)
+
+
+def test_a_point_lacking_a_parameter_is_refused(tmp_path):
+    storage = optuna_storage(f"sqlite:///{tmp_path / 'tuning.db'}")
+    study = optuna.create_study(study_name="hand", storage=storage)
+    study.enqueue_trial({"learning_rate": 0.1})
+    with pytest.raises(ValueError, match=r"no value for act, one_minus_momentum, width"):
+        pop_queued(study, storage, DISTS)
+
+
+def test_tell_queued_stores_what_study_tell_stores(tmp_path):
+    storage = optuna_storage(f"sqlite:///{tmp_path / 'tuning.db'}")
+    by_study, by_storage = queued_study(storage, "study"), queued_study(storage, "storage")
+    outcomes = [("reached", 120), ("pruned", None), ("not_reached", None), ("diverged", None),
+                ("failed", None), ("reached", 40)]
+    for outcome, steps in outcomes:
+        one, other = pop_queued(by_study, storage, DISTS), pop_queued(by_storage, storage, DISTS)
+        tell(by_study, one, outcome, steps)
+        tell_queued(storage, other, outcome, steps)
+        tell_queued(storage, other, "failed", None)  # a retried tell leaves a finished trial as it is
+        tell(by_study, one, "failed", None)
+    told = [[(t.state.name, t.values) for t in s.trials] for s in (by_study, by_storage)]
+    assert told[0] == told[1] == [("COMPLETE", [120.0]), ("PRUNED", None), ("PRUNED", None),
+                                  ("FAIL", None), ("FAIL", None), ("COMPLETE", [40.0])]
+    assert by_storage.best_trial.number == 5
