@@ -160,15 +160,16 @@ def ask_queued(study: optuna.Study, storage: optuna.storages.RDBStorage,
                fixed_distributions: Mapping[str, BaseDistribution],
                rerun_pending: Callable[[], bool], *,
                wait_seconds: float = REQUEUE_WAIT_SECONDS) -> optuna.Trial:
-    """Ask a cell whose points were all enqueued at creation (quasi-random, random) for one
-    of those points (`pop_queued`). A reaper gives a lost trial's slot back and then
-    re-queues its point (recovery.abandon_trial): a claim in between finds no queued
-    point, and Optuna would sample a fresh one that the cell was never meant to have,
-    leaving the re-queued point unrun. So while `rerun_pending()` says a re-run has not
-    been asked yet, a sampled trial is failed at once and the ask repeated (for at most
-    `wait_seconds`). Otherwise a sampled point is kept: the queue ran dry for another
-    reason (an ask whose acknowledgement was lost took a point), and the cell still needs
-    its trial."""
+    """Ask a cell's study for its next point: an enqueued one if any (`pop_queued`: all of
+    a quasi-random or random cell's points were enqueued at creation, and every cell's
+    re-runs of lost trials are), else one the sampler draws. A reaper gives a lost trial's
+    slot back and then re-queues its point (recovery.abandon_trial): a claim in between
+    finds no queued point, and the sampler would draw a point in place of the re-run,
+    leaving the re-queued one unrun. So while `rerun_pending()` says a re-run has not been
+    asked yet, a drawn trial is failed at once and the ask repeated (for at most
+    `wait_seconds`). Otherwise a drawn point is kept: TPE draws its points, and in the
+    other cells the queue ran dry for another reason (an ask whose acknowledgement was
+    lost took a point), and the cell still needs its trial."""
     deadline = time.monotonic() + wait_seconds
     delay = 0.01
     while True:

@@ -508,10 +508,10 @@ class CampaignWorker:
             study = optuna.load_study(study_name=claim.study_name, storage=self.storage,
                                       sampler=make_sampler(self.spec.sampler, self.spec.seed))
             self._studies[claim.study_name] = study
-        if self.prefetch_ask:  # every point was enqueued at creation: take one of those
-            return study, ask_queued(study, self.storage, distributions(space),
-                                     lambda: rerun_pending(self.engine, claim.cell_id))
-        return study, study.ask(fixed_distributions=distributions(space))
+        # Quasi-random and random cells: every point was enqueued at creation. TPE cells:
+        # only re-runs of lost trials are; TPE samples the others.
+        return study, ask_queued(study, self.storage, distributions(space),
+                                 lambda: rerun_pending(self.engine, claim.cell_id))
 
     def _refresh_best(self, cell_id: int) -> None:
         try:

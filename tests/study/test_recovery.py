@@ -212,12 +212,14 @@ def test_concurrent_reapers_abandon_once_and_requeue_the_same_point(any_url):
     assert rerun.user_attrs == {ATTEMPT_ATTR: 2, ATTEMPT_OF_ATTR: row_id, SEED_ATTR: int(rows["seed"][0])}
 
 
-def test_a_claim_between_a_reapers_slot_and_its_requeue_waits_for_the_point(tmp_path, monkeypatch):
+@pytest.mark.parametrize("sampler", ["quasi_random", "tpe"])
+def test_a_claim_between_a_reapers_slot_and_its_requeue_waits_for_the_point(tmp_path, monkeypatch, sampler):
     """A reaper gives the slot back, then re-queues the point: a claim in that window finds
     no queued point. A plain ask samples a fresh one (the race); `ask_queued`, which the
-    worker uses for enqueued cells, fails that and gets the re-queued point."""
+    worker uses, fails that and gets the re-queued point."""
     url = f"sqlite:///{tmp_path / 'window.db'}"
-    engine, info = create(url, spec_text("window", batch_sizes=(16,), trials_per_cell=2))
+    text_ = spec_text("window", batch_sizes=(16,), trials_per_cell=2)
+    engine, info = create(url, text_ + f'\n[sampler]\nkind = "{sampler}"\n')
     lost = running_trial(engine, url, info, "ghost")
     running_trial(engine, url, info, "other")  # the cell's second and last queued point
     space = distributions(parse_spec(_spec_text(engine, info.id), "db").cell_space("momentum", "constant"))
@@ -252,9 +254,9 @@ def test_a_claim_between_a_reapers_slot_and_its_requeue_waits_for_the_point(tmp_
     rerun = storage.get_trial(asked["queued"]._trial_id)
     assert rerun.params == lost_point and rerun.user_attrs[ATTEMPT_ATTR] == 2
     failed = [t for t in study.trials if t.state.name == "FAIL"]
-    # the lost trial, and the points ask_queued sampled while nothing was queued
-    assert len(failed) >= 2 and [t.number for t in failed if "fixed_params" in t.system_attrs] == \
-        [int(row["trial_number"])]
+    # the lost trial, and the points ask_queued sampled (and failed) while nothing was queued
+    drawn = [t for t in failed if t.number != int(row["trial_number"])]
+    assert len(drawn) == len(failed) - 1 >= 1 and not any("fixed_params" in t.system_attrs for t in drawn)
 
 
 def test_a_heartbeat_during_the_storage_threads_transaction_does_not_deadlock(local_postgres):
