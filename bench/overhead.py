@@ -230,7 +230,7 @@ def run_campaign(url: str, backend: str, k: int, args) -> RunResult:
     worker = CampaignWorker(engine, url, spec.name, device="cpu", log=lambda line: None,
                             trials_at_once=k)
     # Loaded once, untimed, as in a long-running worker; run() then finds it cached.
-    worker.data.get(get_workload(spec.workload), DataOptions(spec.data_dir, spec.download), worker.device)
+    worker.data.get(get_workload(spec.workload), DataOptions.of(spec), worker.device)
     timings = Timings()
     with hooked(worker, timings):
         start = timings.run_start = time.perf_counter()

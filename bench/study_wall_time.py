@@ -92,7 +92,7 @@ def baseline_child(spec_path: str, storage: str, threads: int) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     spec = load_spec(spec_path)
     workload = get_workload(spec.workload)
-    splits = workload.load_data(DataOptions(spec.data_dir, spec.download))
+    splits = workload.load_data(DataOptions.of(spec))
     train = TensorDataset(workload.preprocess(splits.train_x), splits.train_y)
     val_x, val_y = workload.preprocess(splits.val_x), splits.val_y
     threshold = spec.target.threshold

@@ -90,7 +90,7 @@ def baseline_trial(config: TrialConfig, cache: DataCache, typical: bool = False)
     a TensorDataset normalised up front); returns the final validation error."""
     workload = get_workload(config.workload)
     device = resolve_device(config.device)
-    splits = cache.get(workload, DataOptions(config.data_dir, config.download), torch.device("cpu"))
+    splits = cache.get(workload, DataOptions.of(config), torch.device("cpu"))
     if typical:
         train = ImageDataset(splits.train_x.squeeze(1), splits.train_y, image_transform(workload))
     else:

@@ -72,9 +72,12 @@ def create_campaign(engine: Engine, storage_url: str, spec: CampaignSpec) -> Cre
 def check_data(spec: CampaignSpec) -> int:
     """Load the campaign's dataset and check every batch size fits its training set;
     returns the training-set size. Raises DataError or SpecError (user errors)."""
-    from trainers.workloads import DataOptions, get_workload  # torch: only when creating
-    splits = get_workload(spec.workload).load_data(DataOptions(spec.data_dir, spec.download))
-    train_size = splits.train_size
+    import torch  # only when creating
+
+    from trainers.loop import DataCache
+    from trainers.workloads import DataOptions, get_workload
+    workload = get_workload(spec.workload)
+    train_size = DataCache().load(workload, DataOptions.of(spec), torch.device("cpu")).train_size
     too_large = [b for b in spec.batch_sizes if b > train_size]
     if too_large:
         raise SpecError(spec.source, "campaign.batch_sizes",

@@ -141,8 +141,7 @@ def training_batches(workload, config, device, *, max_examples=None, batch_size=
     import torch
     from trainers.loop import DataCache
     from trainers.workloads import DataOptions
-    splits = DataCache().get(workload, DataOptions(config.data_dir, config.download,
-                                                   val_size=config.val_size), device)
+    splits = DataCache().get(workload, DataOptions.of(config), device)
     x, y = getattr(splits, f"{split}_x"), getattr(splits, f"{split}_y")
     if max_examples is not None and max_examples < len(y):
         keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:max_examples]

@@ -253,7 +253,7 @@ class CampaignWorker:
         # Load the data before claiming anything: a missing file is the user's to fix,
         # and no trial should be spent finding that out.
         workload = get_workload(self.spec.workload)
-        self.data.get(workload, DataOptions(self.spec.data_dir, self.spec.download), self.device)
+        self.data.load(workload, DataOptions.of(self.spec), self.device)
         self._retry(self._register, "registering the worker")
         self.heartbeat.start()
         self.pipeline = StoragePipeline(self.worker_id)

@@ -56,11 +56,18 @@ class DataCache:
             self._splits[key] = workload.load_folders(options)
         return self._splits[key]
 
+    def load(self, workload: Workload, options: DataOptions, device: torch.device):
+        """The workload's data as its trials will read it: folders for a DataLoader
+        workload, else tensors on `device`. Both have `train_size`."""
+        if workload.load_folders is not None:
+            return self.folders(workload, options)
+        return self.get(workload, options, device)
+
 
 def trial_batches(workload: Workload, config: TrialConfig, cache: DataCache,
                   device: torch.device, shard: Shard):
     """The trial's batch source: a DataLoader for folder workloads, else resident tensors."""
-    options = DataOptions(config.data_dir, config.download, val_size=config.val_size)
+    options = DataOptions.of(config)
     if workload.load_folders is not None:
         folders = cache.folders(workload, options)
         return LoaderBatches(folders.train, folders.val, workload, device,

@@ -95,7 +95,7 @@ VECTORIZED_OPTIMIZERS: tuple[str, ...] = ("sgd", "momentum", "nesterov", "adam",
 # The fields a vectorized group shares; the rest (hparams, seed, schedule) may differ.
 _SHARED_FIELDS: tuple[str, ...] = (
     "workload", "batch_size", "optimizer", "max_steps", "eval_every", "target", "device",
-    "data_dir", "download", "divergence_factor", "eval_batch_size")
+    "data_dir", "download", "val_size", "divergence_factor", "eval_batch_size")
 _PER_TRIAL_FIELDS: tuple[str, ...] = ("hparams", "seed", "schedule")
 
 _CPU_MEMORY_BUDGET_BYTES = 1 << 30  # a modest 1 GiB of stacked trial state on CPU
@@ -154,7 +154,7 @@ def _group_k(config: TrialConfig, cache: DataCache, device: torch.device) -> int
     """`choose_k` for a group, with the input shape of the data it will train on (the
     model alone does not fix a convnet's: MNIST's simple CNN sees 28 x 28 images)."""
     workload = get_workload(config.workload)
-    splits = cache.get(workload, DataOptions(config.data_dir, config.download), device)
+    splits = cache.get(workload, DataOptions.of(config), device)
     return choose_k(workload, config.batch_size, device, input_shape=tuple(splits.train_x.shape[1:]),
                     eval_batch_size=config.eval_batch_size)
 
@@ -397,7 +397,7 @@ def _run_group(configs: list[TrialConfig], indices: list[int], cache: DataCache,
     first = configs[0]
     workload = get_workload(first.workload)
     device = resolve_device(first.device)
-    splits = cache.get(workload, DataOptions(first.data_dir, first.download), device)
+    splits = cache.get(workload, DataOptions.of(first), device)
     models = [build_model(workload, config, device) for config in configs]
     stack = _make_stack(configs, indices, models, device, splits.train_size)
     key = (workload.name, str(device), first.optimizer, options.step_key, tuple(sorted(stack.hparams)),

@@ -23,6 +23,13 @@ class DataOptions:
     split_seed: int = 0
     val_size: int | None = None  # examples carved from train for validation; None: the dataset's default
 
+    @classmethod
+    def of(cls, source) -> "DataOptions":
+        """The data a trial config or a campaign spec names (both carry data_dir, download
+        and val_size): every loader of a campaign's data must agree on it, or the cache
+        holds two copies and trials see different validation splits."""
+        return cls(source.data_dir, source.download, val_size=source.val_size)
+
 
 @dataclass(frozen=True)
 class ModelOptions:
@@ -90,8 +97,8 @@ def register(registry: WorkloadRegistry, workload: Workload) -> None:
 
 
 def _digits_data(options: DataOptions) -> ArraySplits:
-    from trainers.data.digits import load_digits_splits
-    return load_digits_splits(split_seed=options.split_seed)
+    from trainers.data.digits import VAL_SIZE, load_digits_splits
+    return load_digits_splits(split_seed=options.split_seed, val_size=options.val_size or VAL_SIZE)
 
 
 def _mlp(in_features: int, hidden: tuple[int, ...]) -> Callable[[ModelOptions], nn.Module]:

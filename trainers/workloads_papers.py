@@ -10,9 +10,10 @@ Normalisation: `Workload` takes one mean and std for all channels, so colour dat
 the whole-dataset pixel mean and std (the per-channel values are kept below for when the
 contract takes per-channel constants).
 
-ImageNet: the in-memory path decodes images pre-resized to `IMAGENET_RESOLUTION` pixels;
-Shallue's goals (0.25 / 0.35 validation error) were set at 224 pixels, which needs the
-DataLoader path (`imagenet_folder_data`) that the training loop does not take yet.
+ImageNet: the in-memory path (`imagenet64_*`) decodes images pre-resized to
+`IMAGENET_RESOLUTION` pixels; Shallue's goals (0.25 / 0.35 validation error) were set at
+224 pixels, which the full-size workloads reach through the DataLoader path
+(`imagenet_folder_data`, one trial at a time).
 """
 from __future__ import annotations
 

@@ -50,6 +50,8 @@ CASES = [
     ("empty_choices", "create", other(mutate('momentum = { low = 0.8, high = 0.95, scale = "reverse_log" }',
                                              "momentum = { choices = [] }")), None, None, "non-empty list"),
     ("no_search_space", "create", other(TINY_SPEC.split("[search_space")[0]), None, None, "search_space"),
+    ("val_size_larger_than_train_set", "create", other(mutate("seed = 0", "seed = 0\nval_size = 1497")),
+     None, None, "the validation split takes 1497 examples from a training set of 1497"),
     ("zero_max_steps", "create", other(mutate("max_steps = 300", "max_steps = 0")), None, None,
      "campaign.max_steps"),
     ("negative_trials", "create", other(mutate("trials_per_cell = 3", "trials_per_cell = -1")), None, None,

@@ -4,12 +4,15 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from db import queries
 from db.engine import make_engine
 from db.models import Campaign, Cell
 from study.campaigns import CampaignConflict, create_campaign, study_name
 from study.spec import load_spec, parse_spec
 from study.tuning import distributions, optuna_storage, quasi_random_points
-from tests.study.conftest import TINY_SPEC
+from study.results import campaign_info
+from tests.study.conftest import TINY_SPEC, batchlab
+from tests.trainers.test_datasets import write_image_folder
 
 
 def counts(engine, url):
@@ -68,3 +71,51 @@ def test_interrupted_create_is_finished_by_running_it_again(tiny_spec, sqlite_ur
     create_campaign(engine, sqlite_url, spec)
     _, _, studies = counts(engine, sqlite_url)
     assert [n for _, n in studies] == [3, 3]
+
+
+IMAGENET_SPEC = """
+[campaign]
+name = "folders"
+workload = "imagenet_resnet50"
+batch_sizes = [4]
+optimizers = ["momentum"]
+schedules = ["constant"]
+trials_per_cell = 1
+max_steps = 2
+eval_every = 1
+data_dir = "DATA"
+val_size = 3
+
+[target]
+metric = "val_error"
+threshold = 0.01
+
+[search_space.optimizer.momentum]
+learning_rate = { low = 0.01, high = 0.1, scale = "log" }
+momentum = { low = 0.8, high = 0.95, scale = "reverse_log" }
+"""
+
+
+def test_a_dataloader_workload_is_created_and_trained(tmp_path):
+    """Full-size ImageNet streams JPEG folders through a DataLoader (no in-memory tensors):
+    create checks its folders and the worker trains it (both used to ask for tensors)."""
+    write_image_folder(tmp_path / "data", {"train": 4, "val": 2})  # 3 classes: 12 train, 6 val
+    spec = tmp_path / "folders.toml"
+    spec.write_text(IMAGENET_SPEC.replace("DATA", str(tmp_path / "data")))
+    url = f"sqlite:///{tmp_path / 'folders.db'}"
+    too_large = tmp_path / "large.toml"
+    too_large.write_text(spec.read_text().replace("batch_sizes = [4]", "batch_sizes = [16]"))
+    refused = batchlab("campaign", "create", str(too_large), "--storage", url)
+    assert refused.returncode == 2
+    assert "batch size 16 is larger than the training set of 'imagenet_resnet50' (9 examples)" in refused.stderr
+    created = batchlab("campaign", "create", str(spec), "--storage", url)
+    assert created.returncode == 0, created.stderr
+    worked = batchlab("worker", "--campaign", "folders", "--storage", url, "--device", "cpu")
+    assert worked.returncode == 0, worked.stderr
+    engine = make_engine(url)
+    trials = queries.trials(engine, campaign_info(engine, "folders").id)
+    assert trials["outcome"].tolist() == ["not_reached"] and trials["steps"].tolist() == [2]
+    measurements = queries.measurements(engine, campaign_info(engine, "folders").id)
+    assert measurements["step"].tolist() == [1, 2]
+    # 3 validation images: the error is a multiple of 1/3
+    assert all(abs(e * 3 - round(e * 3)) < 1e-6 for e in measurements["val_error"])

@@ -96,6 +96,18 @@ def test_results_keep_caller_order_across_groups_and_fallbacks():
     assert_same_runs(sequential(configs), vectorized(configs))
 
 
+def test_a_campaigns_val_size_is_the_vectorized_trials_validation_split_too():
+    """val_size carves the validation split from train: such trials are grouped too, and
+    evaluate on the same split as run_trial."""
+    configs = [config("momentum", {"learning_rate": 0.05, "momentum": 0.9}, s, max_steps=20, val_size=200)
+               for s in (1, 2)]
+    assert all(is_vectorizable(c) for c in configs)
+    expected = sequential(configs)
+    default_split = sequential([dataclasses.replace(configs[0], val_size=None)])[0][1]
+    assert [m.val_loss for m in default_split] != [m.val_loss for m in expected[0][1]]
+    assert_same_runs(expected, vectorized(configs, stacked=False))
+
+
 def test_pruned_like_run_trial():
     configs = [config("momentum", {"learning_rate": 0.01, "momentum": 0.9}, s, max_steps=60) for s in (1, 2)]
     got = vectorized(configs, best_so_far=lambda: 30)

@@ -180,6 +180,10 @@ class FolderSplits:
     test: torch.utils.data.Dataset
     num_classes: int
 
+    @property
+    def train_size(self) -> int:
+        return len(self.train)
+
 
 def imagenet_transforms(image_size: int = 224):
     """(train, eval) torchvision transforms producing uint8 (3, S, S) tensors."""

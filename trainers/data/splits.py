@@ -6,6 +6,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from trainers.data.errors import DataError
+
 
 @dataclass(frozen=True)
 class ArraySplits:
@@ -33,7 +35,8 @@ class ArraySplits:
 def carve_validation(x: np.ndarray, y: np.ndarray, val_size: int, seed: int):
     """Split (x, y) into (train_x, train_y, val_x, val_y) by a fixed-seed permutation."""
     if not 0 < val_size < len(y):
-        raise ValueError(f"validation size {val_size} must be in (0, {len(y)})")
+        raise DataError(f"the validation split takes {val_size} examples from a training set of "
+                        f"{len(y)}; it must take between 1 and {len(y) - 1} (campaign.val_size)")
     order = np.random.default_rng(seed).permutation(len(y))
     val, train = order[:val_size], order[val_size:]
     return x[train], y[train], x[val], y[val]
