@@ -2,6 +2,7 @@
 storages and samplers, and how a trial's outcome is told to its study."""
 from __future__ import annotations
 
+import json
 import math
 import time
 import warnings
@@ -117,10 +118,13 @@ def make_sampler(kind: str, seed: int) -> optuna.samplers.BaseSampler:
 REQUEUE_WAIT_SECONDS = 10.0
 
 
-# The study's next enqueued trial, in the order Study.ask pops them (by number). Optuna's
-# own tables, stable since Optuna 1.x (study.recovery reads them too).
+# The study's next enqueued trial, in the order Study.ask pops them (by number), and its
+# fixed parameters (set once, by enqueue_trial). Optuna's own tables, stable since
+# Optuna 1.x (study.recovery reads them too).
 _NEXT_WAITING = text("""
-SELECT t.trial_id FROM trials t JOIN studies s ON s.study_id = t.study_id
+SELECT t.trial_id, a.value_json FROM trials t
+JOIN studies s ON s.study_id = t.study_id
+LEFT JOIN trial_system_attributes a ON a.trial_id = t.trial_id AND a."key" = 'fixed_params'
 WHERE s.study_name = :name AND t.state = 'WAITING' ORDER BY t.number LIMIT 1
 """)
 
@@ -131,22 +135,22 @@ def pop_queued(study: optuna.Study, storage: optuna.storages.RDBStorage,
     nothing is queued. `study.ask(fixed_distributions)` for an enqueued point, at a cost
     that does not grow with the queue: Optuna's ask reads every WAITING trial with all its
     attributes (its cached storage re-reads unfinished trials at each ask) to take the
-    first, two thirds of an ask with 50 points queued. Here one query finds the first.
-    The state and parameters go through `storage` (the study's uncached RDBStorage: the
-    cache only knows trials it has read), then the Trial is built as Study.ask builds it.
-    Two workers that select the same trial race on Optuna's RUNNING-only-from-WAITING
-    update; the loser selects again."""
+    first, two thirds of an ask with 50 points queued. Here one query finds the first and
+    its fixed parameters. The state and parameters go through `storage` (the study's
+    uncached RDBStorage: the cache only knows trials it has read), then the Trial is built
+    as Study.ask builds it. Two workers that select the same trial race on Optuna's
+    RUNNING-only-from-WAITING update; the loser selects again."""
     while True:
         with storage.engine.connect() as connection:
-            trial_id = connection.execute(_NEXT_WAITING, {"name": study.study_name}).scalar()
-        if trial_id is None:
+            row = connection.execute(_NEXT_WAITING, {"name": study.study_name}).first()
+        if row is None:
             return None
+        trial_id, fixed = row[0], json.loads(row[1]) if row[1] is not None else {}
         try:
             if not storage.set_trial_state_values(trial_id, TrialState.RUNNING):
                 continue  # another worker popped it first
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # failed meanwhile (a sweep of stranded points)
-        fixed = storage.get_trial_system_attrs(trial_id).get("fixed_params", {})
         missing = sorted(set(fixed_distributions) - set(fixed))
         if missing:  # batchlab enqueues whole points: this one was added by hand
             raise ValueError(f"enqueued trial {trial_id} of study {study.study_name!r} has no value "
