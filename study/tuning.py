@@ -181,8 +181,9 @@ def ask_queued(study: optuna.Study, storage: optuna.storages.RDBStorage,
         if trial is not None:
             return trial
         trial = study.ask(fixed_distributions=fixed_distributions)
-        if "fixed_params" in trial.storage.get_trial_system_attrs(trial._trial_id) \
-                or time.monotonic() >= deadline or not rerun_pending():
+        # Cheapest check first: a re-run is rarely pending (TPE cells get here every ask).
+        if time.monotonic() >= deadline or not rerun_pending() \
+                or "fixed_params" in trial.storage.get_trial_system_attrs(trial._trial_id):
             return trial
         study.tell(trial, state=TrialState.FAIL)
         time.sleep(delay)
