@@ -55,14 +55,12 @@ class StoragePipeline:
 
     def wait(self, future: Future):
         """The result of one job, waiting for it (a signal still interrupts the wait); a
-        failure of it or of an earlier job is raised as StorageJobError."""
-        while self._pending:
-            what, head = self._pending[0]
-            head.exception()  # waits
-            self._pending.popleft()
-            _raise_failure(what, head)
-            if head is future:
-                break
+        failure of it or of an earlier job is raised as StorageJobError. Only this job is
+        waited for: jobs run in order, so the ones before it are done when it is, and the
+        ones queued after it (a prefetched group is waited for after the finishes of the
+        trials before it were queued) run on."""
+        future.exception()  # waits
+        self.raise_failures()
         return future.result()
 
     def drain(self) -> None:

@@ -42,6 +42,22 @@ def test_jobs_run_in_order_on_one_thread():
     assert seen == [0, 1, 2, 3, 4] and len(threads) == 1 and threading.get_ident() not in threads
 
 
+def test_waiting_for_a_job_does_not_wait_for_the_jobs_queued_after_it():
+    # The worker waits for a group prepared long ago, right after queueing the previous
+    # trials' finishes; a submit in between has already taken the done job off the queue.
+    pipeline = StoragePipeline("t")
+    prepared = pipeline.submit("prepare", lambda: "group")
+    prepared.result()
+    release = threading.Event()
+    later = pipeline.submit("finish", release.wait, 10)  # its submit takes `prepared` off
+    start = time.monotonic()
+    assert pipeline.wait(prepared) == "group"
+    assert time.monotonic() - start < 1 and not later.done()
+    release.set()
+    pipeline.drain()
+    pipeline.close()
+
+
 def test_a_failed_job_surfaces_in_the_main_thread():
     pipeline = StoragePipeline("t")
 
