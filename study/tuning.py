@@ -6,15 +6,20 @@ import json
 import math
 import time
 import warnings
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Callable, Mapping
 
 import numpy as np
 import optuna
 from optuna.distributions import (BaseDistribution, CategoricalDistribution, FloatDistribution,
-                                  IntDistribution)
+                                  IntDistribution, distribution_to_json)
+from optuna.storages._rdb.models import (StudyModel, TrialModel, TrialParamModel,
+                                         TrialSystemAttributeModel, TrialUserAttributeModel)
 from optuna.trial import TrialState
 from scipy.stats import qmc
-from sqlalchemy import text
+from sqlalchemy import insert, select, update
+from sqlalchemy.orm import aliased
 from sqlalchemy.pool import QueuePool
 
 from db.engine import configure_sqlite, make_engine
@@ -118,76 +123,109 @@ def make_sampler(kind: str, seed: int) -> optuna.samplers.BaseSampler:
 REQUEUE_WAIT_SECONDS = 10.0
 
 
-# The study's next enqueued trial, in the order Study.ask pops them (by number), and its
-# fixed parameters (set once, by enqueue_trial). Optuna's own tables, stable since
-# Optuna 1.x (study.recovery reads them too).
-_NEXT_WAITING = text("""
-SELECT t.trial_id, a.value_json FROM trials t
-JOIN studies s ON s.study_id = t.study_id
-LEFT JOIN trial_system_attributes a ON a.trial_id = t.trial_id AND a."key" = 'fixed_params'
-WHERE s.study_name = :name AND t.state = 'WAITING' ORDER BY t.number LIMIT 1
-""")
+@dataclass(frozen=True)
+class Asked:
+    """An Optuna trial the worker asked for, as far as the worker reads it: its id and
+    number, its parameters (external values) and user attributes (a re-run carries its
+    attempt and seed there, study.recovery.requeue)."""
+    trial_id: int
+    number: int
+    params: dict
+    user_attrs: dict
+
+    @classmethod
+    def of(cls, trial: optuna.Trial) -> "Asked":
+        return cls(trial._trial_id, trial.number, trial.params, trial.user_attrs)
 
 
-def pop_queued(study: optuna.Study, storage: optuna.storages.RDBStorage,
-               fixed_distributions: Mapping[str, BaseDistribution]) -> optuna.Trial | None:
-    """The study's next enqueued trial, set RUNNING with its fixed parameters; None if
-    nothing is queued. `study.ask(fixed_distributions)` for an enqueued point, at a cost
-    that does not grow with the queue: Optuna's ask reads every WAITING trial with all its
-    attributes (its cached storage re-reads unfinished trials at each ask) to take the
-    first, two thirds of an ask with 50 points queued. Here one query finds the first and
-    its fixed parameters. The state and parameters go through `storage` (the study's
-    uncached RDBStorage: the cache only knows trials it has read), then the Trial is built
-    as Study.ask builds it. Two workers that select the same trial race on Optuna's
-    RUNNING-only-from-WAITING update; the loser selects again."""
-    while True:
-        with storage.engine.connect() as connection:
-            row = connection.execute(_NEXT_WAITING, {"name": study.study_name}).first()
-        if row is None:
-            return None
-        trial_id, fixed = row[0], json.loads(row[1]) if row[1] is not None else {}
-        try:
-            if not storage.set_trial_state_values(trial_id, TrialState.RUNNING):
-                continue  # another worker popped it first
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue  # failed meanwhile (a sweep of stranded points)
-        missing = sorted(set(fixed_distributions) - set(fixed))
-        if missing:  # batchlab enqueues whole points: this one was added by hand
-            raise ValueError(f"enqueued trial {trial_id} of study {study.study_name!r} has no value "
-                             f"for {', '.join(missing)}; enqueue every parameter of the cell's space")
-        for name, dist in fixed_distributions.items():
-            storage.set_trial_param(trial_id, name, dist.to_internal_repr(fixed[name]), dist)
-        return optuna.Trial(study, trial_id)
+def pop_queued(storage: optuna.storages.RDBStorage, study_name: str,
+               fixed_distributions: Mapping[str, BaseDistribution], count: int = 1) -> list[Asked]:
+    """Up to `count` of the study's enqueued trials, first in first out as Study.ask pops
+    them, set RUNNING with their fixed parameters: what `study.ask(fixed_distributions)`
+    stores for each, in one transaction of four statements however many are popped and
+    however long the queue. Empty if nothing is queued.
+
+    Study.ask reads every WAITING trial of the study with all its attributes to take the
+    first (two thirds of an ask with 50 points queued), then makes one transaction per
+    parameter and reads the trial back whole: ~20 statements and 5 transactions a trial.
+    Here the statements are Optuna's own models (its schema, pinned by the optuna<6
+    requirement): the same WAITING -> RUNNING update and start time as
+    RDBStorage.set_trial_state_values, the parameter rows RDBStorage.set_trial_param
+    writes. Workers popping the same study take distinct trials: on PostgreSQL the
+    candidates are locked SKIP LOCKED, SQLite serialises writers (BEGIN IMMEDIATE), and
+    the update re-checks WAITING."""
+    study_id = select(StudyModel.study_id).where(StudyModel.study_name == study_name).scalar_subquery()
+    waiting = aliased(TrialModel)  # not correlated with the updated table
+    first_waiting = (select(waiting.trial_id)
+                     .where(waiting.study_id == study_id, waiting.state == TrialState.WAITING)
+                     .order_by(waiting.number).limit(count).with_for_update(skip_locked=True))
+    with storage.engine.begin() as connection:
+        popped = sorted(connection.execute(
+            update(TrialModel)
+            .where(TrialModel.trial_id.in_(first_waiting), TrialModel.state == TrialState.WAITING)
+            .values(state=TrialState.RUNNING, datetime_start=datetime.now())
+            .returning(TrialModel.number, TrialModel.trial_id)).all())
+        if not popped:
+            return []
+        ids = [trial_id for _, trial_id in popped]
+        fixed = {trial_id: json.loads(value) for trial_id, value in connection.execute(
+            select(TrialSystemAttributeModel.trial_id, TrialSystemAttributeModel.value_json)
+            .where(TrialSystemAttributeModel.trial_id.in_(ids),
+                   TrialSystemAttributeModel.key == "fixed_params"))}
+        user_attrs: dict[int, dict] = {trial_id: {} for trial_id in ids}
+        for trial_id, key, value in connection.execute(
+                select(TrialUserAttributeModel.trial_id, TrialUserAttributeModel.key,
+                       TrialUserAttributeModel.value_json).where(TrialUserAttributeModel.trial_id.in_(ids))):
+            user_attrs[trial_id][key] = json.loads(value)
+        asked, rows = [], []
+        for number, trial_id in popped:
+            point = fixed.get(trial_id, {})
+            missing = sorted(set(fixed_distributions) - set(point))
+            if missing:  # batchlab enqueues whole points: this one was added by hand
+                raise ValueError(f"enqueued trial {trial_id} of study {study_name!r} has no value "
+                                 f"for {', '.join(missing)}; enqueue every parameter of the cell's space")
+            params = {}
+            for name, dist in fixed_distributions.items():
+                internal = dist.to_internal_repr(point[name])
+                params[name] = dist.to_external_repr(internal)
+                rows.append(dict(trial_id=trial_id, param_name=name, param_value=internal,
+                                 distribution_json=distribution_to_json(dist)))
+            asked.append(Asked(trial_id, number, params, user_attrs[trial_id]))
+        if rows:  # a cell with nothing to tune has no parameters
+            connection.execute(insert(TrialParamModel), rows)
+    return asked
 
 
 def ask_queued(study: optuna.Study, storage: optuna.storages.RDBStorage,
                fixed_distributions: Mapping[str, BaseDistribution],
-               rerun_pending: Callable[[], bool], *,
-               wait_seconds: float = REQUEUE_WAIT_SECONDS) -> optuna.Trial:
-    """Ask a cell's study for its next point: an enqueued one if any (`pop_queued`: all of
-    a quasi-random or random cell's points were enqueued at creation, and every cell's
-    re-runs of lost trials are), else one the sampler draws. A reaper gives a lost trial's
-    slot back and then re-queues its point (recovery.abandon_trial): a claim in between
-    finds no queued point, and the sampler would draw a point in place of the re-run,
-    leaving the re-queued one unrun. So while `rerun_pending()` says a re-run has not been
-    asked yet, a drawn trial is failed at once and the ask repeated (for at most
-    `wait_seconds`). Otherwise a drawn point is kept: TPE draws its points, and in the
-    other cells the queue ran dry for another reason (an ask whose acknowledgement was
-    lost took a point), and the cell still needs its trial."""
+               rerun_pending: Callable[[], bool], count: int = 1, *,
+               wait_seconds: float = REQUEUE_WAIT_SECONDS) -> list[Asked]:
+    """Ask a cell's study for its next `count` points: enqueued ones while there are
+    (`pop_queued`: all of a quasi-random or random cell's points were enqueued at
+    creation, and every cell's re-runs of lost trials are), then ones the sampler draws.
+    A reaper gives a lost trial's slot back and then re-queues its point
+    (recovery.abandon_trial): a claim in between finds no queued point, and the sampler
+    would draw a point in place of the re-run, leaving the re-queued one unrun. So while
+    `rerun_pending()` says a re-run has not been asked yet, a drawn trial is failed at
+    once and the ask repeated (for at most `wait_seconds`). Otherwise a drawn point is
+    kept: TPE draws its points, and in the other cells the queue ran dry for another
+    reason (an ask whose acknowledgement was lost took a point), and the cell still needs
+    its trial."""
+    asked = pop_queued(storage, study.study_name, fixed_distributions, count)
     deadline = time.monotonic() + wait_seconds
     delay = 0.01
-    while True:
-        trial = pop_queued(study, storage, fixed_distributions)
-        if trial is not None:
-            return trial
+    while len(asked) < count:
         trial = study.ask(fixed_distributions=fixed_distributions)
         # Cheapest check first: a re-run is rarely pending (TPE cells get here every ask).
         if time.monotonic() >= deadline or not rerun_pending() \
                 or "fixed_params" in trial.storage.get_trial_system_attrs(trial._trial_id):
-            return trial
+            asked.append(Asked.of(trial))
+            continue
         study.tell(trial, state=TrialState.FAIL)
         time.sleep(delay)
         delay = min(2 * delay, 0.5)
+        asked += pop_queued(storage, study.study_name, fixed_distributions, count - len(asked))
+    return asked
 
 
 def outcome_state(outcome: str, steps_to_result: int | None) -> tuple[TrialState, list[float] | None]:
@@ -201,14 +239,14 @@ def outcome_state(outcome: str, steps_to_result: int | None) -> tuple[TrialState
     return TrialState.FAIL, None
 
 
-def tell(study: optuna.Study, trial: optuna.Trial, outcome: str, steps_to_result: int | None) -> None:
+def tell(study: optuna.Study, trial: Asked, outcome: str, steps_to_result: int | None) -> None:
     """Tell the trial's outcome (`outcome_state`). A trial already finished (a retried tell
     whose first commit went through, or a reaper that settled it) is left as it is."""
     state, values = outcome_state(outcome, steps_to_result)
-    study.tell(trial, values, state=state, skip_if_finished=True)
+    study.tell(trial.number, values, state=state, skip_if_finished=True)
 
 
-def tell_queued(storage: optuna.storages.RDBStorage, trial: optuna.Trial, outcome: str,
+def tell_queued(storage: optuna.storages.RDBStorage, trial: Asked, outcome: str,
                 steps_to_result: int | None) -> None:
     """`tell` for a cell whose points were all enqueued (quasi-random, random), in one
     update: their samplers (RandomSampler, and QMCSampler over it) do nothing after a
@@ -216,6 +254,6 @@ def tell_queued(storage: optuna.storages.RDBStorage, trial: optuna.Trial, outcom
     (14 of its 17 statements). A trial already finished is left as it is."""
     state, values = outcome_state(outcome, steps_to_result)
     try:
-        storage.set_trial_state_values(trial._trial_id, state, values)
+        storage.set_trial_state_values(trial.trial_id, state, values)
     except optuna.exceptions.UpdateFinishedTrialError:
         pass

@@ -17,7 +17,6 @@ training as before. Pruning reads the cell's best from a cache (see CellBest).
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import signal
 import threading
@@ -44,8 +43,8 @@ from study.recovery import (ATTEMPT_ATTR, ATTEMPT_OF_ATTR, DEFAULT_GRACE_SECONDS
 from study.retry import call_with_retry
 from study.resolve import resolve_trial_config, with_checkpoint
 from study.spec import Param, parse_spec
-from study.tuning import (ask_queued, distributions, hparams_from_optuna, make_sampler, optuna_storage,
-                          tell, tell_queued)
+from study.tuning import (Asked, ask_queued, distributions, hparams_from_optuna, make_sampler,
+                          optuna_storage, pop_queued, tell, tell_queued)
 from trainers.config import Measurement, TrialConfig, TrialResult
 from trainers.loop import DataCache, resolve_device, run_trial
 from trainers.workloads import DataOptions, get_workload
@@ -82,51 +81,42 @@ def load_campaign(engine: Engine, name: str) -> Campaign:
         return campaign
 
 
-def claim_cell(engine: Engine, campaign_id: int, worker_id: str) -> Claim | None:
-    """Take one trial slot in the cell with the fewest slots taken (finished + running),
-    and insert its trial row, heartbeating, in the same transaction.
+def claim_cell(engine: Engine, campaign_id: int, worker_id: str, count: int = 1) -> list[Claim]:
+    """Take up to `count` trial slots in the cell with the fewest slots taken (finished +
+    running), and insert their trial rows, heartbeating, in the same transaction; empty
+    when every cell's slots are taken.
 
-    The conditional UPDATE is the lock: of two workers racing for a cell's last slot,
-    exactly one sees a row updated. The row comes with the slot so that a worker killed
-    before it has asked Optuna still leaves a row for the reaper to find."""
+    The cell's row is locked while its count is read and raised (FOR UPDATE on
+    PostgreSQL; SQLite's writers take the database lock at BEGIN): of two workers racing
+    for a cell's last slot, exactly one gets it. The rows come with the slots so that a
+    worker killed before it has asked Optuna still leaves rows for the reaper to find."""
     with Session(engine) as session:
         cells = session.execute(
             select(Cell.id, Cell.batch_size, Cell.optimizer, Cell.schedule, Cell.study_name)
             .where(Cell.campaign_id == campaign_id, Cell.trials_claimed < Cell.trials_planned)
             .order_by(Cell.trials_claimed, Cell.id)).all()
     for cell in cells:
-        row_id = _take_slot(engine, cell.id, worker_id)
-        if row_id is not None:
-            return Claim(*cell, row_id=row_id)
-    return None
+        row_ids = _take_slots(engine, cell.id, worker_id, count)
+        if row_ids:
+            return [Claim(*cell, row_id=row_id) for row_id in row_ids]
+    return []
 
 
-def claim_more(engine: Engine, first: Claim, worker_id: str, count: int) -> list[Claim]:
-    """Up to `count` more slots in `first`'s cell, for trials trained together."""
-    claims = []
-    for _ in range(count):
-        row_id = _take_slot(engine, first.cell_id, worker_id)
-        if row_id is None:
-            break
-        claims.append(dataclasses.replace(first, row_id=row_id))
-    return claims
-
-
-def _take_slot(engine: Engine, cell_id: int, worker_id: str) -> int | None:
-    """One slot of the cell and its running trial row (trial_number -1 until asked), or
-    None when the cell has no free slot."""
+def _take_slots(engine: Engine, cell_id: int, worker_id: str, count: int) -> list[int]:
+    """Up to `count` free slots of the cell and their running trial rows (trial_number -1
+    until asked)."""
     with Session(engine) as session, session.begin():
-        taken = session.execute(
-            update(Cell).where(Cell.id == cell_id, Cell.trials_claimed < Cell.trials_planned)
-            .values(trials_claimed=Cell.trials_claimed + 1)).rowcount
-        if taken != 1:
-            return None
-        row = Trial(cell_id=cell_id, optuna_trial_id=-1, trial_number=-1, outcome="running",
-                    hparams={}, config={}, seed=0, worker_id=worker_id,
-                    heartbeat_at=func.current_timestamp())
-        session.add(row)
-        session.flush()
-        return row.id
+        claimed, planned = session.execute(select(Cell.trials_claimed, Cell.trials_planned)
+                                           .where(Cell.id == cell_id).with_for_update()).one()
+        taken = min(count, planned - claimed)
+        if taken <= 0:
+            return []
+        session.execute(update(Cell).where(Cell.id == cell_id)
+                        .values(trials_claimed=Cell.trials_claimed + taken))
+        rows = [dict(cell_id=cell_id, optuna_trial_id=-1, trial_number=-1, outcome="running",
+                     hparams={}, config={}, seed=0, worker_id=worker_id)] * taken
+        return list(session.scalars(insert(Trial).values(heartbeat_at=func.current_timestamp())
+                                    .returning(Trial.id, sort_by_parameter_order=True), rows))
 
 
 def running_trials(engine: Engine, campaign_id: int) -> int:
@@ -154,7 +144,7 @@ class Attempt:
     seed: int
 
     @classmethod
-    def of(cls, trial: optuna.Trial, campaign_seed: int) -> "Attempt":
+    def of(cls, trial: Asked, campaign_seed: int) -> "Attempt":
         attrs = trial.user_attrs
         return cls(int(attrs.get(ATTEMPT_ATTR, 1)), attrs.get(ATTEMPT_OF_ATTR),
                    int(attrs.get(SEED_ATTR, trial_seed(campaign_seed, trial.number))))
@@ -166,7 +156,7 @@ class Live:
     stop must undo. `training` once the trainer has it (a stop abandons it); before that
     (prefetched) a stop gives the slot and the point back as if never claimed."""
     claim: Claim
-    trial: optuna.Trial | None = None
+    trial: Asked | None = None
     recorded: bool = False
     training: bool = False
 
@@ -175,7 +165,7 @@ class Live:
 class Group:
     """Slots of one cell claimed together, and the trials asked and recorded in them."""
     claims: list[Claim]
-    started: list = field(default_factory=list)  # (claim, study, trial, config)
+    started: list = field(default_factory=list)  # (claim, trial, config)
     asked: bool = False
 
 
@@ -348,12 +338,12 @@ class CampaignWorker:
     def _conclude(self, entry, result: TrialResult) -> None:
         """Hand a trial's result to the pipeline: its last measurements, its row and the
         tell are written behind the next trial's training, in that order."""
-        claim, study, trial, _ = entry
+        claim, trial, _ = entry
         if result.outcome == "reached":
             self.best.reached(claim.cell_id, result.steps_to_result)
         rows = self.measurements.take()
         self._finishing.append(self.pipeline.submit(
-            "finishing the trial", self._finish_and_tell, claim, study, trial, result, rows))
+            "finishing the trial", self._finish_and_tell, claim, trial, result, rows))
         self._untrack(claim.row_id)
 
     def _buffer_measurement(self, row_id: int, m: Measurement) -> None:
@@ -465,55 +455,57 @@ class CampaignWorker:
         if time.monotonic() - self._reaped_at >= self.reap_seconds:
             reap_lost_trials(self.engine, self.storage, self.campaign.id, self.grace_seconds, self.log)
             self._reaped_at = time.monotonic()
-        claim = self._retry(lambda: claim_cell(self.engine, self.campaign.id, self.worker_id),
-                            "claiming a slot")
-        if claim is None:
-            return None
-        self._track(claim)
-        claims = [claim]
-        for _ in range(room - 1):
-            extra = self._retry(lambda: claim_more(self.engine, claim, self.worker_id, 1), "claiming more slots")
-            if not extra:
-                break
-            self._track(extra[0])
-            claims.append(extra[0])
-        return Group(claims)
+        claims = self._retry(lambda: claim_cell(self.engine, self.campaign.id, self.worker_id, room),
+                             "claiming slots")
+        for claim in claims:
+            self._track(claim)
+        return Group(claims) if claims else None
 
     def _ask_group(self, group: Group) -> Group:
-        """Ask Optuna for each slot's point and record its row, and read the cell's best."""
+        """Ask Optuna for each slot's point and record the rows, and read the cell's best."""
         self._refresh_best(group.claims[0].cell_id)
-        for claim in group.claims:
-            entry = self._ask_and_record(claim)
-            if entry is not None:
-                group.started.append(entry)
+        first = group.claims[0]
+        space = self.spec.cell_space(first.optimizer, first.schedule)
+        asked = self._retry(lambda: self._ask(first, space, len(group.claims)), "asking Optuna")
+        entries = []
+        for claim, trial in zip(group.claims, asked):
+            self._live[claim.row_id].trial = trial
+            attempt = Attempt.of(trial, self.spec.seed)
+            config = with_checkpoint(self.spec, self._config(claim, space, trial, attempt.seed), claim.row_id)
+            entries.append((claim, trial, config, attempt))
+        recorded = self._retry(lambda: self._record_trials(entries), "recording the trials")
+        for (claim, trial, config, _), filled in zip(entries, recorded):
+            if not filled:  # reaped between claim and ask
+                self._requeue_unrecorded(claim, trial)
+                self._untrack(claim.row_id)
+                continue
+            self._live[claim.row_id].recorded = True
+            group.started.append((claim, trial, config))
         group.asked = True
         return group
 
-    def _ask_and_record(self, claim: Claim):
-        """Ask Optuna for the slot's point and fill its row; None if a reaper took the row."""
-        space = self.spec.cell_space(claim.optimizer, claim.schedule)
-        study, trial = self._retry(lambda: self._ask(claim, space), "asking Optuna")
-        live = self._live[claim.row_id]
-        live.trial = trial
-        attempt = Attempt.of(trial, self.spec.seed)
-        config = with_checkpoint(self.spec, self._config(claim, space, trial, attempt.seed), claim.row_id)
-        if not self._retry(lambda: self._record_trial(claim, trial, config, attempt), "recording the trial"):
-            self._requeue_unrecorded(claim, trial)  # reaped between claim and ask
-            self._untrack(claim.row_id)
-            return None
-        live.recorded = True
-        return claim, study, trial, config
+    def _ask(self, claim: Claim, space, count: int) -> list[Asked]:
+        """`count` points of the claim's cell. Quasi-random and random cells: every point
+        was enqueued at creation (and is popped without loading the study). TPE cells:
+        only re-runs of lost trials are; TPE samples the others."""
+        dists = distributions(space)
+        if self.prefetch_ask:
+            asked = pop_queued(self.storage, claim.study_name, dists, count)
+            if len(asked) == count:
+                return asked
+        else:
+            asked = []
+        study = self._study(claim.study_name)
+        return asked + ask_queued(study, self.storage, dists, lambda: rerun_pending(self.engine, claim.cell_id),
+                                  count - len(asked))
 
-    def _ask(self, claim: Claim, space) -> tuple[optuna.Study, optuna.Trial]:
-        study = self._studies.get(claim.study_name)
+    def _study(self, name: str) -> optuna.Study:
+        study = self._studies.get(name)
         if study is None:  # loading a study costs a few queries: once per cell per worker
-            study = optuna.load_study(study_name=claim.study_name, storage=self.storage,
+            study = optuna.load_study(study_name=name, storage=self.storage,
                                       sampler=make_sampler(self.spec.sampler, self.spec.seed))
-            self._studies[claim.study_name] = study
-        # Quasi-random and random cells: every point was enqueued at creation. TPE cells:
-        # only re-runs of lost trials are; TPE samples the others.
-        return study, ask_queued(study, self.storage, distributions(space),
-                                 lambda: rerun_pending(self.engine, claim.cell_id))
+            self._studies[name] = study
+        return study
 
     def _refresh_best(self, cell_id: int) -> None:
         try:
@@ -523,8 +515,7 @@ class CampaignWorker:
             raise
         self.best.store(cell_id, value)
 
-    def _finish_and_tell(self, claim: Claim, study: optuna.Study, trial: optuna.Trial,
-                         result: TrialResult, rows: list[dict]) -> bool:
+    def _finish_and_tell(self, claim: Claim, trial: Asked, result: TrialResult, rows: list[dict]) -> bool:
         """Write the trial's last measurements and its outcome in one transaction, then tell
         Optuna; False (nothing told) if a reaper abandoned the row meanwhile."""
         if not self._retry(lambda: self._finish_trial(claim.row_id, result, rows), "finishing the trial"):
@@ -535,32 +526,32 @@ class CampaignWorker:
             self._retry(lambda: tell_queued(self.storage, trial, result.outcome, result.steps_to_result),
                         "telling Optuna")
         else:
-            self._retry(lambda: tell(study, trial, result.outcome, result.steps_to_result), "telling Optuna")
+            self._retry(lambda: tell(self._study(claim.study_name), trial, result.outcome, result.steps_to_result),
+                        "telling Optuna")
         self.log(f"[worker {self.worker_id}] bs={claim.batch_size} {claim.optimizer}/{claim.schedule} "
                  f"trial {trial.number}: {_describe(result)}")
         return True
 
-    def _config(self, claim: Claim, space: tuple[Param, ...], trial: optuna.Trial,
+    def _config(self, claim: Claim, space: tuple[Param, ...], trial: Asked,
                 seed: int) -> TrialConfig:
         return resolve_trial_config(
             self.spec, batch_size=claim.batch_size, optimizer=claim.optimizer,
             schedule=claim.schedule, hparams=hparams_from_optuna(space, trial.params),
             seed=seed, device=str(self.device))
 
-    def _record_trial(self, claim: Claim, trial: optuna.Trial, config: TrialConfig,
-                      attempt: Attempt) -> bool:
-        """Fill the claimed row with the Optuna trial, the resolved config and provenance;
-        False if the row is no longer running (a reaper took it)."""
+    def _record_trials(self, entries) -> list[bool]:
+        """Fill each claimed row with its Optuna trial, resolved config and provenance, in
+        one transaction; per row, False if it is no longer running (a reaper took it)."""
         with Session(self.engine) as session, session.begin():
-            filled = session.execute(update(Trial).where(
+            return [session.execute(update(Trial).where(
                 Trial.id == claim.row_id, Trial.outcome == "running").values(
-                optuna_trial_id=trial._trial_id, trial_number=trial.number,
+                optuna_trial_id=trial.trial_id, trial_number=trial.number,
                 hparams=dict(config.hparams), config=config.to_json_dict(), seed=config.seed,
                 attempt=attempt.number, attempt_of=attempt.first_row_id,
                 device=_device_name(self.device), host=provenance.host(),
                 code_version=provenance.code_version(), package_versions=provenance.package_versions(),
-                heartbeat_at=func.current_timestamp())).rowcount
-            return filled == 1
+                heartbeat_at=func.current_timestamp())).rowcount == 1
+                for claim, trial, config, attempt in entries]
 
     def _mark_started(self, row_ids: list[int], started_at) -> None:
         """Training began (a prefetched row was claimed earlier): its start time, and the
@@ -600,7 +591,7 @@ class CampaignWorker:
             return finished == 1
 
     # ----- stopping (main thread, once the storage thread is idle) -----------------------
-    def _abandon(self, claim: Claim, trial: optuna.Trial | None, recorded: bool) -> None:
+    def _abandon(self, claim: Claim, trial: Asked | None, recorded: bool) -> None:
         """SIGTERM / Ctrl-C: give the slot back and queue the same hyperparameters and seed
         again, so the cell still ends with exactly its planned number of finished trials."""
         if not abandon_trial(self.engine, self.storage, claim.row_id, "worker stopped by a signal"):
@@ -611,7 +602,7 @@ class CampaignWorker:
         self.log(f"[worker {self.worker_id}] stopped; trial {number} of "
                  f"bs={claim.batch_size} {claim.optimizer}/{claim.schedule} will be re-run")
 
-    def _give_back(self, claim: Claim, trial: optuna.Trial | None) -> None:
+    def _give_back(self, claim: Claim, trial: Asked | None) -> None:
         """A prefetched slot that never trained: its row is deleted, the slot given back and
         its point queued again as the same attempt (same seed), as if never claimed."""
         if not self._retry(lambda: release_slot(self.engine, claim.row_id), "giving a slot back"):
@@ -619,9 +610,9 @@ class CampaignWorker:
         if trial is not None:
             self._requeue_unrecorded(claim, trial)
 
-    def _requeue_unrecorded(self, claim: Claim, trial: optuna.Trial) -> None:
+    def _requeue_unrecorded(self, claim: Claim, trial: Asked) -> None:
         attempt = Attempt.of(trial, self.spec.seed)
-        self._retry(lambda: requeue(self.storage, trial._trial_id, claim.study_name,
+        self._retry(lambda: requeue(self.storage, trial.trial_id, claim.study_name,
                                     first_row_id=attempt.first_row_id, attempt=attempt.number - 1,
                                     seed=attempt.seed), "re-queueing a trial")
 

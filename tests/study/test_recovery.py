@@ -148,7 +148,7 @@ def check_exact_accounting(engine, url: str, campaign_id: int, trials_per_cell: 
 # ----- the reaper, in-process ------------------------------------------------------------
 def running_trial(engine, url: str, info, worker_id: str = "ghost") -> int:
     """Claim a slot and ask Optuna as a worker would, then 'die' (return the row id)."""
-    claim = claim_cell(engine, info.id, worker_id)
+    [claim] = claim_cell(engine, info.id, worker_id)
     spec = parse_spec(_spec_text(engine, info.id), "db")
     storage = optuna_storage(url)
     study = optuna.load_study(study_name=claim.study_name, storage=storage)
@@ -231,8 +231,8 @@ def test_a_claim_between_a_reapers_slot_and_its_requeue_waits_for_the_point(tmp_
     asked = {}
 
     def claim_and_ask() -> None:
-        assert claim_cell(engine, info.id, "late") is not None  # the slot is back already
-        asked["queued"] = ask_queued(study, storage, space, lambda: rerun_pending(engine, cell_id))
+        assert claim_cell(engine, info.id, "late")  # the slot is back already
+        [asked["queued"]] = ask_queued(study, storage, space, lambda: rerun_pending(engine, cell_id))
 
     real_requeue = recovery.requeue
 
@@ -251,7 +251,7 @@ def test_a_claim_between_a_reapers_slot_and_its_requeue_waits_for_the_point(tmp_
     lost_point = json.loads(row["hparams"])
     sampled = storage.get_trial(asked["plain"]._trial_id)
     assert "fixed_params" not in sampled.system_attrs and sampled.params != lost_point  # the race
-    rerun = storage.get_trial(asked["queued"]._trial_id)
+    rerun = storage.get_trial(asked["queued"].trial_id)
     assert rerun.params == lost_point and rerun.user_attrs[ATTEMPT_ATTR] == 2
     failed = [t for t in study.trials if t.state.name == "FAIL"]
     # the lost trial, and the points ask_queued sampled (and failed) while nothing was queued
@@ -297,7 +297,7 @@ def test_reaper_settles_a_trial_killed_between_claim_and_ask(tmp_path):
     its row is abandoned by heartbeat, its Optuna trial is swept and its point re-queued."""
     url = f"sqlite:///{tmp_path / 'orphan.db'}"
     engine, info = create(url, spec_text("orphan", batch_sizes=(16,), trials_per_cell=1))
-    claim = claim_cell(engine, info.id, "ghost")
+    [claim] = claim_cell(engine, info.id, "ghost")
     storage = optuna_storage(url)
     study = optuna.load_study(study_name=claim.study_name, storage=storage)
     point = study.ask(fixed_distributions=distributions(

@@ -1,7 +1,8 @@
-"""study.tuning: pop_queued and tell_queued, the worker's cheaper ask and tell of enqueued
-points, against Optuna's Study.ask and Study.tell."""
+"""study.tuning: pop_queued and tell_queued, the worker's cheaper ask (several trials at
+once) and tell of enqueued points, against Optuna's Study.ask and Study.tell."""
 from __future__ import annotations
 
+import dataclasses
 import threading
 import uuid
 
@@ -9,7 +10,7 @@ import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-from study.tuning import optuna_storage, pop_queued, tell, tell_queued
+from study.tuning import Asked, optuna_storage, pop_queued, tell, tell_queued
 
 DISTS = {"learning_rate": FloatDistribution(1e-3, 1.0, log=True),
          "one_minus_momentum": FloatDistribution(0.01, 0.2, log=True),
@@ -34,8 +35,8 @@ def queued_study(storage, name: str) -> optuna.Study:
     return study
 
 
-def frozen(trial: optuna.Trial) -> dict:
-    t = trial.study._storage.get_trial(trial._trial_id)
+def frozen(storage, trial_id: int) -> dict:
+    t = storage.get_trial(trial_id)
     return {"number": t.number, "state": t.state, "params": t.params, "distributions": t.distributions,
             "user_attrs": t.user_attrs, "system_attrs": t.system_attrs, "started": t.datetime_start is not None}
 
@@ -43,13 +44,16 @@ def frozen(trial: optuna.Trial) -> dict:
 def test_pop_queued_gives_what_study_ask_gives(tmp_path):
     storage = optuna_storage(f"sqlite:///{tmp_path / 'tuning.db'}")
     asked, popped = queued_study(storage, "asked"), queued_study(storage, "popped")
-    for _ in POINTS:
-        by_ask = asked.ask(fixed_distributions=DISTS)
-        by_pop = pop_queued(popped, storage, DISTS)
-        assert frozen(by_pop) == frozen(by_ask)
-        assert by_pop.params == by_ask.params and by_pop.user_attrs == by_ask.user_attrs
-        popped.tell(by_pop, 1.0)  # a popped trial is told like an asked one
-    assert pop_queued(popped, storage, DISTS) is None  # the queue is empty: the caller samples
+    by_ask = [asked.ask(fixed_distributions=DISTS) for _ in POINTS]
+    by_pop = pop_queued(storage, "popped", DISTS, 1) + pop_queued(storage, "popped", DISTS, 4)
+    by_pop += pop_queued(storage, "popped", DISTS, 3)  # asks for more than is left
+    assert len(by_pop) == len(by_ask)
+    for one, other in zip(by_pop, by_ask):
+        assert frozen(storage, one.trial_id) == frozen(storage, other._trial_id)
+        # the same number, parameters and user attributes (another study: another id)
+        assert dataclasses.replace(one, trial_id=other._trial_id) == Asked.of(other)
+        popped.tell(one.number, 1.0)  # a popped trial is told like an asked one
+    assert pop_queued(storage, "popped", DISTS, 2) == []  # the queue is empty: the caller samples
     assert [t.state.name for t in popped.trials] == ["COMPLETE"] * len(POINTS)
     assert [t.params for t in popped.trials] == POINTS
 
@@ -64,10 +68,9 @@ def test_concurrent_pops_take_every_point_exactly_once(url):
     def drain(worker: int) -> None:
         own = optuna_storage(url)  # one storage (engine) per worker, as in separate processes
         for i in (worker % 4, (worker + 1) % 4):
-            study = optuna.load_study(study_name=f"cell{i}", storage=own)
-            while (trial := pop_queued(study, own, DISTS)) is not None:
+            while trials := pop_queued(own, f"cell{i}", DISTS, 1 + worker % 3):
                 with lock:
-                    taken.append((study.study_name, trial.number, trial.params))
+                    taken.extend((f"cell{i}", trial.number, trial.params) for trial in trials)
 
     threads = [threading.Thread(target=drain, args=(w,)) for w in range(8)]
     for thread in threads:
@@ -84,7 +87,8 @@ def test_a_point_lacking_a_parameter_is_refused(tmp_path):
     study = optuna.create_study(study_name="hand", storage=storage)
     study.enqueue_trial({"learning_rate": 0.1})
     with pytest.raises(ValueError, match=r"no value for act, one_minus_momentum, width"):
-        pop_queued(study, storage, DISTS)
+        pop_queued(storage, "hand", DISTS)
+    assert study.trials[0].state.name == "WAITING" and not study.trials[0].params  # nothing stored
 
 
 def test_tell_queued_stores_what_study_tell_stores(tmp_path):
@@ -93,7 +97,7 @@ def test_tell_queued_stores_what_study_tell_stores(tmp_path):
     outcomes = [("reached", 120), ("pruned", None), ("not_reached", None), ("diverged", None),
                 ("failed", None), ("reached", 40)]
     for outcome, steps in outcomes:
-        one, other = pop_queued(by_study, storage, DISTS), pop_queued(by_storage, storage, DISTS)
+        [one], [other] = pop_queued(storage, "study", DISTS), pop_queued(storage, "storage", DISTS)
         tell(by_study, one, outcome, steps)
         tell_queued(storage, other, outcome, steps)
         tell_queued(storage, other, "failed", None)  # a retried tell leaves a finished trial as it is
