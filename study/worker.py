@@ -23,7 +23,6 @@ import threading
 import time
 import traceback
 import uuid
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -222,11 +221,6 @@ class CampaignWorker:
         self._live_lock = threading.Lock()  # the main and the storage thread both change it
         self._finishing: list = []  # futures of finish + tell jobs: True if the trial counts
         self._done = 0
-        # Groups claimed ahead: three single trials absorb a run of short (pruned) ones
-        # (bench/overhead.py, PostgreSQL: storage 5.4-5.6% of run() with three ahead,
-        # 6.3-6.7% with two); one group of several is work enough. More would hoard slots
-        # other workers could take.
-        self.prefetch_groups = 3 if trials_at_once == 1 else 1
         # The reaper runs before a claim, at most this often: a lost trial waits out its
         # grace period anyway, so reaping before every short trial only costs queries.
         self.reap_seconds = min(2.0, grace_seconds / 4)
@@ -270,12 +264,15 @@ class CampaignWorker:
         return self._done
 
     def _loop(self) -> None:
-        upcoming: deque = deque()  # the next groups, prepared by the storage thread
+        # One group is prepared ahead (claimed, and asked where the sampler allows) while
+        # the current one trains. More ahead would only hoard slots other workers could
+        # take: bench/overhead.py measured the same share of run() with three single
+        # trials ahead as with one.
+        upcoming = None
         while True:
             self._collect()
-            group = None
-            while group is None and upcoming:
-                group = self._wait(upcoming.popleft()[0])
+            group = self._wait(upcoming) if upcoming is not None else None
+            upcoming = None
             if group is None:  # nothing prefetched (first group, or no slot free then)
                 group = self._claim_waiting()
                 if group is None:
@@ -285,24 +282,19 @@ class CampaignWorker:
             if not group.started:
                 continue  # every slot was reaped before its trial was recorded
             self._begin(group)
-            while len(upcoming) < self.prefetch_groups:
-                # slots a prepare still on its way may claim count as taken
-                room = self._room(reserved=sum(r for f, r in upcoming if not f.done()))
-                if room <= 0:
-                    break
-                upcoming.append((self.pipeline.submit("preparing the next trials", self._prepare, room), room))
+            room = self._room()
+            if room > 0:
+                upcoming = self.pipeline.submit("preparing the next trials", self._prepare, room)
             self._run_group(group)
 
-    def _room(self, reserved: int = 0) -> int:
+    def _room(self) -> int:
         """How many more slots this worker may claim now: trials_at_once, less what
-        max_trials leaves once the trials done, in flight (claimed, not settled) and
-        `reserved` (what prepares on their way may claim) count."""
+        max_trials leaves once the trials done and in flight (claimed, not settled) count."""
         if self.max_trials is None:
             return self.trials_at_once
         with self._live_lock:
             in_flight = len(self._live)
-        return min(self.trials_at_once,
-                   self.max_trials - self._done - in_flight - len(self._finishing) - reserved)
+        return min(self.trials_at_once, self.max_trials - self._done - in_flight - len(self._finishing))
 
     def _claim_waiting(self) -> Group | None:
         """Claim a group in this thread, waiting while no slot is free but trials still run
