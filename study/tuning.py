@@ -15,7 +15,8 @@ import optuna
 from optuna.distributions import (BaseDistribution, CategoricalDistribution, FloatDistribution,
                                   IntDistribution, distribution_to_json)
 from optuna.storages._rdb.models import (StudyModel, TrialModel, TrialParamModel,
-                                         TrialSystemAttributeModel, TrialUserAttributeModel)
+                                         TrialSystemAttributeModel, TrialUserAttributeModel,
+                                         TrialValueModel)
 from optuna.trial import TrialState
 from scipy.stats import qmc
 from sqlalchemy import insert, select, update
@@ -246,14 +247,21 @@ def tell(study: optuna.Study, trial: Asked, outcome: str, steps_to_result: int |
     study.tell(trial.number, values, state=state, skip_if_finished=True)
 
 
-def tell_queued(storage: optuna.storages.RDBStorage, trial: Asked, outcome: str,
-                steps_to_result: int | None) -> None:
-    """`tell` for a cell whose points were all enqueued (quasi-random, random), in one
-    update: their samplers (RandomSampler, and QMCSampler over it) do nothing after a
-    trial, so what Study.tell adds around the update is two full reads of the trial
-    (14 of its 17 statements). A trial already finished is left as it is."""
+def tell_queued(connection, trial: Asked, outcome: str, steps_to_result: int | None) -> None:
+    """`tell` for a cell whose points were all enqueued (quasi-random, random), written on
+    `connection` (a SQLAlchemy Connection or Session on the study's database) in the
+    caller's transaction, so that the worker finishes its trial row and tells Optuna in
+    one commit. Their samplers (RandomSampler, and QMCSampler over it) do nothing after a
+    trial, so Study.tell's work around its update is two full reads of the trial; what is
+    left is RDBStorage.set_trial_state_values's update and value row, written here with
+    Optuna's models (as `pop_queued`). A trial already finished is left as it is."""
     state, values = outcome_state(outcome, steps_to_result)
-    try:
-        storage.set_trial_state_values(trial.trial_id, state, values)
-    except optuna.exceptions.UpdateFinishedTrialError:
-        pass
+    told = connection.execute(
+        update(TrialModel.__table__)
+        .where(TrialModel.trial_id == trial.trial_id, TrialModel.state == TrialState.RUNNING)
+        .values(state=state, datetime_complete=datetime.now())).rowcount
+    if told and values:
+        connection.execute(insert(TrialValueModel.__table__), [
+            dict(trial_id=trial.trial_id, objective=objective, value=value,
+                 value_type=TrialValueModel.TrialValueType.FINITE)
+            for objective, value in enumerate(values)])

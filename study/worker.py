@@ -8,12 +8,13 @@ blips (study/retry.py).
 
 Storage stays off the training's critical path (study/pipeline.py): one storage thread
 runs the worker's storage jobs in order while the main thread trains. While group i
-trains, it writes group i-1's last measurements, finishes its rows and tells Optuna,
-then reaps, claims the next slots and (quasi-random / random samplers, whose points are
-all enqueued at creation) asks and records their trials; prefetched rows are heartbeated
-like running ones. A stop gives a prefetched slot that never trained back (row deleted,
-point re-queued as the same attempt with the same seed) and abandons the trials in
-training as before. Pruning reads the cell's best from a cache (see CellBest).
+trains, it writes group i-1's last measurements, finishes its rows and tells Optuna (one
+transaction per trial where the points were enqueued), then reaps, claims the next slots
+and (quasi-random / random samplers, whose points are all enqueued at creation) asks and
+records their trials; prefetched rows are heartbeated like running ones. A stop gives a
+prefetched slot that never trained back (row deleted, point re-queued as the same attempt
+with the same seed) and abandons the trials in training as before. Pruning reads the
+cell's best from a cache (see CellBest).
 """
 from __future__ import annotations
 
@@ -508,16 +509,15 @@ class CampaignWorker:
         self.best.store(cell_id, value)
 
     def _finish_and_tell(self, claim: Claim, trial: Asked, result: TrialResult, rows: list[dict]) -> bool:
-        """Write the trial's last measurements and its outcome in one transaction, then tell
-        Optuna; False (nothing told) if a reaper abandoned the row meanwhile."""
-        if not self._retry(lambda: self._finish_trial(claim.row_id, result, rows), "finishing the trial"):
+        """Write the trial's last measurements and its outcome and tell Optuna, in one
+        transaction where the cell's points are all enqueued (TPE's sampler is told after
+        it); False (nothing told) if a reaper abandoned the row meanwhile."""
+        told_with = trial if self.prefetch_ask else None  # its sampler does nothing after a trial
+        if not self._retry(lambda: self._finish_trial(claim.row_id, result, rows, told_with), "finishing the trial"):
             self.log(f"[worker {self.worker_id}] trial row {claim.row_id} was abandoned by a reaper "
                      f"while this worker was silent; its result is discarded and it is re-run")
             return False
-        if self.prefetch_ask:  # an enqueued point: its sampler does nothing after a trial
-            self._retry(lambda: tell_queued(self.storage, trial, result.outcome, result.steps_to_result),
-                        "telling Optuna")
-        else:
+        if told_with is None:
             self._retry(lambda: tell(self._study(claim.study_name), trial, result.outcome, result.steps_to_result),
                         "telling Optuna")
         self.log(f"[worker {self.worker_id}] bs={claim.batch_size} {claim.optimizer}/{claim.schedule} "
@@ -562,10 +562,13 @@ class CampaignWorker:
                 session.execute(insert(MeasurementRow), rows)
         self._retry(write, "writing measurements")
 
-    def _finish_trial(self, row_id: int, result: TrialResult, rows: list[dict] = ()) -> bool:
+    def _finish_trial(self, row_id: int, result: TrialResult, rows: list[dict] = (),
+                      tell: Asked | None = None) -> bool:
         """Record the outcome, only on a row still running: returns False if a reaper
         abandoned it meanwhile (its re-run is then already queued). `rows`: measurements
-        still to write, written first in the same transaction."""
+        still to write, written first in the same transaction; `tell`: the Optuna trial to
+        tell in it too (`tell_queued`), after the row and before the worker's row (the
+        order every transaction takes them in)."""
         with Session(self.engine) as session, session.begin():
             if rows:
                 session.execute(insert(MeasurementRow), list(rows))
@@ -577,6 +580,8 @@ class CampaignWorker:
                 seconds_to_result=result.seconds_to_result, best_metric=result.best_metric,
                 message=result.message, checkpoint_path=result.checkpoint_path,
                 finished_at=func.current_timestamp())).rowcount
+            if finished and tell is not None:
+                tell_queued(session, tell, result.outcome, result.steps_to_result)
             session.execute(update(Worker).where(Worker.id == self.worker_id).values(
                 current_trial_id=None, heartbeat_at=func.current_timestamp(),
                 trials_done=Worker.trials_done + finished))

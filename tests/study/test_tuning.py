@@ -91,18 +91,22 @@ def test_a_point_lacking_a_parameter_is_refused(tmp_path):
     assert study.trials[0].state.name == "WAITING" and not study.trials[0].params  # nothing stored
 
 
-def test_tell_queued_stores_what_study_tell_stores(tmp_path):
-    storage = optuna_storage(f"sqlite:///{tmp_path / 'tuning.db'}")
+def test_tell_queued_stores_what_study_tell_stores(url):
+    storage = optuna_storage(url)
     by_study, by_storage = queued_study(storage, "study"), queued_study(storage, "storage")
     outcomes = [("reached", 120), ("pruned", None), ("not_reached", None), ("diverged", None),
                 ("failed", None), ("reached", 40)]
     for outcome, steps in outcomes:
         [one], [other] = pop_queued(storage, "study", DISTS), pop_queued(storage, "storage", DISTS)
         tell(by_study, one, outcome, steps)
-        tell_queued(storage, other, outcome, steps)
-        tell_queued(storage, other, "failed", None)  # a retried tell leaves a finished trial as it is
+        with storage.engine.begin() as connection:
+            tell_queued(connection, other, outcome, steps)
+        with storage.engine.begin() as connection:  # a retried tell leaves a finished trial as it is
+            tell_queued(connection, other, "failed", None)
         tell(by_study, one, "failed", None)
-    told = [[(t.state.name, t.values) for t in s.trials] for s in (by_study, by_storage)]
-    assert told[0] == told[1] == [("COMPLETE", [120.0]), ("PRUNED", None), ("PRUNED", None),
-                                  ("FAIL", None), ("FAIL", None), ("COMPLETE", [40.0])]
+    told = [[(t.state.name, t.values, t.datetime_complete is not None) for t in s.trials]
+            for s in (by_study, by_storage)]
+    assert told[0] == told[1] == [("COMPLETE", [120.0], True), ("PRUNED", None, True),
+                                  ("PRUNED", None, True), ("FAIL", None, True), ("FAIL", None, True),
+                                  ("COMPLETE", [40.0], True)]
     assert by_storage.best_trial.number == 5
