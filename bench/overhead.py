@@ -37,6 +37,7 @@ The heartbeat thread's writes are not counted (as before).
     python -m bench.overhead                                     # ~2-3 min on 2 CPU cores
     python -m bench.overhead --workload digits_mlp --trials 2 --batch-sizes 16 --ks 1
     python -m bench.overhead --backends sqlite --eval-every 50
+    python -m bench.overhead --sampler tpe
 
 Prints the device, torch version and date, tables per backend and K, and one line per
 run: `ratio storage/trial BACKEND K=k: 0.0xyz (x.y% of trial wall time; target < 5%)`.
@@ -184,7 +185,7 @@ def spec_text(args) -> str:
         f"max_steps = {args.max_steps}\neval_every = {args.eval_every}\nseed = 0\n"
         f"prune = {'false' if args.no_prune else 'true'}\n\n"
         f'[target]\nmetric = "val_error"\nthreshold = {args.target}\n\n'
-        f'[sampler]\nkind = "quasi_random"\n\n'
+        f'[sampler]\nkind = "{args.sampler}"\n\n'
         '[search_space.optimizer.momentum]\n'
         'learning_rate = { low = 1e-3, high = 3.0, scale = "log" }\n'
         'momentum = { low = 0.5, high = 0.99, scale = "reverse_log" }\n')
@@ -399,6 +400,8 @@ def parse_args(argv=None):
         "torch CPU threads (default 1: on a shared 2-core machine two threads spin against "
         "other processes and train ~50x slower, which would flatter the storage share)"))
     parser.add_argument("--no-prune", action="store_true", help="prune = false (default: as shipped, on)")
+    parser.add_argument("--sampler", default="quasi_random", choices=("quasi_random", "random", "tpe"),
+                        help="the campaign's sampler (default: batchlab's default, quasi_random)")
     args = parser.parse_args(argv)
     unknown = set(args.backends) - {"sqlite", "postgresql"}
     if unknown:
@@ -417,7 +420,7 @@ def main(argv=None) -> None:
           f"shared with other processes)")
     print(f"torch {torch.__version__}, optuna {optuna.__version__}, python {platform.python_version()}, "
           f"{datetime.datetime.now().isoformat(timespec='seconds')}")
-    print(f"campaign: {args.workload}, momentum, batch sizes {args.batch_sizes}, {args.trials} trials "
+    print(f"campaign: {args.workload}, momentum, {args.sampler}, batch sizes {args.batch_sizes}, {args.trials} trials "
           f"per cell, max_steps {args.max_steps}, eval_every {args.eval_every}, target val_error < "
           f"{args.target}, prune {'off' if args.no_prune else 'on'}", flush=True)
     results = []

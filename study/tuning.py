@@ -240,21 +240,16 @@ def outcome_state(outcome: str, steps_to_result: int | None) -> tuple[TrialState
     return TrialState.FAIL, None
 
 
-def tell(study: optuna.Study, trial: Asked, outcome: str, steps_to_result: int | None) -> None:
-    """Tell the trial's outcome (`outcome_state`). A trial already finished (a retried tell
-    whose first commit went through, or a reaper that settled it) is left as it is."""
-    state, values = outcome_state(outcome, steps_to_result)
-    study.tell(trial.number, values, state=state, skip_if_finished=True)
-
-
-def tell_queued(connection, trial: Asked, outcome: str, steps_to_result: int | None) -> None:
-    """`tell` for a cell whose points were all enqueued (quasi-random, random), written on
-    `connection` (a SQLAlchemy Connection or Session on the study's database) in the
-    caller's transaction, so that the worker finishes its trial row and tells Optuna in
-    one commit. Their samplers (RandomSampler, and QMCSampler over it) do nothing after a
-    trial, so Study.tell's work around its update is two full reads of the trial; what is
-    left is RDBStorage.set_trial_state_values's update and value row, written here with
-    Optuna's models (as `pop_queued`). A trial already finished is left as it is."""
+def tell(connection, trial: Asked, outcome: str, steps_to_result: int | None) -> None:
+    """Tell the trial's outcome (`outcome_state`), written on `connection` (a SQLAlchemy
+    Connection or Session on the study's database) in the caller's transaction, so that
+    the worker finishes its trial row and tells Optuna in one commit. What Study.tell
+    stores: RDBStorage.set_trial_state_values's update and value row, written with
+    Optuna's models (as `pop_queued`). The rest of Study.tell is the sampler's
+    after_trial, which batchlab's samplers (RandomSampler, QMCSampler over it, TPESampler
+    without constraints) do nothing in, and two full reads of the trial. A trial already
+    finished (a retried tell whose first commit went through, or a reaper that settled
+    it) is left as it is."""
     state, values = outcome_state(outcome, steps_to_result)
     told = connection.execute(
         update(TrialModel.__table__)

@@ -44,7 +44,7 @@ from study.retry import call_with_retry
 from study.resolve import resolve_trial_config, with_checkpoint
 from study.spec import Param, parse_spec
 from study.tuning import (Asked, ask_queued, distributions, hparams_from_optuna, make_sampler,
-                          optuna_storage, pop_queued, tell, tell_queued)
+                          optuna_storage, pop_queued, tell)
 from trainers.config import Measurement, TrialConfig, TrialResult
 from trainers.loop import DataCache, resolve_device, run_trial
 from trainers.workloads import DataOptions, get_workload
@@ -213,8 +213,10 @@ class CampaignWorker:
         self.ranks = launched_ranks()  # under torchrun, this is rank 0: it leads the others
         # Quasi-random and random points are all enqueued at creation: asking for the next
         # one does not depend on the results not yet told, so it is prefetched. TPE's
-        # next point does, so it is asked once the previous trials are told.
-        self.prefetch_ask = self.spec.sampler != "tpe"
+        # next point depends on its cell's results: it is prefetched only when none of
+        # this worker's trials of that cell is still training (the worker moves from cell
+        # to cell, so that is the rule), else asked once they are told.
+        self.points_enqueued = self.spec.sampler != "tpe"
         self.best = CellBest(best_refresh_seconds)
         self.measurements = MeasurementBuffer(flush_seconds)
         self.pipeline: StoragePipeline | None = None
@@ -438,11 +440,17 @@ class CampaignWorker:
     # ----- storage jobs (the storage thread; `_claim_group` also the main thread) ------
     def _prepare(self, room: int) -> Group | None:
         """The next group, claimed (and asked, when the sampler allows) ahead of time;
-        None if no slot is free now (the main thread then waits for one itself)."""
+        None if no slot is free now (the main thread then waits for one itself). The
+        finishes queued before this job are told by now (jobs run in order)."""
         group = self._claim_group(room)
-        if group is not None and self.prefetch_ask:
+        if group is not None and (self.points_enqueued or not self._training_in(group.claims[0].cell_id)):
             self._ask_group(group)
         return group
+
+    def _training_in(self, cell_id: int) -> bool:
+        """Whether a trial of this worker in the cell is training (its result not yet told)."""
+        with self._live_lock:
+            return any(live.training and live.claim.cell_id == cell_id for live in self._live.values())
 
     def _claim_group(self, room: int) -> Group | None:
         if time.monotonic() - self._reaped_at >= self.reap_seconds:
@@ -482,7 +490,7 @@ class CampaignWorker:
         was enqueued at creation (and is popped without loading the study). TPE cells:
         only re-runs of lost trials are; TPE samples the others."""
         dists = distributions(space)
-        if self.prefetch_ask:
+        if self.points_enqueued:
             asked = pop_queued(self.storage, claim.study_name, dists, count)
             if len(asked) == count:
                 return asked
@@ -510,16 +518,11 @@ class CampaignWorker:
 
     def _finish_and_tell(self, claim: Claim, trial: Asked, result: TrialResult, rows: list[dict]) -> bool:
         """Write the trial's last measurements and its outcome and tell Optuna, in one
-        transaction where the cell's points are all enqueued (TPE's sampler is told after
-        it); False (nothing told) if a reaper abandoned the row meanwhile."""
-        told_with = trial if self.prefetch_ask else None  # its sampler does nothing after a trial
-        if not self._retry(lambda: self._finish_trial(claim.row_id, result, rows, told_with), "finishing the trial"):
+        transaction; False (nothing told) if a reaper abandoned the row meanwhile."""
+        if not self._retry(lambda: self._finish_trial(claim.row_id, result, rows, trial), "finishing the trial"):
             self.log(f"[worker {self.worker_id}] trial row {claim.row_id} was abandoned by a reaper "
                      f"while this worker was silent; its result is discarded and it is re-run")
             return False
-        if told_with is None:
-            self._retry(lambda: tell(self._study(claim.study_name), trial, result.outcome, result.steps_to_result),
-                        "telling Optuna")
         self.log(f"[worker {self.worker_id}] bs={claim.batch_size} {claim.optimizer}/{claim.schedule} "
                  f"trial {trial.number}: {_describe(result)}")
         return True
@@ -563,11 +566,11 @@ class CampaignWorker:
         self._retry(write, "writing measurements")
 
     def _finish_trial(self, row_id: int, result: TrialResult, rows: list[dict] = (),
-                      tell: Asked | None = None) -> bool:
+                      trial: Asked | None = None) -> bool:
         """Record the outcome, only on a row still running: returns False if a reaper
         abandoned it meanwhile (its re-run is then already queued). `rows`: measurements
-        still to write, written first in the same transaction; `tell`: the Optuna trial to
-        tell in it too (`tell_queued`), after the row and before the worker's row (the
+        still to write, written first in the same transaction; `trial`: the Optuna trial to
+        tell in it too (`study.tuning.tell`), after the row and before the worker's row (the
         order every transaction takes them in)."""
         with Session(self.engine) as session, session.begin():
             if rows:
@@ -580,8 +583,8 @@ class CampaignWorker:
                 seconds_to_result=result.seconds_to_result, best_metric=result.best_metric,
                 message=result.message, checkpoint_path=result.checkpoint_path,
                 finished_at=func.current_timestamp())).rowcount
-            if finished and tell is not None:
-                tell_queued(session, tell, result.outcome, result.steps_to_result)
+            if finished and trial is not None:
+                tell(session, trial, result.outcome, result.steps_to_result)
             session.execute(update(Worker).where(Worker.id == self.worker_id).values(
                 current_trial_id=None, heartbeat_at=func.current_timestamp(),
                 trials_done=Worker.trials_done + finished))

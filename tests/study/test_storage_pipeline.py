@@ -238,25 +238,41 @@ def test_max_trials_counts_prefetched_slots(tmp_path):
         assert connection.execute(text("SELECT SUM(trials_claimed) FROM bl_cells")).scalar() == 3
 
 
-def test_tpe_asks_after_the_previous_trials_are_told(tmp_path):
-    """TPE's next point depends on the results told so far: it is not prefetched."""
-    text_ = spec_text("tpe", batch_sizes=(16,), trials_per_cell=3, max_steps=20, eval_every=10)
+@pytest.mark.parametrize("batch_sizes", [(16,), (16, 32)])
+def test_tpe_asks_after_the_cells_previous_trials_are_told(tmp_path, batch_sizes):
+    """TPE's next point depends on its cell's results told so far: it is prefetched while
+    a trial of another cell trains, and asked after the tells while one of its own does."""
+    text_ = spec_text("tpe", batch_sizes=batch_sizes, trials_per_cell=3, max_steps=20, eval_every=10)
     text_ = text_.replace("[target]", '[sampler]\nkind = "tpe"\n\n[target]')
     url, engine = campaign(tmp_path, text_, "tpe")
     worker = CampaignWorker(engine, url, "tpe", device="cpu", log=lambda line: None)
-    assert not worker.prefetch_ask
-    told_before_ask = []
-    ask_group = worker._ask_group
+    assert not worker.points_enqueued
+    asks = []  # (cell's study, trials of it told before the ask, asked ahead of time)
+    ask_group, prepare = worker._ask_group, worker._prepare
+    ahead = threading.local()
 
     def checked(group):
-        study = optuna.load_study(study_name=group.claims[0].study_name, storage=optuna_storage(url))
-        told_before_ask.append(sum(t.state.is_finished() for t in study.trials))
+        name = group.claims[0].study_name
+        study = optuna.load_study(study_name=name, storage=optuna_storage(url))
+        asks.append((name, sum(t.state.is_finished() for t in study.trials), getattr(ahead, "on", False)))
         return ask_group(group)
-    worker._ask_group = checked
-    assert worker.run() == 3
-    assert told_before_ask == [0, 1, 2]
+
+    def prepared(room):
+        ahead.on = True
+        try:
+            return prepare(room)
+        finally:
+            ahead.on = False
+    worker._ask_group, worker._prepare = checked, prepared
+    trials = 3 * len(batch_sizes)
+    assert worker.run() == trials
+    for name in {name for name, *_ in asks}:  # in each cell, every earlier trial was told
+        assert [told for n, told, _ in asks if n == name] == [0, 1, 2]
+    # one cell: never asked ahead; two: the worker alternates between them, and every group
+    # but the first is asked ahead
+    assert [ahead for *_, ahead in asks] == ([False] * 3 if trials == 3 else [False] + [True] * 5)
     rows = trial_rows(engine, campaign_info(engine, "tpe").id)
-    assert sorted(rows["trial_number"]) == [0, 1, 2] and (rows["outcome"] == "not_reached").all()
+    assert len(rows) == trials and (rows["outcome"] == "not_reached").all()
 
 
 def test_an_ask_retried_after_a_lost_acknowledgement_is_failed_once_the_campaign_is_complete(tmp_path):

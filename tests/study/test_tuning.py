@@ -1,5 +1,6 @@
-"""study.tuning: pop_queued and tell_queued, the worker's cheaper ask (several trials at
-once) and tell of enqueued points, against Optuna's Study.ask and Study.tell."""
+"""study.tuning: pop_queued and tell, the worker's cheaper ask of enqueued points
+(several trials at once) and its tell (in the worker's own transaction), against
+Optuna's Study.ask and Study.tell."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,7 +11,7 @@ import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-from study.tuning import Asked, optuna_storage, pop_queued, tell, tell_queued
+from study.tuning import Asked, optuna_storage, outcome_state, pop_queued, tell
 
 DISTS = {"learning_rate": FloatDistribution(1e-3, 1.0, log=True),
          "one_minus_momentum": FloatDistribution(0.01, 0.2, log=True),
@@ -91,22 +92,25 @@ def test_a_point_lacking_a_parameter_is_refused(tmp_path):
     assert study.trials[0].state.name == "WAITING" and not study.trials[0].params  # nothing stored
 
 
-def test_tell_queued_stores_what_study_tell_stores(url):
+def test_tell_stores_what_study_tell_stores(url):
     storage = optuna_storage(url)
-    by_study, by_storage = queued_study(storage, "study"), queued_study(storage, "storage")
+    by_study, by_tell = queued_study(storage, "study"), queued_study(storage, "tell")
     outcomes = [("reached", 120), ("pruned", None), ("not_reached", None), ("diverged", None),
-                ("failed", None), ("reached", 40)]
-    for outcome, steps in outcomes:
-        [one], [other] = pop_queued(storage, "study", DISTS), pop_queued(storage, "storage", DISTS)
-        tell(by_study, one, outcome, steps)
+                ("failed", None), ("reached", 40), ("reached", 7)]
+    for i, (outcome, steps) in enumerate(outcomes):
+        if i < len(POINTS):
+            [one], [other] = pop_queued(storage, "study", DISTS), pop_queued(storage, "tell", DISTS)
+        else:  # the queue is empty: points a sampler draws (TPE's, in a TPE cell)
+            one, other = (Asked.of(s.ask(DISTS)) for s in (by_study, by_tell))
+        state, values = outcome_state(outcome, steps)
+        by_study.tell(one.number, values, state=state)
         with storage.engine.begin() as connection:
-            tell_queued(connection, other, outcome, steps)
+            tell(connection, other, outcome, steps)
         with storage.engine.begin() as connection:  # a retried tell leaves a finished trial as it is
-            tell_queued(connection, other, "failed", None)
-        tell(by_study, one, "failed", None)
+            tell(connection, other, "failed", None)
     told = [[(t.state.name, t.values, t.datetime_complete is not None) for t in s.trials]
-            for s in (by_study, by_storage)]
+            for s in (by_study, by_tell)]
     assert told[0] == told[1] == [("COMPLETE", [120.0], True), ("PRUNED", None, True),
                                   ("PRUNED", None, True), ("FAIL", None, True), ("FAIL", None, True),
-                                  ("COMPLETE", [40.0], True)]
-    assert by_storage.best_trial.number == 5
+                                  ("COMPLETE", [40.0], True), ("COMPLETE", [7.0], True)]
+    assert by_tell.best_trial.number == 6
