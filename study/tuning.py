@@ -14,13 +14,10 @@ import numpy as np
 import optuna
 from optuna.distributions import (BaseDistribution, CategoricalDistribution, FloatDistribution,
                                   IntDistribution, distribution_to_json)
-from optuna.storages._rdb.models import (StudyModel, TrialModel, TrialParamModel,
-                                         TrialSystemAttributeModel, TrialUserAttributeModel,
-                                         TrialValueModel)
+from optuna.storages._rdb import models as optuna_models
 from optuna.trial import TrialState
 from scipy.stats import qmc
 from sqlalchemy import insert, select, update
-from sqlalchemy.orm import aliased
 from sqlalchemy.pool import QueuePool
 
 from db.engine import configure_sqlite, make_engine
@@ -124,6 +121,17 @@ def make_sampler(kind: str, seed: int) -> optuna.samplers.BaseSampler:
 REQUEUE_WAIT_SECONDS = 10.0
 
 
+# Optuna's own tables, as its RDB storage defines them (the schema is pinned by the
+# optuna<6 requirement): the worker's ask and tell write what RDBStorage writes, in fewer
+# statements and in its own transactions (pop_queued, tell).
+_STUDIES = optuna_models.StudyModel.__table__
+_TRIALS = optuna_models.TrialModel.__table__
+_PARAMS = optuna_models.TrialParamModel.__table__
+_VALUES = optuna_models.TrialValueModel.__table__
+_SYSTEM_ATTRS = optuna_models.TrialSystemAttributeModel.__table__
+_USER_ATTRS = optuna_models.TrialUserAttributeModel.__table__
+
+
 @dataclass(frozen=True)
 class Asked:
     """An Optuna trial the worker asked for, as far as the worker reads it: its id and
@@ -149,34 +157,33 @@ def pop_queued(storage: optuna.storages.RDBStorage, study_name: str,
     Study.ask reads every WAITING trial of the study with all its attributes to take the
     first (two thirds of an ask with 50 points queued), then makes one transaction per
     parameter and reads the trial back whole: ~20 statements and 5 transactions a trial.
-    Here the statements are Optuna's own models (its schema, pinned by the optuna<6
-    requirement): the same WAITING -> RUNNING update and start time as
+    Here the statements are on Optuna's own tables: the same WAITING -> RUNNING update and
+    start time as
     RDBStorage.set_trial_state_values, the parameter rows RDBStorage.set_trial_param
     writes. Workers popping the same study take distinct trials: on PostgreSQL the
     candidates are locked SKIP LOCKED, SQLite serialises writers (BEGIN IMMEDIATE), and
     the update re-checks WAITING."""
-    study_id = select(StudyModel.study_id).where(StudyModel.study_name == study_name).scalar_subquery()
-    waiting = aliased(TrialModel)  # not correlated with the updated table
-    first_waiting = (select(waiting.trial_id)
-                     .where(waiting.study_id == study_id, waiting.state == TrialState.WAITING)
-                     .order_by(waiting.number).limit(count).with_for_update(skip_locked=True))
+    study_id = select(_STUDIES.c.study_id).where(_STUDIES.c.study_name == study_name).scalar_subquery()
+    waiting = _TRIALS.alias()  # not correlated with the updated table
+    first_waiting = (select(waiting.c.trial_id)
+                     .where(waiting.c.study_id == study_id, waiting.c.state == TrialState.WAITING)
+                     .order_by(waiting.c.number).limit(count).with_for_update(skip_locked=True))
     with storage.engine.begin() as connection:
         popped = sorted(connection.execute(
-            update(TrialModel)
-            .where(TrialModel.trial_id.in_(first_waiting), TrialModel.state == TrialState.WAITING)
+            update(_TRIALS)
+            .where(_TRIALS.c.trial_id.in_(first_waiting), _TRIALS.c.state == TrialState.WAITING)
             .values(state=TrialState.RUNNING, datetime_start=datetime.now())
-            .returning(TrialModel.number, TrialModel.trial_id)).all())
+            .returning(_TRIALS.c.number, _TRIALS.c.trial_id)).all())
         if not popped:
             return []
         ids = [trial_id for _, trial_id in popped]
         fixed = {trial_id: json.loads(value) for trial_id, value in connection.execute(
-            select(TrialSystemAttributeModel.trial_id, TrialSystemAttributeModel.value_json)
-            .where(TrialSystemAttributeModel.trial_id.in_(ids),
-                   TrialSystemAttributeModel.key == "fixed_params"))}
+            select(_SYSTEM_ATTRS.c.trial_id, _SYSTEM_ATTRS.c.value_json)
+            .where(_SYSTEM_ATTRS.c.trial_id.in_(ids), _SYSTEM_ATTRS.c.key == "fixed_params"))}
         user_attrs: dict[int, dict] = {trial_id: {} for trial_id in ids}
         for trial_id, key, value in connection.execute(
-                select(TrialUserAttributeModel.trial_id, TrialUserAttributeModel.key,
-                       TrialUserAttributeModel.value_json).where(TrialUserAttributeModel.trial_id.in_(ids))):
+                select(_USER_ATTRS.c.trial_id, _USER_ATTRS.c.key, _USER_ATTRS.c.value_json)
+                .where(_USER_ATTRS.c.trial_id.in_(ids))):
             user_attrs[trial_id][key] = json.loads(value)
         asked, rows = [], []
         for number, trial_id in popped:
@@ -193,7 +200,7 @@ def pop_queued(storage: optuna.storages.RDBStorage, study_name: str,
                                  distribution_json=distribution_to_json(dist)))
             asked.append(Asked(trial_id, number, params, user_attrs[trial_id]))
         if rows:  # a cell with nothing to tune has no parameters
-            connection.execute(insert(TrialParamModel), rows)
+            connection.execute(insert(_PARAMS), rows)
     return asked
 
 
@@ -244,19 +251,18 @@ def tell(connection, trial: Asked, outcome: str, steps_to_result: int | None) ->
     """Tell the trial's outcome (`outcome_state`), written on `connection` (a SQLAlchemy
     Connection or Session on the study's database) in the caller's transaction, so that
     the worker finishes its trial row and tells Optuna in one commit. What Study.tell
-    stores: RDBStorage.set_trial_state_values's update and value row, written with
-    Optuna's models (as `pop_queued`). The rest of Study.tell is the sampler's
+    stores: RDBStorage.set_trial_state_values's update and value row, on Optuna's tables
+    (as `pop_queued`). The rest of Study.tell is the sampler's
     after_trial, which batchlab's samplers (RandomSampler, QMCSampler over it, TPESampler
     without constraints) do nothing in, and two full reads of the trial. A trial already
     finished (a retried tell whose first commit went through, or a reaper that settled
     it) is left as it is."""
     state, values = outcome_state(outcome, steps_to_result)
     told = connection.execute(
-        update(TrialModel.__table__)
-        .where(TrialModel.trial_id == trial.trial_id, TrialModel.state == TrialState.RUNNING)
+        update(_TRIALS).where(_TRIALS.c.trial_id == trial.trial_id, _TRIALS.c.state == TrialState.RUNNING)
         .values(state=state, datetime_complete=datetime.now())).rowcount
     if told and values:
-        connection.execute(insert(TrialValueModel.__table__), [
+        connection.execute(insert(_VALUES), [
             dict(trial_id=trial.trial_id, objective=objective, value=value,
-                 value_type=TrialValueModel.TrialValueType.FINITE)
+                 value_type=optuna_models.TrialValueModel.TrialValueType.FINITE)
             for objective, value in enumerate(values)])
