@@ -17,7 +17,7 @@ from optuna.distributions import (BaseDistribution, CategoricalDistribution, Flo
 from optuna.storages._rdb import models as optuna_models
 from optuna.trial import TrialState
 from scipy.stats import qmc
-from sqlalchemy import insert, select, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.pool import QueuePool
 
 from db.engine import configure_sqlite, make_engine
@@ -131,6 +131,23 @@ _VALUES = optuna_models.TrialValueModel.__table__
 _SYSTEM_ATTRS = optuna_models.TrialSystemAttributeModel.__table__
 _USER_ATTRS = optuna_models.TrialUserAttributeModel.__table__
 
+# pop_queued's statements, built once (parameters: study_name, count, datetime_start; ids).
+_WAITING = _TRIALS.alias()  # not correlated with the updated table
+_POP = (update(_TRIALS)
+        .where(_TRIALS.c.trial_id.in_(
+            select(_WAITING.c.trial_id)
+            .where(_WAITING.c.study_id == select(_STUDIES.c.study_id)
+                   .where(_STUDIES.c.study_name == bindparam("study_name")).scalar_subquery(),
+                   _WAITING.c.state == TrialState.WAITING)
+            .order_by(_WAITING.c.number).limit(bindparam("count")).with_for_update(skip_locked=True)),
+            _TRIALS.c.state == TrialState.WAITING)
+        .values(state=TrialState.RUNNING)
+        .returning(_TRIALS.c.number, _TRIALS.c.trial_id))
+_FIXED_PARAMS = select(_SYSTEM_ATTRS.c.trial_id, _SYSTEM_ATTRS.c.value_json).where(
+    _SYSTEM_ATTRS.c.trial_id.in_(bindparam("ids", expanding=True)), _SYSTEM_ATTRS.c.key == "fixed_params")
+_USER_ATTRIBUTES = select(_USER_ATTRS.c.trial_id, _USER_ATTRS.c.key, _USER_ATTRS.c.value_json).where(
+    _USER_ATTRS.c.trial_id.in_(bindparam("ids", expanding=True)))
+
 
 @dataclass(frozen=True)
 class Asked:
@@ -163,27 +180,15 @@ def pop_queued(storage: optuna.storages.RDBStorage, study_name: str,
     writes. Workers popping the same study take distinct trials: on PostgreSQL the
     candidates are locked SKIP LOCKED, SQLite serialises writers (BEGIN IMMEDIATE), and
     the update re-checks WAITING."""
-    study_id = select(_STUDIES.c.study_id).where(_STUDIES.c.study_name == study_name).scalar_subquery()
-    waiting = _TRIALS.alias()  # not correlated with the updated table
-    first_waiting = (select(waiting.c.trial_id)
-                     .where(waiting.c.study_id == study_id, waiting.c.state == TrialState.WAITING)
-                     .order_by(waiting.c.number).limit(count).with_for_update(skip_locked=True))
     with storage.engine.begin() as connection:
-        popped = sorted(connection.execute(
-            update(_TRIALS)
-            .where(_TRIALS.c.trial_id.in_(first_waiting), _TRIALS.c.state == TrialState.WAITING)
-            .values(state=TrialState.RUNNING, datetime_start=datetime.now())
-            .returning(_TRIALS.c.number, _TRIALS.c.trial_id)).all())
+        popped = sorted(connection.execute(_POP, dict(study_name=study_name, count=count,
+                                                      datetime_start=datetime.now())).all())
         if not popped:
             return []
         ids = [trial_id for _, trial_id in popped]
-        fixed = {trial_id: json.loads(value) for trial_id, value in connection.execute(
-            select(_SYSTEM_ATTRS.c.trial_id, _SYSTEM_ATTRS.c.value_json)
-            .where(_SYSTEM_ATTRS.c.trial_id.in_(ids), _SYSTEM_ATTRS.c.key == "fixed_params"))}
+        fixed = {trial_id: json.loads(value) for trial_id, value in connection.execute(_FIXED_PARAMS, {"ids": ids})}
         user_attrs: dict[int, dict] = {trial_id: {} for trial_id in ids}
-        for trial_id, key, value in connection.execute(
-                select(_USER_ATTRS.c.trial_id, _USER_ATTRS.c.key, _USER_ATTRS.c.value_json)
-                .where(_USER_ATTRS.c.trial_id.in_(ids))):
+        for trial_id, key, value in connection.execute(_USER_ATTRIBUTES, {"ids": ids}):
             user_attrs[trial_id][key] = json.loads(value)
         asked, rows = [], []
         for number, trial_id in popped:
