@@ -12,7 +12,8 @@ tells Optuna while the main thread trains. So each hooked operation counts where
   ask that must follow the last tell, the final drain), claiming in the main thread when
   nothing was prefetched, and queueing jobs (measurements, best-so-far cache reads,
   finishes);
-- on the storage thread it runs beside training and is listed separately.
+- on the storage thread it runs beside training and is listed separately, with the
+  thread's CPU time (`time.thread_time`: what it costs the cores, whatever the load).
 
 Around the trainer (`run_trial`, or `run_trials_vectorized` when K > 1) a second hook
 measures training + evaluation, net of the main-thread operations it calls from inside.
@@ -92,6 +93,7 @@ class Timings:
     critical_calls: dict = field(default_factory=lambda: defaultdict(int))
     background: dict = field(default_factory=lambda: defaultdict(float))
     background_calls: dict = field(default_factory=lambda: defaultdict(int))
+    background_cpu: dict = field(default_factory=lambda: defaultdict(float))  # thread CPU seconds
     trainer_gross: float = 0.0
     storage_in_trainer: float = 0.0
     depth: int = 0  # > 0 while the main thread is inside the trainer
@@ -123,7 +125,7 @@ def _storage_hook(timings: Timings, label: str, function):
         nesting = timings.nesting
         outermost = getattr(nesting, "depth", 0) == 0
         nesting.depth = getattr(nesting, "depth", 0) + 1
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.thread_time()
         try:
             return function(*args, **kwargs)
         finally:
@@ -140,6 +142,7 @@ def _storage_hook(timings: Timings, label: str, function):
                 else:
                     timings.background[label] += elapsed
                     timings.background_calls[label] += 1
+                    timings.background_cpu[label] += time.thread_time() - cpu_start
     return timed
 
 
@@ -353,11 +356,14 @@ def print_result(result: RunResult) -> None:
     print(f"\nstart-up (register, first claim + ask; once per worker): {1000 * t.startup_wall:.0f} ms, "
           f"{1000 * t.startup_storage:.0f} ms of it storage; without it the critical-path storage "
           f"share is **{result.steady_share:.1%}**")
-    print("\n| storage thread (beside training) | calls | ms per call | ms per trial |\n|---|---:|---:|---:|")
+    print("\n| storage thread (beside training) | calls | ms per call | ms per trial | CPU ms per trial |\n"
+          "|---|---:|---:|---:|---:|")
     for label in sorted(t.background, key=lambda label: -t.background[label]):
         seconds, calls = t.background[label], t.background_calls[label]
-        print(f"| {label} | {calls} | {1000 * seconds / calls:.2f} | {per(seconds):.2f} |")
-    print(f"| **all** | {sum(t.background_calls.values())} | | {per(t.background_seconds):.1f} |")
+        print(f"| {label} | {calls} | {1000 * seconds / calls:.2f} | {per(seconds):.2f} | "
+              f"{per(t.background_cpu[label]):.2f} |")
+    print(f"| **all** | {sum(t.background_calls.values())} | | {per(t.background_seconds):.1f} | "
+          f"{per(sum(t.background_cpu.values())):.1f} |")
     if result.busy_per_trial is not None:
         outside = result.wall / n - result.busy_per_trial
         print(f"\ncross-check from the rows: run() per trial - (train + eval of its last "
