@@ -24,6 +24,7 @@ import threading
 import time
 import traceback
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -235,9 +236,9 @@ class CampaignWorker:
         self.ranks = launched_ranks()  # under torchrun, this is rank 0: it leads the others
         # Quasi-random and random points are all enqueued at creation: asking for the next
         # one does not depend on the results not yet told, so it is prefetched. TPE's
-        # next point depends on its cell's results: it is prefetched only when none of
-        # this worker's trials of that cell is still training (the worker moves from cell
-        # to cell, so that is the rule), else asked once they are told.
+        # next point depends on its cell's results: it is prefetched only when every trial
+        # this worker trained in that cell is told (the worker moves from cell to cell, so
+        # that is the rule), else asked once they are.
         self.points_enqueued = self.spec.sampler != "tpe"
         self.best = CellBest(best_refresh_seconds)
         self.measurements = MeasurementBuffer(flush_seconds)
@@ -246,6 +247,7 @@ class CampaignWorker:
         self._live_lock = threading.Lock()  # the main and the storage thread both change it
         self._finishing: list = []  # futures of finish + tell jobs: True if the trial counts
         self._done = 0
+        self._untold: Counter = Counter()  # cell id -> this worker's trials trained, not yet told
         # The reaper runs before a claim, at most this often: a lost trial waits out its
         # grace period anyway, so reaping before every short trial only costs queries.
         self.reap_seconds = min(2.0, grace_seconds / 4)
@@ -343,6 +345,7 @@ class CampaignWorker:
         with self._live_lock:
             for row_id in rows:
                 self._live[row_id].training = True
+            self._untold[group.claims[0].cell_id] += len(rows)
         self.pipeline.submit("marking the trials started", self._mark_started, rows, utcnow())
 
     def _run_group(self, group: Group) -> None:
@@ -462,17 +465,17 @@ class CampaignWorker:
     # ----- storage jobs (the storage thread; `_claim_group` also the main thread) ------
     def _prepare(self, room: int) -> Group | None:
         """The next group, claimed (and asked, when the sampler allows) ahead of time;
-        None if no slot is free now (the main thread then waits for one itself). The
-        finishes queued before this job are told by now (jobs run in order)."""
+        None if no slot is free now (the main thread then waits for one itself)."""
         group = self._claim_group(room)
-        if group is not None and (self.points_enqueued or not self._training_in(group.claims[0].cell_id)):
+        if group is not None and (self.points_enqueued or not self._untold_in(group.claims[0].cell_id)):
             self._ask_group(group)
         return group
 
-    def _training_in(self, cell_id: int) -> bool:
-        """Whether a trial of this worker in the cell is training (its result not yet told)."""
+    def _untold_in(self, cell_id: int) -> bool:
+        """Whether a trial of this worker in the cell has trained and is not told yet (still
+        training, or its finish job queued after this one)."""
         with self._live_lock:
-            return any(live.training and live.claim.cell_id == cell_id for live in self._live.values())
+            return self._untold[cell_id] > 0
 
     def _claim_group(self, room: int) -> Group | None:
         if time.monotonic() - self._reaped_at >= self.reap_seconds:
@@ -541,7 +544,13 @@ class CampaignWorker:
     def _finish_and_tell(self, claim: Claim, trial: Asked, result: TrialResult, rows: list[dict]) -> bool:
         """Write the trial's last measurements and its outcome and tell Optuna, in one
         transaction; False (nothing told) if a reaper abandoned the row meanwhile."""
-        if not self._retry(lambda: self._finish_trial(claim.row_id, result, rows, trial), "finishing the trial"):
+        try:
+            finished = self._retry(lambda: self._finish_trial(claim.row_id, result, rows, trial),
+                                   "finishing the trial")
+        finally:
+            with self._live_lock:
+                self._untold[claim.cell_id] -= 1
+        if not finished:
             self.log(f"[worker {self.worker_id}] trial row {claim.row_id} was abandoned by a reaper "
                      f"while this worker was silent; its result is discarded and it is re-run")
             return False

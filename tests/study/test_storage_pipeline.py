@@ -238,10 +238,12 @@ def test_max_trials_counts_prefetched_slots(tmp_path):
         assert connection.execute(text("SELECT SUM(trials_claimed) FROM bl_cells")).scalar() == 3
 
 
-@pytest.mark.parametrize("batch_sizes", [(16,), (16, 32)])
-def test_tpe_asks_after_the_cells_previous_trials_are_told(tmp_path, batch_sizes):
+@pytest.mark.parametrize("batch_sizes,late_prepare", [((16,), False), ((16,), True), ((16, 32), False)])
+def test_tpe_asks_after_the_cells_previous_trials_are_told(tmp_path, batch_sizes, late_prepare):
     """TPE's next point depends on its cell's results told so far: it is prefetched while
-    a trial of another cell trains, and asked after the tells while one of its own does."""
+    a trial of another cell trains, and asked after the tells while one of its own does,
+    also when that trial has finished but is not told yet (`late_prepare`: the prepare job
+    runs after the trial ended, before its finish job)."""
     text_ = spec_text("tpe", batch_sizes=batch_sizes, trials_per_cell=3, max_steps=20, eval_every=10)
     text_ = text_.replace("[target]", '[sampler]\nkind = "tpe"\n\n[target]')
     url, engine = campaign(tmp_path, text_, "tpe")
@@ -258,6 +260,8 @@ def test_tpe_asks_after_the_cells_previous_trials_are_told(tmp_path, batch_sizes
         return ask_group(group)
 
     def prepared(room):
+        if late_prepare:
+            time.sleep(0.5)  # the trial training meanwhile ends and queues its finish
         ahead.on = True
         try:
             return prepare(room)
