@@ -515,15 +515,11 @@ class CampaignWorker:
         was enqueued at creation (and is popped without loading the study). TPE cells:
         only re-runs of lost trials are; TPE samples the others."""
         dists = distributions(space)
-        if self.points_enqueued:
-            asked = pop_queued(self.storage, claim.study_name, dists, count)
-            if len(asked) == count:
-                return asked
-        else:
-            asked = []
-        study = self._study(claim.study_name)
-        return asked + ask_queued(study, self.storage, dists, lambda: rerun_pending(self.engine, claim.cell_id),
-                                  count - len(asked))
+        asked = pop_queued(self.storage, claim.study_name, dists, count) if self.points_enqueued else []
+        if len(asked) == count:
+            return asked
+        return asked + ask_queued(self._study(claim.study_name), self.storage, dists,
+                                  lambda: rerun_pending(self.engine, claim.cell_id), count - len(asked))
 
     def _study(self, name: str) -> optuna.Study:
         study = self._studies.get(name)
