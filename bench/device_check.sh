@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Issue 9's GPU checks as one script for a session that is lent a device (15 minutes of
 # device time in all, a machine start included, 10 minutes per command): the GPU trainer
-# tests with compilation, trial throughput of the MNIST MLP and simple CNN on CUDA, and the
-# Shallue MNIST study estimate. Each step has its own time limit and writes $OUT/<step>.txt,
-# so a step that runs long costs only itself. The device's image has torch, torchvision,
+# tests with compilation, the convnet stacking micro-benchmark, trial throughput of the
+# MNIST MLP and simple CNN on CUDA, and the Shallue MNIST study estimate. Each step has its
+# own time limit, cut to what is left of the whole script's BUDGET seconds (default 560;
+# a step with under 20 s left is skipped), and writes $OUT/<step>.txt, so a step that runs
+# long costs only itself. The device's image has torch, torchvision,
 # pytest, scikit-learn and PyYAML but not optuna or sqlalchemy, and no registry access:
 # bring those as wheels (device-wheels.sh names every dependency they need there).
 #
@@ -12,8 +14,8 @@
 #   mkdir -p .devdata/datasets && cp -r ../shared/datasets/mnist-t10k .devdata/datasets/
 #   grep -qx '/.devdata/' .git/info/exclude || echo '/.devdata/' >> .git/info/exclude
 # Run with the device tool:  command "bash bench/device_check.sh", carry [".whl", ".devdata"],
-# timeout_s 540 (the last run took 346 s with a 40 s B = 1024 step). Read the results from
-# the files it brings back. A dry run of the wiring here, on the CPU with small sizes:
+# timeout_s 600 (BUDGET 560 leaves the pip install and the last step's kill margin). Read
+# the results from the files it brings back. A dry run of the wiring here, on the CPU with small sizes:
 #   DEVICE=cpu SMALL=1 bash bench/device_check.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/batchlab-device-check}
@@ -29,10 +31,14 @@ export PYTHONUNBUFFERED=1
 export BATCHLAB_SHARED=$PWD/.devdata  # tests/shared_data.py: datasets/mnist-t10k under it
 DATA=.devdata/datasets/mnist-t10k
 
+DEADLINE=${BUDGET:-560}  # seconds from the script's start (bash's SECONDS)
+
 step() {  # step NAME SECONDS COMMAND...: run it under a limit, keep its output, show its tail
-  local name=$1 limit=$2
+  local name=$1 limit=$2 left=$((DEADLINE - SECONDS))
   shift 2
-  echo "== $name (limit ${limit}s)"
+  if [ "$left" -lt 20 ]; then echo "== $name skipped: ${left}s left"; return; fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  echo "== $name (limit ${limit}s, at ${SECONDS}s)"
   # SIGINT first: pytest then still prints its failures, a bench its traceback.
   timeout -s INT -k 10 "$limit" "$@" >"$OUT/$name.txt" 2>&1
   echo "rc=$?" >>"$OUT/$name.txt"
@@ -41,15 +47,20 @@ step() {  # step NAME SECONDS COMMAND...: run it under a limit, keep its output,
 
 if [ -n "${SMALL:-}" ]; then  # the dry run: every command, tiny
   TP=(--batch-sizes 16 --ks 4 --steps 5 --repeats 1 --sequential-trials 1)
+  TP_512=("${TP[@]}")
   TP_LARGE=("${TP[@]}")
+  CS=(--cells 16:2 --iters 1 --repeats 1 --compile-cells 16:2)
   SE=(--batch-sizes 16,32,64 --measure-batch-sizes 16,64 --trials 2 --train-size 512 --val-size 256)
-  TESTS=(tests/trainers/test_cuda_graphs.py)
+  TESTS=(tests/trainers/test_cuda_graphs.py tests/trainers/test_conv_matmul.py)
 else
   TP=(--batch-sizes 16,128 --ks 8,32 --steps 200 --repeats 2 --sequential-trials 2)
-  TP_LARGE=(--batch-sizes 1024 --ks 8,32 --steps 100 --repeats 1 --sequential-trials 2)
+  TP_512=(--batch-sizes 512 --ks 8 --steps 100 --repeats 1 --sequential-trials 1)
+  TP_LARGE=(--batch-sizes 1024 --ks 8,32 --steps 100 --repeats 1 --sequential-trials 2 --no-conv-rows)
+  CS=(--cells 16:8,16:32,128:8,128:32,256:32,512:16 --iters 10 --repeats 2 --compile-cells 16:8)
   SE=(--measure-batch-sizes 16,256,4096,16384)
-  TESTS=(tests/trainers/test_cuda_graphs.py tests/trainers/test_vectorized.py
-         tests/trainers/test_vectorized_conv.py tests/trainers/test_vectorized_bn.py)
+  # The GPU tests of what changed since the last device run (test_vectorized.py and
+  # test_vectorized_bn.py hold the rest: add them when the trainer's core changes).
+  TESTS=(tests/trainers/test_cuda_graphs.py tests/trainers/test_conv_matmul.py tests/trainers/test_vectorized_conv.py)
 fi
 
 step env 20 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; $PY -c '
@@ -58,10 +69,16 @@ print(torch.__version__, torchvision.__version__, optuna.__version__, sqlalchemy
 print(torch.cuda.is_available() and torch.cuda.get_device_name())'"
 # Correctness first: a fast number from a broken compiled path means nothing. No -x: one
 # call should report every failure.
-step gpu_tests 150 env BATCHLAB_COMPILE_TESTS=1 $PY -m pytest -q -rfE -p no:cacheprovider "${TESTS[@]}"
-step throughput 200 $PY -m bench.trial_throughput --device "$DEVICE" --data-dir "$DATA" \
+step gpu_tests 90 env BATCHLAB_COMPILE_TESTS=1 $PY -m pytest -q -rfE -p no:cacheprovider "${TESTS[@]}"
+step throughput 240 $PY -m bench.trial_throughput --device "$DEVICE" --data-dir "$DATA" \
   --workloads mnist10k_mlp,mnist10k_simple_cnn --no-vmap-rows "${TP[@]}"
-step shallue_estimate 110 $PY -m bench.shallue_estimate --device "$DEVICE" --steps 20 --repeats 1 \
+# The simple CNN's stacked convolutions: grouped, as matmuls (two gathers), in a loop;
+# without cudnn.benchmark, as batchlab's trainers run them.
+step conv_stacking 80 $PY -m bench.conv_stacking --device "$DEVICE" --no-cudnn-benchmark "${CS[@]}"
+# The largest batch CUDA graphs replay (_GRAPH_MAX_BATCH), with and without them.
+step throughput_512 80 $PY -m bench.trial_throughput --device "$DEVICE" --data-dir "$DATA" \
+  --workloads mnist10k_mlp,mnist10k_simple_cnn --no-vmap-rows "${TP_512[@]}"
+step shallue_estimate 90 $PY -m bench.shallue_estimate --device "$DEVICE" --steps 20 --repeats 1 \
   --data-dir /nonexistent "${SE[@]}"
 # Last: the issue's table also has B = 1024 (beyond the B <= 128 target), if time is left.
 step throughput_1024 110 $PY -m bench.trial_throughput --device "$DEVICE" --data-dir "$DATA" \
