@@ -2,22 +2,18 @@
 
 `torch.func.vmap` turns a convolution whose input and weight both carry a trial dimension
 into one grouped convolution (groups = K, channels K x C). This measures the cost per
-trial-step of MNIST's simple CNN (forward + backward, bf16 autocast on CUDA) six ways at
+trial-step of MNIST's simple CNN (forward + backward, bf16 autocast on CUDA) four ways at
 each (batch size, K):
 
 - single: one model, plain autograd (the per-trial floor of any stacking);
 - single, channels_last: the same in channels_last memory format;
 - vmap: K stacked trials as batchlab's vectorized step computes them, eager
   (`vmap(grad_and_value(functional_call))`);
-- vmap, convs as matmuls: the same with `trainers.conv_matmul`'s convolutions (one batched
-  matrix product per convolution instead of a grouped convolution), the taps gathered
-  by strided slices (the default) or by `F.unfold` ("unfold");
 - loop: K models in a Python loop, losses summed, one backward.
 
     python -m bench.conv_stacking --device cuda
     python -m bench.conv_stacking --device cuda --profile 4096:9   # + top kernels
     python -m bench.conv_stacking --device cuda --compile-cells 4096:9  # + torch.compile
-    python -m bench.conv_stacking --device cuda --no-cudnn-benchmark  # cuDNN's heuristics only
 
 Prints ms per trial-step per method (best of --repeats timings of --iters steps).
 """
@@ -32,7 +28,6 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad_and_value, stack_module_state, vmap
 
-from trainers.conv_matmul import with_matmul_convs
 from trainers.models.convnets import SimpleCNN
 
 
@@ -59,12 +54,10 @@ def methods(batch: int, k: int, device: torch.device, dtype):
     params, buffers = stack_module_state(models)
     skeleton = SimpleCNN().to("meta")
 
-    def vmapped(network):
-        def loss_fn(p, b, inputs, labels):
-            with autocast():
-                return F.cross_entropy(functional_call(network, (p, b), (inputs,)), labels)
-        step = vmap(grad_and_value(loss_fn))
-        return lambda: step(params, buffers, x, y)
+    def loss_fn(p, b, inputs, labels):
+        with autocast():
+            return F.cross_entropy(functional_call(skeleton, (p, b), (inputs,)), labels)
+    stacked = vmap(grad_and_value(loss_fn))
 
     def loop():
         with autocast():
@@ -74,9 +67,7 @@ def methods(batch: int, k: int, device: torch.device, dtype):
     channels_last = SimpleCNN().to(device).to(memory_format=torch.channels_last)
     return {"single": (single(models[0], x[0]), 1),
             "single, channels_last": (single(channels_last, x[0].contiguous(memory_format=torch.channels_last)), 1),
-            f"vmap K={k}": (vmapped(skeleton), k),
-            f"vmap K={k}, convs as matmuls": (vmapped(with_matmul_convs(skeleton)), k),
-            f"vmap K={k}, convs as matmuls, unfold": (vmapped(with_matmul_convs(skeleton, "unfold")), k),
+            f"vmap K={k}": (lambda: stacked(params, buffers, x, y), k),
             f"loop K={k}": (loop, k)}
 
 
@@ -119,18 +110,16 @@ def main(argv=None) -> None:
     parser.add_argument("--compile-cells", type=pairs, default=[],
                         help="BATCH:K cells to time vmap and loop compiled too (torch.compile)")
     parser.add_argument("--profile", type=pairs, default=[], help="BATCH:K cells to profile (vmap)")
-    parser.add_argument("--no-cudnn-benchmark", dest="cudnn_benchmark", action="store_false",
-                        help="on CUDA, leave cudnn.benchmark off (batchlab's trainers do not set it)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else None
-    benchmark = device.type == "cuda" and args.cudnn_benchmark
-    torch.backends.cudnn.benchmark = benchmark
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
     print(f"device: {device} ({name})")
     print(f"torch {torch.__version__}, python {platform.python_version()}, "
           f"{datetime.datetime.now().isoformat(timespec='seconds')}; "
-          f"{'bf16 autocast' if dtype else 'fp32'}{', cudnn.benchmark' if benchmark else ''}, eager\n")
+          f"{'bf16 autocast, cudnn.benchmark' if dtype else 'fp32'}, eager\n")
     print("| batch | K | method | ms per trial-step | vs vmap |\n|---:|---:|---|---:|---:|")
     for batch, k in args.cells:
         found = methods(batch, k, device, dtype)
@@ -142,8 +131,7 @@ def main(argv=None) -> None:
         del found
     for batch, k in args.compile_cells:
         found = methods(batch, k, device, dtype)
-        for name in (f"vmap K={k}", f"vmap K={k}, convs as matmuls", f"vmap K={k}, convs as matmuls, unfold",
-                     f"loop K={k}"):
+        for name in (f"vmap K={k}", f"loop K={k}"):
             step = torch.compile(found[name][0])
             start = time.perf_counter()
             step()
@@ -154,8 +142,6 @@ def main(argv=None) -> None:
     for batch, k in args.profile:
         print(f"\nprofile: vmap, batch {batch}, K {k}")
         profile(methods(batch, k, device, dtype)[f"vmap K={k}"][0], device)
-        print(f"\nprofile: vmap, convs as matmuls, batch {batch}, K {k}")
-        profile(methods(batch, k, device, dtype)[f"vmap K={k}, convs as matmuls"][0], device)
         print(f"\nprofile: loop, batch {batch}, K {k}")
         profile(methods(batch, k, device, dtype)[f"loop K={k}"][0], device)
 

@@ -1,21 +1,21 @@
 #!/usr/bin/env bash
 # Issue 9's GPU checks as one script for a session that is lent a device (15 minutes of
 # device time in all, a machine start included, 10 minutes per command): the GPU trainer
-# tests with compilation, the convnet stacking micro-benchmark, trial throughput of the
-# MNIST MLP and simple CNN on CUDA, and the Shallue MNIST study estimate. Each step has its
-# own time limit, cut to what is left of the whole script's BUDGET seconds (default 560;
-# a step with under 20 s left is skipped), and writes $OUT/<step>.txt, so a step that runs
-# long costs only itself. The device's image has torch, torchvision,
-# pytest, scikit-learn and PyYAML but not optuna or sqlalchemy, and no registry access:
-# bring those as wheels (device-wheels.sh names every dependency they need there).
+# tests with compilation, trial throughput of the MNIST MLP and simple CNN on CUDA, and the
+# Shallue MNIST study estimate. Each step has its own time limit, cut to what is left of
+# the script's BUDGET seconds (default 560; a step with under 20 s left is skipped), and
+# writes $OUT/<step>.txt, so a step that runs long costs only itself. The device's image
+# has torch, torchvision, pytest, scikit-learn and PyYAML but not optuna or sqlalchemy, and
+# no registry access: bring those as wheels (device-wheels.sh names every dependency they
+# need there).
 #
 # Prepare, from the repository root on the development machine:
 #   ../shared/tools/device-wheels.sh
 #   mkdir -p .devdata/datasets && cp -r ../shared/datasets/mnist-t10k .devdata/datasets/
 #   grep -qx '/.devdata/' .git/info/exclude || echo '/.devdata/' >> .git/info/exclude
 # Run with the device tool:  command "bash bench/device_check.sh", carry [".whl", ".devdata"],
-# timeout_s 600 (BUDGET 560 leaves the pip install and the last step's kill margin). Read
-# the results from the files it brings back. A dry run of the wiring here, on the CPU with small sizes:
+# timeout_s 600 (BUDGET 560 leaves the last step's kill margin). Read the results from the
+# files it brings back. A dry run of the wiring here, on the CPU with small sizes:
 #   DEVICE=cpu SMALL=1 bash bench/device_check.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/batchlab-device-check}
@@ -49,18 +49,15 @@ if [ -n "${SMALL:-}" ]; then  # the dry run: every command, tiny
   TP=(--batch-sizes 16 --ks 4 --steps 5 --repeats 1 --sequential-trials 1)
   TP_512=("${TP[@]}")
   TP_LARGE=("${TP[@]}")
-  CS=(--cells 16:2 --iters 1 --repeats 1 --compile-cells 16:2)
   SE=(--batch-sizes 16,32,64 --measure-batch-sizes 16,64 --trials 2 --train-size 512 --val-size 256)
-  TESTS=(tests/trainers/test_cuda_graphs.py tests/trainers/test_conv_matmul.py)
+  TESTS=(tests/trainers/test_cuda_graphs.py)
 else
   TP=(--batch-sizes 16,128 --ks 8,32 --steps 200 --repeats 2 --sequential-trials 2)
   TP_512=(--batch-sizes 512 --ks 8 --steps 100 --repeats 1 --sequential-trials 1)
-  TP_LARGE=(--batch-sizes 1024 --ks 8,32 --steps 100 --repeats 1 --sequential-trials 2 --no-conv-rows)
-  CS=(--cells 16:8,16:32,128:8,128:32,256:32,512:16 --iters 10 --repeats 2 --compile-cells 16:8)
+  TP_LARGE=(--batch-sizes 1024 --ks 8,32 --steps 100 --repeats 1 --sequential-trials 2)
   SE=(--measure-batch-sizes 16,256,4096,16384)
-  # The GPU tests of what changed since the last device run (test_vectorized.py and
-  # test_vectorized_bn.py hold the rest: add them when the trainer's core changes).
-  TESTS=(tests/trainers/test_cuda_graphs.py tests/trainers/test_conv_matmul.py tests/trainers/test_vectorized_conv.py)
+  TESTS=(tests/trainers/test_cuda_graphs.py tests/trainers/test_vectorized.py
+         tests/trainers/test_vectorized_conv.py tests/trainers/test_vectorized_bn.py)
 fi
 
 step env 20 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; $PY -c '
@@ -69,17 +66,14 @@ print(torch.__version__, torchvision.__version__, optuna.__version__, sqlalchemy
 print(torch.cuda.is_available() and torch.cuda.get_device_name())'"
 # Correctness first: a fast number from a broken compiled path means nothing. No -x: one
 # call should report every failure.
-step gpu_tests 90 env BATCHLAB_COMPILE_TESTS=1 $PY -m pytest -q -rfE -p no:cacheprovider "${TESTS[@]}"
-step throughput 240 $PY -m bench.trial_throughput --device "$DEVICE" --data-dir "$DATA" \
+step gpu_tests 130 env BATCHLAB_COMPILE_TESTS=1 $PY -m pytest -q -rfE -p no:cacheprovider "${TESTS[@]}"
+step throughput 260 $PY -m bench.trial_throughput --device "$DEVICE" --data-dir "$DATA" \
   --workloads mnist10k_mlp,mnist10k_simple_cnn --no-vmap-rows "${TP[@]}"
-# The simple CNN's stacked convolutions: grouped, as matmuls (two gathers), in a loop;
-# without cudnn.benchmark, as batchlab's trainers run them.
-step conv_stacking 80 $PY -m bench.conv_stacking --device "$DEVICE" --no-cudnn-benchmark "${CS[@]}"
+step shallue_estimate 90 $PY -m bench.shallue_estimate --device "$DEVICE" --steps 20 --repeats 1 \
+  --data-dir /nonexistent "${SE[@]}"
 # The largest batch CUDA graphs replay (_GRAPH_MAX_BATCH), with and without them.
 step throughput_512 80 $PY -m bench.trial_throughput --device "$DEVICE" --data-dir "$DATA" \
   --workloads mnist10k_mlp,mnist10k_simple_cnn --no-vmap-rows "${TP_512[@]}"
-step shallue_estimate 90 $PY -m bench.shallue_estimate --device "$DEVICE" --steps 20 --repeats 1 \
-  --data-dir /nonexistent "${SE[@]}"
 # Last: the issue's table also has B = 1024 (beyond the B <= 128 target), if time is left.
 step throughput_1024 110 $PY -m bench.trial_throughput --device "$DEVICE" --data-dir "$DATA" \
   --workloads mnist10k_mlp,mnist10k_simple_cnn --no-vmap-rows "${TP_LARGE[@]}"

@@ -20,11 +20,10 @@ Every ratio is printed against both.
 
 Rows "vectorized K" use the default path (trainers.stacked's fast path for these MLPs
 when the step is not compiled, i.e. on CPU; on CUDA the compiled step, replayed from CUDA
-graphs up to B = 512, a convnet's convolutions as matrix products up to B = 256);
-"(vmap path)" rows force the torch.func path (`stacked=False`) for comparison. On CUDA,
-"(no CUDA graphs)" rows run the compiled step without graphs (`--no-graph-rows` skips
-them). For convnets, "(grouped convs)" or "(convs as matmuls)" rows run the vmapped step
-with the convolution the default does not use at that batch size (`--no-conv-rows`).
+graphs up to B = 512); "(vmap path)" rows force the torch.func path (`stacked=False`) for
+comparison. On CUDA, "(no CUDA graphs)" rows run the compiled step without graphs and
+"(eager + CUDA graphs)" rows replay the uncompiled step from graphs (`--no-graph-rows`
+skips both).
 
 Prints the device, torch version and date, then trials/second per method and its ratio
 against the baseline measured in the same run (best of --repeats).
@@ -46,9 +45,8 @@ from torchvision import transforms
 
 from trainers.config import Target, TrialConfig
 from trainers.loop import DataCache, build_model, resolve_device, run_trial
-from trainers.conv_matmul import has_convertible_convs
-from trainers.vectorized import conv_matmul_default, run_trials_vectorized
-from trainers.workloads import DataOptions, ModelOptions, get_workload
+from trainers.vectorized import run_trials_vectorized
+from trainers.workloads import DataOptions, get_workload
 
 HPARAMS = {"learning_rate": 0.02, "momentum": 0.9}
 
@@ -141,26 +139,20 @@ def warm_up(workload: str, batch_size: int, args, cache: DataCache, step_cache: 
     run_trial(few[0], data_cache=cache)
     timed_configs = trial_configs(workload, batch_size, args.steps, max(args.ks), args.device, args.data_dir)
     for k in args.ks:
-        for _, options in vectorized_variants(args, workload, batch_size):
+        for _, options in vectorized_variants(args):
             run_trials_vectorized(timed_configs[:k], data_cache=cache, chunk_size=k,
                                   step_cache=step_cache, **options)
 
 
-def vectorized_variants(args, workload: str, batch_size: int) -> list[tuple[str, dict]]:
+def vectorized_variants(args) -> list[tuple[str, dict]]:
     """(row suffix, run_trials_vectorized options) of the vectorized rows."""
     default = {"compile": args.compile}
     variants = [("", default)]
-    device = resolve_device(args.device)
     if args.vmap_rows:
         variants.append((" (vmap path)", {**default, "stacked": False}))
-    if args.graph_rows and device.type == "cuda":
-        variants.append((" (no CUDA graphs)", {**default, "cuda_graphs": False}))
-    with torch.device("meta"):
-        convnet = has_convertible_convs(get_workload(workload).build_model(ModelOptions()))
-    if args.conv_rows and convnet:
-        matmul = not conv_matmul_default(device, batch_size)
-        variants.append((" (convs as matmuls)" if matmul else " (grouped convs)",
-                         {**default, "stacked": False, "conv_matmul": matmul}))
+    if args.graph_rows and resolve_device(args.device).type == "cuda":
+        variants += [(" (no CUDA graphs)", {**default, "cuda_graphs": False}),
+                     (" (eager + CUDA graphs)", {"compile": False, "cuda_graphs": True})]
     return variants
 
 
@@ -183,7 +175,7 @@ def bench_cell(workload: str, batch_size: int, args, cache: DataCache,
              len(few) / timed(lambda: [run_trial(c, data_cache=cache) for c in few], device, args.repeats))]
     for k in args.ks:
         group = configs[:k]
-        for suffix, options in vectorized_variants(args, workload, batch_size):
+        for suffix, options in vectorized_variants(args):
             run = lambda: run_trials_vectorized(group, data_cache=cache, chunk_size=k,
                                                 step_cache=step_cache, **options)
             rows.append((f"batchlab vectorized K={k}{suffix}", k / timed(run, device, args.repeats)))
@@ -211,9 +203,7 @@ def parse_args(argv=None):
                         help="skip the torch.func (vmap) path rows; the default vectorized rows "
                              "use the stacked-MLP fast path where it applies (CPU, not compiled)")
     parser.add_argument("--no-graph-rows", dest="graph_rows", action="store_false",
-                        help="on CUDA, skip the rows without CUDA graphs")
-    parser.add_argument("--no-conv-rows", dest="conv_rows", action="store_false",
-                        help="for convnets, skip the rows with the convolution the default does not use")
+                        help="on CUDA, skip the rows without CUDA graphs and with the eager step in graphs")
     return parser.parse_args(argv)
 
 

@@ -78,7 +78,6 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, stack_module_state, vmap
 
 from trainers.config import Measurement, TrialConfig, TrialResult
-from trainers.conv_matmul import convertible, has_convertible_convs, with_matmul_convs
 from trainers.cuda_graphs import GraphedStep
 from trainers.loop import (DataCache, StopState, _memory_format, build_model, decide,
                            measurement_extras, resolve_device, run_trial)
@@ -114,8 +113,7 @@ def run_trials_vectorized(configs: Sequence[TrialConfig], *, data_cache: DataCac
                           on_result: IndexedResultSink | None = None,
                           step_cache: dict | None = None,
                           stacked: bool = True,
-                          cuda_graphs: bool | None = None,
-                          conv_matmul: bool | None = None) -> list[TrialResult]:
+                          cuda_graphs: bool | None = None) -> list[TrialResult]:
     """Train every config and return their results in the order given.
 
     Configs that share the cell fields (`_SHARED_FIELDS`) are trained together in groups
@@ -129,10 +127,7 @@ def run_trials_vectorized(configs: Sequence[TrialConfig], *, data_cache: DataCac
     `stacked` (default) trains plain MLPs with the vmap-free fast path of
     `trainers.stacked` when the step is neither compiled nor autocast (CPU by default);
     False forces the torch.func path everywhere. `cuda_graphs` (default: on CUDA; True
-    elsewhere is an error) replays small vmapped steps from CUDA graphs. `conv_matmul`
-    (default: on CUDA up to `_CONV_MATMUL_MAX_BATCH`) computes a convnet's vmapped training
-    convolutions as batched matrix products (`trainers.conv_matmul`) instead of grouped
-    convolutions; same results within floating-point tolerance.
+    elsewhere is an error) replays small vmapped steps from CUDA graphs.
     """
     cache = data_cache or DataCache()
     steps = {} if step_cache is None else step_cache
@@ -145,25 +140,23 @@ def run_trials_vectorized(configs: Sequence[TrialConfig], *, data_cache: DataCac
                 results[i] = _run_sequential(configs[i], i, cache, sinks)
             continue
         device = resolve_device(group[0].device)
-        size = chunk_size or _group_k(group[0], cache, device, conv_matmul)
+        size = chunk_size or _group_k(group[0], cache, device)
         for start in range(0, len(indices), size):
             chunk = indices[start:start + size]
-            options = _StepOptions.resolve(device, compile, precision, stacked, cuda_graphs,
-                                           conv_matmul, group[0].batch_size)
+            options = _StepOptions.resolve(device, compile, precision, stacked, cuda_graphs)
             for i, result in zip(chunk, _run_group([configs[i] for i in chunk], chunk, cache,
                                                    sinks, options, steps)):
                 results[i] = result
     return results  # type: ignore[return-value]
 
 
-def _group_k(config: TrialConfig, cache: DataCache, device: torch.device,
-             conv_matmul: bool | None = None) -> int:
+def _group_k(config: TrialConfig, cache: DataCache, device: torch.device) -> int:
     """`choose_k` for a group, with the input shape of the data it will train on (the
     model alone does not fix a convnet's: MNIST's simple CNN sees 28 x 28 images)."""
     workload = get_workload(config.workload)
     splits = cache.get(workload, DataOptions.of(config), device)
     return choose_k(workload, config.batch_size, device, input_shape=tuple(splits.train_x.shape[1:]),
-                    eval_batch_size=config.eval_batch_size, conv_matmul=conv_matmul)
+                    eval_batch_size=config.eval_batch_size)
 
 
 def is_vectorizable(config: TrialConfig) -> bool:
@@ -179,19 +172,16 @@ def is_vectorizable(config: TrialConfig) -> bool:
 
 def choose_k(workload: str | Workload, batch_size: int, device: str | torch.device,
              max_k: int = 32, *, input_shape: Sequence[int] | None = None,
-             eval_batch_size: int = 4096, conv_matmul: bool | None = None) -> int:
+             eval_batch_size: int = 4096) -> int:
     """How many trials to stack: memory per trial (parameters, gradients, two optimizer
     states, saved activations of a training batch, activations of an evaluation chunk)
     against a budget: half the free memory on CUDA, 1 GiB on CPU (where K is also capped
     at 16: two cores gain little from wider stacks). Never below 1 or above `max_k`;
-    non-increasing in `batch_size` for a given `conv_matmul` (None: the default at this
-    batch size, which counts convolutions' gathered taps where they are used)."""
+    non-increasing in `batch_size`."""
     workload = get_workload(workload) if isinstance(workload, str) else workload
     device = torch.device(device)
-    if conv_matmul is None:
-        conv_matmul = conv_matmul_default(device, batch_size)
     per_trial = trial_memory_bytes(workload, batch_size, input_shape=input_shape,
-                                   eval_batch_size=eval_batch_size, conv_matmul=conv_matmul)
+                                   eval_batch_size=eval_batch_size)
     if device.type == "cuda":
         free_bytes, _ = torch.cuda.mem_get_info(device)
         budget, cap = int(free_bytes * _CUDA_MEMORY_FRACTION), max_k
@@ -202,17 +192,16 @@ def choose_k(workload: str | Workload, batch_size: int, device: str | torch.devi
 
 def trial_memory_bytes(workload: Workload, batch_size: int, *,
                        input_shape: Sequence[int] | None = None,
-                       eval_batch_size: int = 4096, conv_matmul: bool = False) -> int:
+                       eval_batch_size: int = 4096) -> int:
     """Estimated fp32 bytes one stacked trial needs, from a forward pass on the meta
     device (no memory is allocated): 5 x parameters (weights, gradients, two optimizer
-    states, an update temporary) + 3 x training activations (saved, gradient, temporary;
-    with `conv_matmul`, the convolutions' gathered taps too) + 1 x the activations of one
-    evaluation chunk."""
+    states, an update temporary) + 3 x training activations (saved, gradient, temporary)
+    + 1 x the activations of one evaluation chunk."""
     with torch.device("meta"):
         model = workload.build_model(ModelOptions())
     shape = tuple(input_shape) if input_shape is not None else _guess_input_shape(model)
     param_count = sum(p.numel() for p in model.parameters())
-    train_activations = _activation_count(model, (batch_size, *shape), taps=conv_matmul)
+    train_activations = _activation_count(model, (batch_size, *shape))
     eval_activations = _activation_count(model, (eval_batch_size, *shape))
     return 4 * (5 * param_count + 3 * train_activations + eval_activations)
 
@@ -300,17 +289,13 @@ def _guess_input_shape(model: nn.Module) -> tuple[int, ...]:
     raise ValueError("cannot infer the input shape of this model; pass input_shape")
 
 
-def _activation_count(model: nn.Module, shape: tuple[int, ...], taps: bool = False) -> int:
-    """Elements of every leaf module's output for one forward pass on the meta device,
-    and with `taps` the taps `trainers.conv_matmul` gathers for each convolution it
-    computes (its input times the kernel's size)."""
+def _activation_count(model: nn.Module, shape: tuple[int, ...]) -> int:
+    """Elements of every leaf module's output for one forward pass on the meta device."""
     total = [0]
 
     def count(module, inputs, output):
         if isinstance(output, torch.Tensor):
             total[0] += output.numel()
-        if taps and convertible(module):
-            total[0] += inputs[0].numel() * math.prod(module.kernel_size)
     leaves = [m for m in model.modules() if not list(m.children())]
     hooks = [m.register_forward_hook(count) for m in leaves]
     try:
@@ -330,12 +315,10 @@ class _StepOptions:
     autocast_dtype: torch.dtype | None
     stacked: bool = False  # use trainers.stacked where it covers the model
     graphs: bool = False  # replay small vmapped steps from CUDA graphs
-    conv_matmul: bool = False  # vmapped training convolutions as matrix products
 
     @staticmethod
     def resolve(device: torch.device, compile: bool | None, precision: Precision,
-                stacked: bool = False, cuda_graphs: bool | None = None,
-                conv_matmul: bool | None = None, batch_size: int = 1) -> "_StepOptions":
+                stacked: bool = False, cuda_graphs: bool | None = None) -> "_StepOptions":
         on_cuda = device.type == "cuda"
         if precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
@@ -343,16 +326,14 @@ class _StepOptions:
             raise ValueError(f"cuda_graphs=True needs a CUDA device; the trials run on {device}")
         bf16 = precision == "bf16" or (precision == "auto" and on_cuda)
         compiled = on_cuda if compile is None else compile
-        if conv_matmul is None:
-            conv_matmul = conv_matmul_default(device, batch_size)
         return _StepOptions(compiled, torch.bfloat16 if bf16 else None,
                             stacked and not compiled and not bf16,
-                            on_cuda if cuda_graphs is None else cuda_graphs, conv_matmul)
+                            on_cuda if cuda_graphs is None else cuda_graphs)
 
     @property
     def step_key(self) -> tuple:
         """What the built step depends on (graphs replay the same step)."""
-        return self.compile, self.autocast_dtype, self.stacked, self.conv_matmul
+        return self.compile, self.autocast_dtype, self.stacked
 
 
 @dataclass
@@ -418,8 +399,6 @@ def _run_group(configs: list[TrialConfig], indices: list[int], cache: DataCache,
     device = resolve_device(first.device)
     splits = cache.get(workload, DataOptions.of(first), device)
     models = [build_model(workload, config, device) for config in configs]
-    if options.conv_matmul and not has_convertible_convs(models[0]):
-        options = dataclasses.replace(options, conv_matmul=False)  # one step for every batch size
     stack = _make_stack(configs, indices, models, device, splits.train_size)
     key = (workload.name, str(device), first.optimizer, options.step_key, tuple(sorted(stack.hparams)),
            _ghost_batch_size(first), bool(stack.buffers))
@@ -486,9 +465,7 @@ def allow_recompiles(limit: int = _RECOMPILE_LIMIT) -> None:
 
 def _make_context(workload, device, splits, model, optimizer, options) -> _Context:
     skeleton = copy.deepcopy(model).to("meta")
-    # Evaluation keeps the grouped convolutions: the taps of a 4,096-image chunk would not fit.
-    trained = with_matmul_convs(skeleton) if options.conv_matmul else skeleton
-    grads = _trial_loss_fn(trained, workload, options.autocast_dtype, device)
+    grads = _trial_loss_fn(skeleton, workload, options.autocast_dtype, device)
     vmapped = _build_step(vmap(grad_and_value(grads, has_aux=True)), optimizer)
     if options.compile:
         allow_recompiles()
@@ -633,29 +610,17 @@ def _init_opt_state(optimizer: str, params: dict[str, torch.Tensor]) -> dict[str
 _CONV_LOOP_MIN_BATCH = {"cuda": 1024, "cpu": 64}
 
 # CUDA graphs replay the vmapped step of cells up to this batch size: there a step can be
-# a few hundred short kernels whose launches, not their arithmetic, set its time (H200:
-# the MNIST MLP's compiled step 2.2x to 3.7x faster at B = 16 and 128; the simple CNN's,
-# bound by its grouped convolutions, unchanged). Larger steps are bound by arithmetic,
-# and a graph would only hold their activations' memory (512 itself was not measured).
+# a few hundred short kernels whose launches, not their arithmetic, set its time (the
+# MNIST MLP's compiled step with K = 8: 2.2x to 3.7x faster at B = 16 and 128 on an H200,
+# 2.6x at B = 512 on an H100; the simple CNN's, bound by its grouped convolutions, within
+# ±10% either way). Larger steps are bound by arithmetic, and a graph would only hold
+# their activations' memory (batch sizes above 512 were not measured).
 _GRAPH_MAX_BATCH = 512
-
-# The vmapped training step computes a convnet's convolutions as batched matrix products
-# (trainers.conv_matmul) up to this batch size: at small batches the grouped convolutions
-# vmap makes are bound by cuDNN's grouped kernels, not by arithmetic. The gathered taps
-# cost kernel-size times a convolution's input in saved activations, hence a limit.
-# Devices not named here never do.
-_CONV_MATMUL_MAX_BATCH = {"cuda": 256}
 # Stack sizes whose static state and graphs a context keeps (least recently used freed):
 # a group of 32 compacts to a few smaller sizes, and the next group starts at 32 again.
 # Unbounded, a long study would hold one set per size ever compacted to, and `choose_k`,
 # which sees only the device's free memory, would pick ever smaller stacks.
 _GRAPHED_STACK_SIZES = 4
-
-
-def conv_matmul_default(device: torch.device, batch_size: int) -> bool:
-    """Whether a convnet's vmapped training step computes its convolutions as matrix
-    products (`run_trials_vectorized(conv_matmul=None)`) at this batch size."""
-    return batch_size <= _CONV_MATMUL_MAX_BATCH.get(device.type, 0)
 
 
 def _has_conv(module: nn.Module) -> bool:

@@ -37,11 +37,11 @@ def config(lr, seed, **overrides):
     return TrialConfig(**{**values, **overrides})
 
 
-def runs(configs, vectorize=True, **options):
+def runs(configs, vectorize=True):
     measurements = [[] for _ in configs]
     if vectorize:
         results = run_trials_vectorized(configs, data_cache=CACHE, chunk_size=len(configs), stacked=False,
-                                        on_measurement=lambda i, m: measurements[i].append(m), **options)
+                                        on_measurement=lambda i, m: measurements[i].append(m))
     else:
         results = [run_trial(c, data_cache=CACHE, on_measurement=measurements[i].append)
                    for i, c in enumerate(configs)]
@@ -138,55 +138,3 @@ def test_a_compiled_context_runs_the_loop_eagerly(monkeypatch):
     eager_vmap = run()
     assert len(calls) == 1  # the vmapped step is still compiled
     assert [r.steps for r in compiled_loop] == [r.steps for r in eager_vmap] == [10, 10]
-
-
-def test_matmul_convolutions_equal_grouped_and_sequential(monkeypatch):
-    """`conv_matmul=True` trains with trainers.conv_matmul's convolutions (counted here)
-    and measures what the grouped convolutions and `run_trial` measure."""
-    from trainers.conv_matmul import MatmulConv2d
-    configs = [config(0.05, 1), config(1e20, 2), config(0.002, 3)]
-    sequential = runs(configs, vectorize=False)
-    calls = []
-    forward = MatmulConv2d._conv_forward
-    monkeypatch.setattr(MatmulConv2d, "_conv_forward", lambda *a: calls.append(1) or forward(*a))
-    matmul = runs(configs, conv_matmul=True)
-    assert len(calls) == 40  # one convolution per training step; evaluation stays grouped
-    assert_same(sequential, matmul)
-
-
-def test_matmul_convolutions_by_default_on_cuda_at_small_batches():
-    from trainers.vectorized import _CONV_MATMUL_MAX_BATCH, _StepOptions
-    cuda = torch.device("cuda")
-    limit = _CONV_MATMUL_MAX_BATCH["cuda"]
-    assert _StepOptions.resolve(cuda, None, "auto", batch_size=16).conv_matmul
-    assert _StepOptions.resolve(cuda, None, "auto", batch_size=limit).conv_matmul
-    assert not _StepOptions.resolve(cuda, None, "auto", batch_size=limit * 2).conv_matmul
-    assert not _StepOptions.resolve(CPU, None, "auto", batch_size=16).conv_matmul
-    assert _StepOptions.resolve(CPU, None, "auto", conv_matmul=True, batch_size=4096).conv_matmul
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
-def test_cuda_matmul_convolutions_equal_grouped(monkeypatch, compile):
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 on both sides
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    configs = [dataclasses.replace(c, device="cuda") for c in (config(0.05, 1), config(1e20, 2), config(0.002, 3))]
-    options = dict(compile=compile, precision="fp32")
-    assert_same(runs(configs, conv_matmul=False, **options), runs(configs, conv_matmul=True, **options))
-    # CUDA's defaults (bf16, compiled, graphs, matmul convolutions at this batch size) learn.
-    (_, _, learning), (diverging, _, _), _ = runs(configs)
-    assert min(m[3] for m in learning) < 0.2 and diverging == "diverged"
-
-
-def test_memory_counts_the_gathered_taps_where_convolutions_are_matmuls(monkeypatch):
-    from trainers.vectorized import choose_k, trial_memory_bytes
-    cnn = get_workload("mnist_simple_cnn")
-    grouped = trial_memory_bytes(cnn, 16, input_shape=(1, 28, 28))
-    matmul = trial_memory_bytes(cnn, 16, input_shape=(1, 28, 28), conv_matmul=True)
-    taps_per_example = 1 * 28 * 28 * 25 + 32 * 14 * 14 * 25  # the two 5x5 convolutions' inputs
-    assert matmul - grouped == 4 * 3 * 16 * taps_per_example
-    mlp = get_workload("mnist10k_mlp")
-    assert trial_memory_bytes(mlp, 16, conv_matmul=True) == trial_memory_bytes(mlp, 16)
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (200 << 30, 200 << 30))
-    k = {m: choose_k(cnn, 256, "cuda", 4096, input_shape=(1, 28, 28), conv_matmul=m) for m in (True, False, None)}
-    assert 1 < k[True] < k[False] and k[None] == k[True]  # the default at B = 256: matmuls
