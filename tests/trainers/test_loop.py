@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from trainers.config import Target, TrialConfig
-from trainers.loop import DataCache, evaluate, run_trial
+from trainers.loop import DataCache, build_model, evaluate, run_trial
 from trainers.workloads import DataOptions, get_workload
 
 CACHE = DataCache()
@@ -36,6 +36,34 @@ def test_same_seed_same_measurements_and_other_seed_differs():
     _, other = run(config(max_steps=60, seed=4))
     assert metrics(first) == metrics(second)
     assert metrics(first) != metrics(other)
+
+
+def _build_recording_draws(monkeypatch, workload, seed, device):
+    """build_model's parameters, and the device of every uniform_ draw it made."""
+    draws, uniform = [], torch.Tensor.uniform_
+    monkeypatch.setattr(torch.Tensor, "uniform_",
+                        lambda self, *a, **k: draws.append(self.device.type) or uniform(self, *a, **k))
+    model = build_model(workload, config(seed=seed), device)
+    monkeypatch.undo()
+    return [p.detach() for p in model.parameters()], draws
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_build_model_draws_on_its_device_from_the_seed_alone(monkeypatch, device):
+    """On CUDA the weights are drawn on the GPU (no CPU draws to wait for); on either
+    device a seed fixes them, and the global RNG states are left as they were."""
+    workload, device = get_workload("mnist_simple_cnn"), torch.device(device)
+    states = [torch.get_rng_state()] + ([torch.cuda.get_rng_state()] if device.type == "cuda" else [])
+    first, draws = _build_recording_draws(monkeypatch, workload, 1, device)
+    assert draws and set(draws) == {device.type}
+    assert all(p.device.type == device.type for p in first)
+    again, _ = _build_recording_draws(monkeypatch, workload, 1, device)
+    other, _ = _build_recording_draws(monkeypatch, workload, 2, device)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not any(torch.equal(a, b) for a, b in zip(first, other))
+    after = [torch.get_rng_state()] + ([torch.cuda.get_rng_state()] if device.type == "cuda" else [])
+    assert all(torch.equal(a, b) for a, b in zip(states, after))
 
 
 def test_budget_spent_evaluates_at_multiples_and_at_the_last_step():
