@@ -1,7 +1,8 @@
 """Trials per second: a plain PyTorch + DataLoader loop vs batchlab sequential vs vectorized.
 
-Every method trains the same model (built from the same seed as `run_trial` builds it)
-for the same fixed number of steps with momentum SGD at the same batch size, and
+Every method trains the same model (built from the same seed as `run_trial` builds it; on
+CUDA the typical baseline draws its weights on the CPU and moves the model, as
+`Net().to(device)` does, so only its initial values differ) for the same fixed number of steps with momentum SGD at the same batch size, and
 evaluates once on the validation set at the end; the target is `val_error < 0`, which no
 trial can beat, so nothing stops early and the work is identical. Two baselines, both
 `optimizer.zero_grad(); loss.backward(); step()` over a `DataLoader(..., shuffle=True)`:
@@ -96,7 +97,9 @@ def baseline_trial(config: TrialConfig, cache: DataCache, typical: bool = False)
     else:
         train = TensorDataset(workload.preprocess(splits.train_x), splits.train_y)
     loader = DataLoader(train, batch_size=config.batch_size, shuffle=True)
-    model = build_model(workload, config, device)
+    # The typical objective builds its model on the CPU and moves it (`Net().to(device)`);
+    # the strong one draws it on the device, as batchlab does on CUDA.
+    model = build_model(workload, config, torch.device("cpu") if typical else device).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.hparams["learning_rate"],
                                 momentum=config.hparams["momentum"])
     step = 0
