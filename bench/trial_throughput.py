@@ -2,9 +2,10 @@
 
 Every method trains the same model (built from the same seed as `run_trial` builds it; on
 CUDA the typical baseline draws its weights on the CPU and moves the model, as
-`Net().to(device)` does, so only its initial values differ) for the same fixed number of steps with momentum SGD at the same batch size, and
-evaluates once on the validation set at the end; the target is `val_error < 0`, which no
-trial can beat, so nothing stops early and the work is identical. Two baselines, both
+`Net().to(device)` does, so only its initial values differ) for the same fixed number of
+steps with momentum SGD at the same batch size, and evaluates once on the validation set
+at the end; the target is `val_error < 0`, which no trial can beat, so nothing stops early
+and the work is identical. Two baselines, both
 `optimizer.zero_grad(); loss.backward(); step()` over a `DataLoader(..., shuffle=True)`:
 
 - "typical": the data pipeline of Optuna's and PyTorch's MNIST examples, a torchvision-style

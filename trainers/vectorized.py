@@ -611,10 +611,11 @@ _CONV_LOOP_MIN_BATCH = {"cuda": 1024, "cpu": 64}
 
 # CUDA graphs replay the vmapped step of cells up to this batch size: there a step can be
 # a few hundred short kernels whose launches, not their arithmetic, set its time (the
-# MNIST MLP's compiled step with K = 8: 2.2x to 3.7x faster at B = 16 and 128 on an H200,
-# 2.6x at B = 512 on an H100; the simple CNN's, bound by its grouped convolutions, within
-# ±10% either way). Larger steps are bound by arithmetic, and a graph would only hold
-# their activations' memory (batch sizes above 512 were not measured).
+# MNIST MLP's compiled step, K = 8 or 32: 2.2x to 3.7x faster at B = 16 and 128 on an
+# H200, 2.6x to 3.4x on an H100, and 2.6x at B = 512 with K = 8 on the H100; the simple
+# CNN's, bound by its grouped convolutions: from 8% slower to 18% faster). Larger steps
+# are bound by arithmetic, and a graph would only hold their activations' memory (batch
+# sizes above 512 were not measured).
 _GRAPH_MAX_BATCH = 512
 # Stack sizes whose static state and graphs a context keeps (least recently used freed):
 # a group of 32 compacts to a few smaller sizes, and the next group starts at 32 again.
