@@ -132,10 +132,24 @@ def _storage_arg(parser: argparse.ArgumentParser) -> None:
         "database URL (default: $BATCHLAB_STORAGE, else sqlite:///batchlab.db)"))
 
 
+def _trials_at_once(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be 'auto' or a number >= 1")
+    return value
+
+
 def _recovery_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--trials-at-once", type=int, default=1, help=(
-        "train this many trials of a cell together as one vectorized computation "
-        "(default 1: one at a time)"))
+    parser.add_argument("--trials-at-once", type=_trials_at_once, default="auto", help=(
+        "train this many trials of a cell together as one vectorized computation; 'auto' "
+        "(default): on CUDA as many as the device's memory and the workload allow, per "
+        "cell; on CPU one at a time, which keeps every trial's measurements exactly those "
+        "of its seed"))
     parser.add_argument("--heartbeat", type=float, default=10.0,
                         help="seconds between a worker's heartbeats (default 10)")
     parser.add_argument("--grace", type=float, default=60.0, help=(
@@ -172,14 +186,12 @@ def cmd_worker(args) -> int:
     from study.distributed import exit_rank, follow, init_group, launched_ranks, leave_group
     url, engine = _engine(args)
     log = (lambda line: None) if args.quiet else (lambda line: print(line, flush=True))
-    if args.trials_at_once < 1:
-        raise UserError(f"--trials-at-once {args.trials_at_once}: must be >= 1")
     if not 0 < args.heartbeat < args.grace:
         raise UserError(f"--heartbeat {args.heartbeat:g} must be > 0 and shorter than --grace {args.grace:g}")
     ranks = launched_ranks()
     if ranks is None:
         return _work(args, engine, url, log)
-    if args.trials_at_once != 1:  # under torchrun: one trial spans every rank
+    if args.trials_at_once not in (1, "auto"):  # under torchrun: one trial spans every rank
         raise UserError("--trials-at-once must be 1 when a trial spans several processes")
     args.device = init_group(ranks, args.device)
     clean = False

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import optuna
-from sqlalchemy import Engine, bindparam, delete, func, insert, select, update
+from sqlalchemy import Engine, Row, bindparam, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from db.models import Campaign, Cell, Measurement as MeasurementRow, Trial, Worker, utcnow
@@ -92,6 +92,8 @@ _FREE_CELLS = (select(_CELLS.c.id, _CELLS.c.batch_size, _CELLS.c.optimizer, _CEL
                .where(_CELLS.c.campaign_id == bindparam("campaign_id"),
                       _CELLS.c.trials_claimed < _CELLS.c.trials_planned)
                .order_by(_CELLS.c.trials_claimed, _CELLS.c.id))
+_CAMPAIGN_CELLS = select(_CELLS.c.id, _CELLS.c.batch_size, _CELLS.c.optimizer, _CELLS.c.schedule).where(
+    _CELLS.c.campaign_id == bindparam("campaign_id"))
 _LOCK_CELL = (select(_CELLS.c.trials_claimed, _CELLS.c.trials_planned)
               .where(_CELLS.c.id == bindparam("cell_id")).with_for_update())
 _TAKE_SLOTS = (update(_CELLS).where(_CELLS.c.id == bindparam("cell_id"))
@@ -109,10 +111,12 @@ _FINISH_WORKER = _BEAT_WORKER.values(current_trial_id=None,
                                      trials_done=_WORKERS.c.trials_done + bindparam("finished"))
 
 
-def claim_cell(engine: Engine, campaign_id: int, worker_id: str, count: int = 1) -> list[Claim]:
+def claim_cell(engine: Engine, campaign_id: int, worker_id: str,
+               count: int | Callable[[Row], int] = 1) -> list[Claim]:
     """Take up to `count` trial slots in the cell with the fewest slots taken (finished +
     running), and insert their trial rows, heartbeating, in the same transaction; empty
-    when every cell's slots are taken.
+    when every cell's slots are taken. `count` may depend on the cell: a function of its
+    row (id, batch_size, optimizer, schedule, study_name).
 
     The cell's row is locked while its count is read and raised (FOR UPDATE on
     PostgreSQL; SQLite's writers take the database lock at BEGIN): of two workers racing
@@ -121,7 +125,7 @@ def claim_cell(engine: Engine, campaign_id: int, worker_id: str, count: int = 1)
     with engine.connect() as connection:
         cells = connection.execute(_FREE_CELLS, {"campaign_id": campaign_id}).all()
     for cell in cells:
-        row_ids = _take_slots(engine, cell.id, worker_id, count)
+        row_ids = _take_slots(engine, cell.id, worker_id, count(cell) if callable(count) else count)
         if row_ids:
             return [Claim(*cell, row_id=row_id) for row_id in row_ids]
     return []
@@ -151,6 +155,13 @@ def best_steps(engine: Engine, cell_id: int) -> int | None:
     with Session(engine) as session:
         return session.scalar(select(func.min(Trial.steps_to_result))
                               .where(Trial.cell_id == cell_id, Trial.outcome == "reached"))
+
+
+# `trials_at_once="auto"` (the command line's default): on CUDA, each cell's K from
+# trainers.vectorized.auto_k (the device's free memory and the workload), decided when
+# the worker starts; on CPU one trial at a time, which keeps every trial's measurements
+# bit for bit those of `run_trial` for its seed (a number stacks trials there too).
+AUTO = "auto"
 
 
 def trial_seed(campaign_seed: int, trial_number: int) -> int:
@@ -208,11 +219,13 @@ class CampaignWorker:
     def __init__(self, engine: Engine, storage_url: str, campaign_name: str, *,
                  device: str = "auto", max_trials: int | None = None, log: Log = print,
                  heartbeat_seconds: float = DEFAULT_HEARTBEAT_SECONDS,
-                 grace_seconds: float = DEFAULT_GRACE_SECONDS, trials_at_once: int = 1,
+                 grace_seconds: float = DEFAULT_GRACE_SECONDS, trials_at_once: int | str = 1,
                  flush_seconds: float = 1.0, best_refresh_seconds: float = 1.0):
         if not 0 < heartbeat_seconds < grace_seconds:
             raise ValueError(f"heartbeat ({heartbeat_seconds} s) must be > 0 and shorter than "
                              f"the grace period ({grace_seconds} s)")
+        if trials_at_once != AUTO and not (isinstance(trials_at_once, int) and trials_at_once >= 1):
+            raise ValueError(f"trials_at_once must be a number >= 1 or {AUTO!r}, got {trials_at_once!r}")
         self.engine, self.storage_url, self.log = engine, storage_url, log
         ensure_schema(engine)  # upgrades a database made by an older batchlab
         self.campaign = load_campaign(engine, campaign_name)
@@ -229,8 +242,11 @@ class CampaignWorker:
         self.grace_seconds = grace_seconds
         self.heartbeat = Heartbeat(engine, self.worker_id, heartbeat_seconds, log)
         self.stop_requested = False
-        # Trials of one cell trained together (trainers.vectorized); 1: one at a time.
+        # Trials of one cell trained together (trainers.vectorized); 1: one at a time;
+        # AUTO: per cell, decided when the run starts (`_cell_k`, cell id -> K).
         self.trials_at_once = trials_at_once
+        self._default_k = 1 if trials_at_once == AUTO else trials_at_once
+        self._cell_k: dict[int, int] = {}
         self.step_cache: dict = {}  # compiled vectorized steps, reused across groups
         self._studies: dict[str, optuna.Study] = {}  # the cells' studies, loaded once
         self.ranks = launched_ranks()  # under torchrun, this is rank 0: it leads the others
@@ -267,6 +283,7 @@ class CampaignWorker:
         # and no trial should be spent finding that out.
         workload = get_workload(self.spec.workload)
         self.data.load(workload, DataOptions.of(self.spec), self.device)
+        self._cell_k = self._retry(self._trials_at_once_per_cell, "reading the campaign's cells")
         self._retry(self._register, "registering the worker")
         self.heartbeat.start()
         self.pipeline = StoragePipeline(self.worker_id)
@@ -314,14 +331,34 @@ class CampaignWorker:
                 upcoming = self.pipeline.submit("preparing the next trials", self._prepare, room)
             self._run_group(group)
 
+    def _trials_at_once_per_cell(self) -> dict[int, int]:
+        """Cell id -> how many of its trials this worker trains at once, where that is not
+        `_default_k` (AUTO on a single CUDA device)."""
+        if self.trials_at_once != AUTO or self.device.type != "cuda" or self.ranks is not None:
+            return {}
+        with self.engine.connect() as connection:
+            cells = connection.execute(_CAMPAIGN_CELLS, {"campaign_id": self.campaign.id}).all()
+        from trainers.vectorized import auto_k
+        ks = {}
+        for cell in cells:
+            probe = resolve_trial_config(self.spec, batch_size=cell.batch_size, optimizer=cell.optimizer,
+                                         schedule=cell.schedule, hparams={"learning_rate": 1.0}, seed=0,
+                                         device=str(self.device))
+            ks[cell.id] = auto_k(with_checkpoint(self.spec, probe, 0), self.data)
+        chosen = sorted({(cell.batch_size, cell.optimizer, ks[cell.id]) for cell in cells})
+        self.log(f"[worker {self.worker_id}] trials at once (auto, {self._device_name}): "
+                 + ", ".join(f"B={b} {o} {k}" for b, o, k in chosen))
+        return ks
+
     def _room(self) -> int:
-        """How many more slots this worker may claim now: trials_at_once, less what
+        """How many more slots this worker may claim now: its largest K, less what
         max_trials leaves once the trials done and in flight (claimed, not settled) count."""
+        most = max(self._cell_k.values(), default=self._default_k)
         if self.max_trials is None:
-            return self.trials_at_once
+            return most
         with self._live_lock:
             in_flight = len(self._live)
-        return min(self.trials_at_once, self.max_trials - self._done - in_flight - len(self._finishing))
+        return min(most, self.max_trials - self._done - in_flight - len(self._finishing))
 
     def _claim_waiting(self) -> Group | None:
         """Claim a group in this thread, waiting while no slot is free but trials still run
@@ -481,7 +518,8 @@ class CampaignWorker:
         if time.monotonic() - self._reaped_at >= self.reap_seconds:
             reap_lost_trials(self.engine, self.storage, self.campaign.id, self.grace_seconds, self.log)
             self._reaped_at = time.monotonic()
-        claims = self._retry(lambda: claim_cell(self.engine, self.campaign.id, self.worker_id, room),
+        claims = self._retry(lambda: claim_cell(self.engine, self.campaign.id, self.worker_id,
+                                                lambda cell: min(room, self._cell_k.get(cell.id, self._default_k))),
                              "claiming slots")
         for claim in claims:
             self._track(claim)

@@ -150,6 +150,15 @@ def run_trials_vectorized(configs: Sequence[TrialConfig], *, data_cache: DataCac
     return results  # type: ignore[return-value]
 
 
+def auto_k(config: TrialConfig, data_cache: DataCache | None = None) -> int:
+    """How many trials of `config`'s cell to train at once on its device: `choose_k` with
+    the input shape of the data they train on, or 1 where `run_trials_vectorized` would
+    train them one at a time anyway (not `is_vectorizable`)."""
+    if not is_vectorizable(config):
+        return 1
+    return _group_k(config, data_cache or DataCache(), resolve_device(config.device))
+
+
 def _group_k(config: TrialConfig, cache: DataCache, device: torch.device) -> int:
     """`choose_k` for a group, with the input shape of the data it will train on (the
     model alone does not fix a convnet's: MNIST's simple CNN sees 28 x 28 images)."""

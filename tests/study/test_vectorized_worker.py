@@ -70,3 +70,53 @@ def test_vectorized_worker_equals_sequential_worker(tmp_path):
     best = lambda frame: frame.groupby("batch_size")["steps_to_result"].min().to_dict()
     assert best(vectorized) == best(sequential)
     assert any(v == v for v in best(sequential).values())  # some cell reached the target
+
+
+def test_auto_on_cpu_trains_one_at_a_time_exactly_as_one(tmp_path):
+    """`--trials-at-once auto` (the command line's default) stacks nothing on CPU: every
+    trial's measurements are bit for bit those of a one-at-a-time worker."""
+    one = run_campaign(tmp_path, "one", 1)
+    auto = run_campaign(tmp_path, "auto", "auto")
+    columns = ["batch_size", "trial_number", "step", "examples", "train_loss", "val_loss", "val_error",
+               "outcome", "steps_to_result"]
+    pd.testing.assert_frame_equal(auto[columns], one[columns])
+
+
+def test_auto_on_cuda_claims_each_cells_own_k(tmp_path, monkeypatch):
+    """On CUDA, AUTO sizes every cell once from trainers.vectorized.auto_k (given the
+    cell's resolved config) and claims that many of its slots at a time."""
+    import torch
+
+    import trainers.vectorized
+    url = f"sqlite:///{tmp_path / 'auto.db'}"
+    engine = make_engine(url)
+    create_campaign(engine, url, parse_spec(SPEC, "vec.toml"))
+    lines = []
+    worker = CampaignWorker(engine, url, "vec", device="cpu", log=lines.append, trials_at_once="auto")
+    assert worker._trials_at_once_per_cell() == {} and worker._room() == 1  # CPU: one at a time
+    probes = []
+    monkeypatch.setattr(trainers.vectorized, "auto_k",
+                        lambda config, cache: probes.append(config) or {32: 3, 128: 1}[config.batch_size])
+    worker.device = torch.device("cuda")
+    worker._cell_k = worker._trials_at_once_per_cell()
+    assert sorted(worker._cell_k.values()) == [1, 3]
+    assert sorted((c.batch_size, c.optimizer, c.device) for c in probes) == [(32, "momentum", "cuda"),
+                                                                              (128, "momentum", "cuda")]
+    assert "trials at once (auto" in lines[-1] and "B=32 momentum 3" in lines[-1]
+    assert worker._room() == 3
+    sizes = []
+    while (group := worker._claim_group(worker._room())) is not None:
+        sizes.append((group.claims[0].batch_size, len(group.claims)))
+    # Always the cell with the fewest slots taken (ties: the first cell), at most its K,
+    # at most the slots it has left: B = 32 gets 3 of its 4, then its last one.
+    assert sizes == [(32, 3), (128, 1), (128, 1), (128, 1), (32, 1), (128, 1)]
+
+
+def test_trials_at_once_is_a_number_or_auto():
+    with pytest.raises(ValueError, match="trials_at_once"):
+        CampaignWorker(None, "", "vec", trials_at_once=0)
+    from study.cli import _trials_at_once
+    assert _trials_at_once("auto") == "auto" and _trials_at_once("8") == 8
+    for bad in ("0", "-2", "many"):
+        with pytest.raises(Exception, match="must be 'auto' or a number"):
+            _trials_at_once(bad)

@@ -11,7 +11,7 @@ from trainers.loop import DataCache, run_trial
 from trainers.loop import build_model
 from shared_data import MNIST_T10K
 from trainers.vectorized import (_UPDATES, _Clock, _group_k, _hparam_tensors, _make_context, _make_stack,
-                                 _StepOptions, _StepTables, _train_step, choose_k,
+                                 _StepOptions, _StepTables, _train_step, auto_k, choose_k,
                                  is_vectorizable, run_trials_vectorized)
 from trainers.workloads import DataOptions, get_workload
 
@@ -236,6 +236,12 @@ def test_k_of_a_group_comes_from_the_datas_input_shape():
         choose_k(workload, 16, "cpu", input_shape=(1, 28, 28)) >= 1
     results = run_trials_vectorized(configs, data_cache=cache)
     assert [r.steps for r in results] == [2, 2] and all(r.outcome == "not_reached" for r in results)
+    # auto_k, the worker's K per cell: the same choice, and 1 where the trials would run
+    # one at a time anyway (an optimizer the vectorized step does not have).
+    mlp = dataclasses.replace(configs[0], workload="mnist10k_mlp")
+    assert auto_k(configs[0], cache) == _group_k(configs[0], cache, torch.device("cpu"))
+    assert auto_k(mlp, cache) == _group_k(mlp, cache, torch.device("cpu")) > 1
+    assert auto_k(dataclasses.replace(mlp, optimizer="lars"), cache) == 1
 
 
 def test_compiled_steps_of_many_groups_are_not_capped_by_dynamos_recompile_limit():
