@@ -488,9 +488,12 @@ class CampaignWorker:
                                        best_so_far=best, prune=self.spec.prune))
             else:
                 from trainers.vectorized import run_trials_vectorized
+                # A group AUTO sized is one stack: choose_k again, with the memory the
+                # worker's own steps hold by now, would split it and compile the remainder.
                 run_trials_vectorized(configs, data_cache=self.data, on_measurement=write,
                                       on_result=on_result, best_so_far=best, prune=self.spec.prune,
-                                      step_cache=self.step_cache)
+                                      step_cache=self.step_cache,
+                                      chunk_size=len(configs) if self._cell_k else None)
             return {}
         except (Interrupted, KeyboardInterrupt, StorageJobError):
             raise  # a storage failure stops the worker, as it did before the pipeline

@@ -120,3 +120,16 @@ def test_trials_at_once_is_a_number_or_auto():
     for bad in ("0", "-2", "many"):
         with pytest.raises(Exception, match="must be 'auto' or a number"):
             _trials_at_once(bad)
+
+
+def test_an_auto_sized_group_trains_as_one_stack(tmp_path, monkeypatch):
+    """A group AUTO sized from memory at start is not re-split by choose_k while training
+    (that would compile a stack size for the remainder)."""
+    import trainers.vectorized
+    monkeypatch.setattr(CampaignWorker, "_trials_at_once_per_cell",
+                        lambda self: {cell_id: 4 for cell_id in (1, 2)})  # the fresh database's two cells
+    chunks, real = [], trainers.vectorized.run_trials_vectorized
+    monkeypatch.setattr(trainers.vectorized, "run_trials_vectorized",
+                        lambda configs, **kw: chunks.append((len(configs), kw["chunk_size"])) or real(configs, **kw))
+    run_campaign(tmp_path, "auto", "auto")
+    assert chunks == [(4, 4), (4, 4)]
