@@ -47,6 +47,7 @@ step() {  # step NAME SECONDS COMMAND...: run it under a limit, keep its output,
 
 if [ -n "${SMALL:-}" ]; then  # the dry run: every command, tiny
   TP=(--batch-sizes 16 --ks 4 --steps 5 --repeats 1 --sequential-trials 1)
+  WORKER_TRIALS=2
   TP_512=("${TP[@]}")
   TP_LARGE=("${TP[@]}")
   SE=(--batch-sizes 16,32,64 --measure-batch-sizes 16,64 --trials 2 --train-size 512 --val-size 256)
@@ -67,6 +68,12 @@ print(torch.cuda.is_available() and torch.cuda.get_device_name())'"
 # Correctness first: a fast number from a broken compiled path means nothing. No -x: one
 # call should report every failure.
 step gpu_tests 130 env BATCHLAB_COMPILE_TESTS=1 $PY -m pytest -q -rfE -p no:cacheprovider "${TESTS[@]}"
+# The worker's default on CUDA (--trials-at-once auto): the K it picks per cell (its log's
+# first lines) and a few groups trained through SQLite end to end.
+step worker_auto 90 bash -c "rm -f /tmp/bl-auto.db && $PY -m study.cli campaign create examples/demo_digits.toml \
+  --storage sqlite:////tmp/bl-auto.db && $PY -m study.cli worker --campaign demo_digits \
+  --storage sqlite:////tmp/bl-auto.db --device $DEVICE --max-trials ${WORKER_TRIALS:-24} \
+  && $PY -m study.cli status --campaign demo_digits --storage sqlite:////tmp/bl-auto.db"
 step throughput 260 $PY -m bench.trial_throughput --device "$DEVICE" --data-dir "$DATA" \
   --workloads mnist10k_mlp,mnist10k_simple_cnn --no-vmap-rows "${TP[@]}"
 step shallue_estimate 90 $PY -m bench.shallue_estimate --device "$DEVICE" --steps 20 --repeats 1 \
