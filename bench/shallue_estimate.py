@@ -35,7 +35,8 @@ Assumptions, not modelled: every optimizer costs what the first one measured doe
 worker on one device; every trial-step costs the full-K rate (a group that shrinks as its
 trials stop runs smaller, less efficient stacks, and on the torch.func path stopped trials
 are masked, not removed, until at most half remain: up to 2x the useful work);
-compilation (paid per batch size, optimizer and stack size on CUDA) and storage.
+compilation (paid on CUDA per batch size, optimizer and stack size: a cell's group
+sizes and the powers of two below them that its groups compact to) and storage.
 
     python -m bench.shallue_estimate --device cuda --steps-to-result "16:4000,1024:300"
     python -m bench.shallue_estimate --device cuda --measure-batch-sizes 16,256,4096,16384

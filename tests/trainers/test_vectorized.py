@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+import trainers.vectorized as vectorized_module
 from trainers.config import Target, TrialConfig, TrialResult
 from trainers.loop import DataCache, run_trial
 from trainers.loop import build_model
@@ -136,6 +137,36 @@ def test_a_masked_trial_is_frozen():
         assert not torch.equal(p[0], before[name][0])
     assert all(torch.equal(s[1], torch.zeros_like(s[1]))
                for state in stack.opt_state.values() for s in state.values())
+
+
+def test_a_compiled_step_compacts_to_powers_of_two_with_the_same_results(monkeypatch):
+    """Three of six trials diverge at the first evaluation, one reaches the target later:
+    exact compaction trains stacks of 6, 3 (then masks); a compiled step's compaction
+    keeps one diverged trial (NaN weights) as masked padding, 6 -> 4 -> 2, and changes
+    no number. Eager here: the policy is forced, not compiled."""
+    lrs = (1e9, 0.3, 1e9, 0.01, 1e9, 0.02)
+    configs = [config("momentum", {"learning_rate": lr, "momentum": 0.9}, seed)
+               for seed, lr in zip((1, 5, 2, 3, 4, 6), lrs)]
+    sizes: list[int] = []
+    step_for = vectorized_module._step_for
+    monkeypatch.setattr(vectorized_module, "_step_for",
+                        lambda context, b, k: sizes.append(k) or step_for(context, b, k))
+    exact = vectorized(configs, chunk_size=6, stacked=False)
+    exact_sizes = sorted(set(sizes))
+    sizes.clear()
+    monkeypatch.setattr(vectorized_module, "_compiles_per_stack_size", lambda context, b: True)
+    padded = vectorized(configs, chunk_size=6, stacked=False)
+    assert [r.outcome for r, _ in exact] == ["diverged", "reached", "diverged", "not_reached",
+                                            "diverged", "not_reached"]
+    assert exact_sizes == [3, 6] and sorted(set(sizes)) == [2, 4, 6]
+    assert_same_runs(exact, padded)
+    monkeypatch.undo()
+    workload = get_workload("digits_mlp")
+    context = _make_context(workload, CPU, None, build_model(workload, configs[0], CPU), "momentum",
+                            _StepOptions(False, None))
+    assert not vectorized_module._compiles_per_stack_size(context, 64)  # eager: exact sizes
+    compiled = dataclasses.replace(context, options=_StepOptions(True, None))
+    assert vectorized_module._compiles_per_stack_size(compiled, 64)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "momentum", "nesterov", "adam", "adamw"])
