@@ -85,8 +85,10 @@ class GraphedStep:
     A call whose params, buffers or opt_state are not this object's static dicts adopts
     them first: their values (and the hparams') are copied into the static tensors. The
     returned dicts are the static ones; keep passing them. The loss sums are a static
-    output too, overwritten by the next call: read them before. `captured` counts the
-    graphs captured; a variant that cannot be captured runs uncaptured, with a warning."""
+    output too, overwritten by the next call: read them before. `step=` records a variant
+    from another step function of the same signature on the same state (the uncompiled
+    step for an epoch's shorter last batch). `captured` counts the graphs captured; a
+    variant that cannot be captured runs uncaptured, with a warning."""
 
     def __init__(self, step: Callable, device: torch.device):
         self.step, self.device = step, device
@@ -95,14 +97,15 @@ class GraphedStep:
         self._pool = None
         self.captured = 0
 
-    def __call__(self, params, buffers, opt_state, hparams, row, x, y, active):
+    def __call__(self, params, buffers, opt_state, hparams, row, x, y, active, step: Callable | None = None):
         state = self.state
         if state is None or params is not state[0] or buffers is not state[1] or opt_state is not state[2]:
             self.adopt(params, buffers, opt_state, hparams)
-        key = (tuple(x.shape), x.dtype, tuple(y.shape), active is None)
+        step = step or self.step
+        key = (tuple(x.shape), x.dtype, tuple(y.shape), active is None, step)
         replay = self._replays.get(key)
         if replay is None:
-            replay = self._replays[key] = self._record(row, x, y, active)
+            replay = self._replays[key] = self._record(step, row, x, y, active)
         replay.inputs.load(row, x, y, active)
         loss_sums = replay.run()
         params, buffers, opt_state, _ = self.state
@@ -121,12 +124,12 @@ class GraphedStep:
         self._replays.clear()
         self._pool = None
 
-    def _record(self, row, x, y, active) -> _Replay:
+    def _record(self, step: Callable, row, x, y, active) -> _Replay:
         inputs = _Inputs(_clone(row), x.clone(), y.clone(), None if active is None else active.clone())
         args = lambda: (*self.state, inputs.row, inputs.x, inputs.y, inputs.active)
 
         def body() -> torch.Tensor:
-            new_params, new_buffers, new_state, loss_sums = self.step(*args())
+            new_params, new_buffers, new_state, loss_sums = step(*args())
             for static, values in zip(self.state, (new_params, new_buffers, new_state)):
                 _copy_into(static, values)
             return loss_sums
@@ -137,7 +140,7 @@ class GraphedStep:
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(_WARMUP_RUNS):
-                self.step(*args())  # functional: the state is untouched
+                step(*args())  # functional: the state is untouched
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         try:

@@ -58,7 +58,9 @@ default (`compile=`, `precision=` override), and a small step (the vmapped step 
 whose batch size is at most `_GRAPH_MAX_BATCH`) is replayed from a captured CUDA graph
 (`trainers.cuda_graphs`; `cuda_graphs=` overrides), its stacked state kept in static
 tensors that each new group of the same stack size is copied into (reset in place, not
-reallocated). On CPU neither compilation nor autocast is used unless asked, and
+reallocated). An epoch's shorter last batch takes the step uncompiled (replayed from its
+own graph): a compilation per stack size for one step per epoch would cost more than
+it saves. On CPU neither compilation nor autocast is used unless asked, and
 with fp32 the results equal `run_trial`'s up to floating-point rounding. Some models
 amplify rounding (as they do between two `run_trial` runs on different thread counts):
 with batch norm, a ReLU input within rounding of zero, or Adam's normalised steps on
@@ -69,6 +71,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -395,6 +398,9 @@ class _Context:
     optimizer: str
     step_fn: Callable = field(repr=False)  # vmapped (compiled where options.compile)
     looped_step_fn: Callable = field(repr=False)  # the same step, trials in a loop, eager
+    # step_fn uncompiled: the epoch's shorter last batch, one step per epoch, is not worth
+    # a compilation of its own per stack size (step_fn itself where not compiled)
+    eager_step_fn: Callable = field(repr=False)
     options: _StepOptions
     # step_fn replayed from CUDA graphs, one per stack size K, shared by every group
     # (and every copy of this context) that replays graphs
@@ -477,15 +483,15 @@ def allow_recompiles(limit: int = _RECOMPILE_LIMIT) -> None:
 def _make_context(workload, device, splits, model, optimizer, options) -> _Context:
     skeleton = copy.deepcopy(model).to("meta")
     grads = _trial_loss_fn(skeleton, workload, options.autocast_dtype, device)
-    vmapped = _build_step(vmap(grad_and_value(grads, has_aux=True)), optimizer)
+    eager = vmapped = _build_step(vmap(grad_and_value(grads, has_aux=True)), optimizer)
     if options.compile:
         allow_recompiles()
-        vmapped = torch.compile(vmapped, dynamic=False)
+        vmapped = torch.compile(eager, dynamic=False)
     # The loop runs eager even where the vmapped step is compiled: on an H200 the eager
     # loop beat the compiled vmapped step (1.35x at B = 4096, K = 9), and compiling K
     # unrolled copies of the model would cost a compilation per stack size.
     looped = _build_step(_looped_grads_fn(skeleton, workload, options.autocast_dtype, device), optimizer)
-    return _Context(workload, device, splits, skeleton, optimizer, vmapped, looped, options)
+    return _Context(workload, device, splits, skeleton, optimizer, vmapped, looped, eager, options)
 
 
 def _make_stack(configs, indices, models, device, train_size) -> _Stack:
@@ -639,19 +645,22 @@ def _has_conv(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.conv._ConvNd) for m in module.modules())
 
 
-def _step_for(context: _Context, batch_size: int, k: int) -> Callable:
+def _step_for(context: _Context, batch_size: int, k: int, short: bool = False) -> Callable:
     """The step a group of `k` trials at the cell's `batch_size` trains with: the trials
     in a loop (convnets at large batches), the vmapped step replayed from a CUDA graph
-    (small batches, where graphs are on), or the vmapped step."""
+    (small batches, where graphs are on), or the vmapped step. A `short` batch (the
+    epoch's last) takes the vmapped step uncompiled, replayed from its own graph where
+    graphs are on."""
     if _loops_trials(context.skeleton, batch_size, context.device):
         return context.looped_step_fn
+    step = context.eager_step_fn if short else context.step_fn
     if context.options.graphs and batch_size <= _GRAPH_MAX_BATCH:
         graphed = context.graphed.pop(k, None) or GraphedStep(context.step_fn, context.device)
         context.graphed[k] = graphed  # the most recently used last
         if len(context.graphed) > _GRAPHED_STACK_SIZES:  # free the least recently used
             del context.graphed[next(iter(context.graphed))]
-        return graphed
-    return context.step_fn
+        return functools.partial(graphed, step=step) if short else graphed
+    return step
 
 
 def _loops_trials(skeleton: nn.Module, batch_size: int, device: torch.device) -> bool:
@@ -816,7 +825,7 @@ def _train_step(context: _Context, stack: _Stack, clock: _Clock, start: int, bat
     active = None if len(stack.running()) == len(stack.trials) else stack.active
     # By the cell's batch size, not this batch's: an epoch's shorter last batch keeps the
     # path (and, compiled, needs no variant of the other one).
-    step = _step_for(context, batch_size, len(stack.trials))
+    step = _step_for(context, batch_size, len(stack.trials), short=index.shape[1] < batch_size)
     stack.params, stack.buffers, stack.opt_state, loss_sums = step(
         stack.params, stack.buffers, stack.opt_state, stack.hparams, row, x, y, active)
     stack.interval_loss = stack.interval_loss + loss_sums.float()

@@ -141,6 +141,36 @@ def test_graphs_are_for_small_vmapped_steps_and_need_cuda():
     assert vectorized_module._step_for(context, vectorized_module._GRAPH_MAX_BATCH + 1, 2) is context.step_fn
 
 
+def test_an_epochs_short_last_batch_takes_the_uncompiled_step():
+    configs = _cell((1, 2), (0.1, 0.1))
+    eager, _, _ = _stack(configs)
+    compiled = dataclasses.replace(eager, step_fn=torch.compile(eager.step_fn))  # never called here
+    step_for = vectorized_module._step_for
+    assert step_for(compiled, 64, 2) is compiled.step_fn is not compiled.eager_step_fn
+    assert step_for(compiled, 64, 2, short=True) is compiled.eager_step_fn
+    assert step_for(eager, 64, 2, short=True) is eager.step_fn is eager.eager_step_fn
+    graphed = dataclasses.replace(compiled, options=_StepOptions(True, None, graphs=True))
+    full, short = step_for(graphed, 64, 2), step_for(graphed, 64, 2, short=True)
+    assert isinstance(full, GraphedStep) and short.func is full  # one static state, two variants
+    assert short.keywords == {"step": compiled.eager_step_fn}
+
+
+def test_a_graphed_step_records_another_step_function_on_the_same_state():
+    configs = _cell((1, 2), (0.1, 0.1))
+    context, stack, splits = _stack(configs)
+    calls = []
+    other = lambda *args: calls.append(tuple(args[5].shape[:2])) or context.step_fn(*args)  # x: (K, b, ...)
+    graphed = GraphedStep(context.step_fn, CPU)
+    state = (stack.params, stack.buffers, stack.opt_state)
+    want = state
+    for start, size, step in ((0, 64, None), (64, 36, other), (100, 64, None), (164, 36, other)):
+        row, x, y = _inputs(stack, splits, start // 64, start, size)
+        want = context.step_fn(*want[:3], stack.hparams, row, x, y, None)
+        state = graphed(*state[:3], stack.hparams, row, x, y, None, step=step)
+        _assert_equal_states(want[:3], state[:3])
+    # two variants; off CUDA a replay runs its step: the other one, on each short batch only
+    assert calls == [(2, 36)] * 2 and len(graphed._replays) == 2
+
 def _cuda(configs, **overrides):
     return [dataclasses.replace(c, device="cuda", **overrides) for c in configs]
 

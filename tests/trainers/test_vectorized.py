@@ -150,7 +150,7 @@ def test_a_compiled_step_compacts_to_powers_of_two_with_the_same_results(monkeyp
     sizes: list[int] = []
     step_for = vectorized_module._step_for
     monkeypatch.setattr(vectorized_module, "_step_for",
-                        lambda context, b, k: sizes.append(k) or step_for(context, b, k))
+                        lambda context, b, k, short=False: sizes.append(k) or step_for(context, b, k, short))
     exact = vectorized(configs, chunk_size=6, stacked=False)
     exact_sizes = sorted(set(sizes))
     sizes.clear()
