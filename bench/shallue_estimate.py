@@ -7,8 +7,10 @@ batch sizes 2^4..2^14 x the TOML's optimizers x 50 trials per cell, target val_e
 What is measured (no dataset needed): batchlab's real training step on synthetic uint8
 images / int64 labels of the real shapes and sizes, per batch size B, with K trials at once
 (K = `choose_k` as the worker's vectorized groups pick it, or --k; K = 1 runs `run_trial`,
-as the worker does for a group of one). After one untimed warm-up run of the same shape
-(which pays torch.compile on CUDA), a run of --steps steps that evaluates once at the end
+as the worker does for a group of one; on CUDA the step uncompiled, as the worker's tiered
+compilation runs every variant for its first 40 s, or compiled with --compile). After one
+untimed warm-up run of the same shape (graph capture; with --compile, the compilation),
+a run of --steps steps that evaluates once at the end
 is timed; the trainer's own clocks (synchronised on CUDA) split it into training and
 evaluation, and the rest of the run's wall time is per-group setup (building K models,
 stacking them):
@@ -35,8 +37,10 @@ Assumptions, not modelled: every optimizer costs what the first one measured doe
 worker on one device; every trial-step costs the full-K rate (a group that shrinks as its
 trials stop runs smaller, less efficient stacks, and on the torch.func path stopped trials
 are masked, not removed, until at most half remain: up to 2x the useful work);
-compilation (paid on CUDA per batch size, optimizer and stack size: a cell's group
-sizes and the powers of two below them that its groups compact to) and storage.
+storage; compilation: a variant of the step (batch size, optimizer, stack size, masked)
+that has run 40 s uncompiled is compiled (7 to 17 s) and runs 1.25x to 1.7x faster from
+then on, so the default timing is the per-step cost of a study's short-lived variants
+and --compile's that of its long-lived ones, without their compilations.
 
     python -m bench.shallue_estimate --device cuda --steps-to-result "16:4000,1024:300"
     python -m bench.shallue_estimate --device cuda --measure-batch-sizes 16,256,4096,16384
@@ -74,7 +78,7 @@ class Cost:
     step_ms: float  # per trial-step
     eval_ms: float  # per trial-evaluation
     setup_s: float = 0.0  # per group
-    compile_s: float = 0.0  # warm-up run's extra wall time (compilation on CUDA; not in totals)
+    compile_s: float = 0.0  # warm-up run's extra wall time (graph capture, --compile's compilation)
 
 
 # ----- the arithmetic (pure) ---------------------------------------------------------
@@ -314,7 +318,7 @@ def parse_args(argv=None):
     parser.add_argument("--k", type=int, default=None, help="trials at once (default: choose_k)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--compile", action="store_true", default=None,
-                        help="compile the vectorized step (default: on CUDA only)")
+                        help="time the compiled step (default: uncompiled, as every variant's first 40 s)")
     parser.add_argument("--steps-to-result", type=parse_steps, default=None,
                         help='S per batch size, "16:4000,32:2000,..."')
     parser.add_argument("--from-storage", default=None, help="storage URL holding a campaign's S")

@@ -25,7 +25,9 @@ when the step is not compiled, i.e. on CPU; on CUDA the compiled step, replayed 
 graphs up to B = 512); "(vmap path)" rows force the torch.func path (`stacked=False`) for
 comparison. On CUDA, "(no CUDA graphs)" rows run the compiled step without graphs and
 "(eager + CUDA graphs)" rows replay the uncompiled step from graphs (`--no-graph-rows`
-skips both).
+skips both). The CUDA rows compile from the first step (`compile=True`): the steady state.
+A worker's default, tiered compilation, runs a variant like the "(eager + CUDA graphs)"
+row until it has spent 40 s, then like the compiled row.
 
 Prints the device, torch version and date, then trials/second per method and its ratio
 against the baseline measured in the same run (best of --repeats).
@@ -135,8 +137,8 @@ def timed(run: Callable[[], object], device: torch.device, repeats: int) -> floa
 
 def warm_up(workload: str, batch_size: int, args, cache: DataCache, step_cache: dict) -> None:
     """Untimed runs of every method: lazy imports, allocator, data, compilation. A few
-    steps, except for the vectorized methods, which run the timed trials once: a compiled
-    step compiles again for the shorter last batch of an epoch, which a few steps miss."""
+    steps, except for the vectorized methods, which run the timed trials once (every
+    stack size and masking variant they reach)."""
     few = trial_configs(workload, batch_size, 3, 1, args.device, args.data_dir)
     baseline_trial(few[0], cache)
     baseline_trial(few[0], cache, typical=True)
@@ -150,7 +152,7 @@ def warm_up(workload: str, batch_size: int, args, cache: DataCache, step_cache: 
 
 def vectorized_variants(args) -> list[tuple[str, dict]]:
     """(row suffix, run_trials_vectorized options) of the vectorized rows."""
-    default = {"compile": args.compile}
+    default = {"compile": args.compile or resolve_device(args.device).type == "cuda"}
     variants = [("", default)]
     if args.vmap_rows:
         variants.append((" (vmap path)", {**default, "stacked": False}))
@@ -199,7 +201,7 @@ def parse_args(argv=None):
     parser.add_argument("--data-dir", default=None,
                         help="MNIST t10k files: also benchmark mnist10k_mlp")
     parser.add_argument("--compile", action="store_true", default=None,
-                        help="compile the vectorized step (default: on CUDA only)")
+                        help="compile the vectorized step from its first step (default: on CUDA only)")
     parser.add_argument("--workloads", default=None,
                         help="comma-separated workloads, e.g. digits_mlp,mnist10k_mlp,mnist10k_simple_cnn (default: "
                              "digits_mlp, plus mnist10k_mlp where --data-dir is given)")

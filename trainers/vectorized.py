@@ -53,15 +53,17 @@ Timing: the K trials share one clock, so `wall_seconds` of a vectorized trial is
 wall time of the whole group's training so far (what the trial really waited), not a
 per-trial share of it.
 
-On CUDA the step is compiled with `torch.compile` and runs under bf16 autocast by
-default (`compile=`, `precision=` override), and a small step (the vmapped step of a cell
-whose batch size is at most `_GRAPH_MAX_BATCH`) is replayed from a captured CUDA graph
-(`trainers.cuda_graphs`; `cuda_graphs=` overrides), its stacked state kept in static
-tensors that each new group of the same stack size is copied into (reset in place, not
-reallocated). An epoch's shorter last batch takes the step uncompiled (replayed from its
-own graph): a compilation per stack size for one step per epoch would cost more than
-it saves. On CPU neither compilation nor autocast is used unless asked, and
-with fp32 the results equal `run_trial`'s up to floating-point rounding. Some models
+On CUDA the step runs under bf16 autocast by default (`precision=` overrides), and a
+small step (the vmapped step of a cell whose batch size is at most `_GRAPH_MAX_BATCH`) is
+replayed from a captured CUDA graph (`trainers.cuda_graphs`; `cuda_graphs=` overrides),
+its stacked state kept in static tensors that each new group of the same stack size is
+copied into (reset in place, not reallocated). The vmapped step is compiled with
+`torch.compile` by tiers on CUDA by default: each variant (batch size, stack size, masked
+or not) runs uncompiled until it has spent `_EAGER_SECONDS_BEFORE_COMPILING`, then
+compiled; `compile=True` compiles every variant from the start, `False` none. An epoch's
+shorter last batch always takes the step uncompiled (replayed from its own graph): a
+compilation per stack size for one step per epoch would cost more than it saves. On CPU
+neither compilation nor autocast is used unless asked, and with fp32 the results equal `run_trial`'s up to floating-point rounding. Some models
 amplify rounding (as they do between two `run_trial` runs on different thread counts):
 with batch norm, a ReLU input within rounding of zero, or Adam's normalised steps on
 the near-zero gradient of a bias that feeds a batch-norm layer, can move the losses by
@@ -124,10 +126,12 @@ def run_trials_vectorized(configs: Sequence[TrialConfig], *, data_cache: DataCac
     of at most `chunk_size` trials (None: `choose_k`). `on_measurement(i, m)` receives
     every evaluation of `configs[i]` as it happens, `on_result(i, r)` its result as soon
     as it is decided; `best_so_far()` is read after every evaluation of every trial, as
-    `run_trial` reads it. `compile` (default: True on CUDA) compiles the training step;
+    `run_trial` reads it. `compile` compiles the training step (True: every variant from
+    its first step; default on CUDA: each variant once it has run uncompiled a while);
     `precision` "auto" means bf16 autocast on CUDA and fp32 elsewhere. `step_cache`, a
     dict the caller keeps (e.g. one per worker), reuses built (compiled) steps across
-    calls, so a compiled step is not recompiled for every group of the same shape.
+    calls, so a compiled step is not recompiled for every group of the same shape (and
+    the seconds each variant has run uncompiled add up across calls).
     `stacked` (default) trains plain MLPs with the vmap-free fast path of
     `trainers.stacked` when the step is neither compiled nor autocast (CPU by default);
     False forces the torch.func path everywhere. `cuda_graphs` (default: on CUDA; True
@@ -328,6 +332,7 @@ class _StepOptions:
     autocast_dtype: torch.dtype | None
     stacked: bool = False  # use trainers.stacked where it covers the model
     graphs: bool = False  # replay small vmapped steps from CUDA graphs
+    tiered: bool = False  # compile each step variant once it has run eager long enough
 
     @staticmethod
     def resolve(device: torch.device, compile: bool | None, precision: Precision,
@@ -341,7 +346,8 @@ class _StepOptions:
         compiled = on_cuda if compile is None else compile
         return _StepOptions(compiled, torch.bfloat16 if bf16 else None,
                             stacked and not compiled and not bf16,
-                            on_cuda if cuda_graphs is None else cuda_graphs)
+                            on_cuda if cuda_graphs is None else cuda_graphs,
+                            tiered=compile is None and on_cuda)
 
     @property
     def step_key(self) -> tuple:
@@ -387,6 +393,41 @@ class _Clock:
     eval_seconds: float = 0.0
 
 
+# Tiered compilation (the default on CUDA): a step variant (batch size, stack size, masked
+# or not) runs uncompiled, replayed from CUDA graphs where they apply, until it has spent
+# this many seconds, and compiled from then on. A compilation costs 7 to 17 s per variant
+# on an H100 or H200 (bench/README.md, warm-ups), and the compiled step is 1.25x to 1.7x
+# faster than the uncompiled one in a graph: it saves 20% to 40% of a variant's uncompiled
+# time, so a compilation (~12 s) pays for itself after ~40 s of uncompiled running.
+# Compiling once that much has been spent (the ski-rental rule) costs at most about twice
+# what the best choice in hindsight would, per variant; a study's many short-lived
+# variants (a cell's last group, small stacks near its end) never compile, and a
+# long-running variant runs compiled for all but its first 40 s.
+_EAGER_SECONDS_BEFORE_COMPILING = 40.0
+
+
+@dataclass
+class _CompileTiers:
+    """Uncompiled seconds per step variant, and the variants compiled so far."""
+
+    eager_seconds: dict[tuple, float] = field(default_factory=dict)
+    compiled: set[tuple] = field(default_factory=set)
+
+    def spend(self, variant: tuple, seconds: float) -> None:
+        """`variant` ran `seconds` more (uncompiled, unless it is compiled already)."""
+        if variant in self.compiled:
+            return
+        spent = self.eager_seconds[variant] = self.eager_seconds.get(variant, 0.0) + seconds
+        if spent >= _EAGER_SECONDS_BEFORE_COMPILING:
+            self.compiled.add(variant)
+
+
+def _variant(batch_size: int, stack: _Stack) -> tuple:
+    """What a compiled step specialises on besides the model: (batch size, stack size,
+    whether stopped trials are masked). The epoch's short last batch is never compiled."""
+    return batch_size, len(stack.trials), len(stack.running()) < len(stack.trials)
+
+
 @dataclass(frozen=True)
 class _Context:
     """What a group shares: the workload, data, model skeleton and compiled step."""
@@ -402,6 +443,8 @@ class _Context:
     # a compilation of its own per stack size (step_fn itself where not compiled)
     eager_step_fn: Callable = field(repr=False)
     options: _StepOptions
+    # which step variants have been compiled under tiered compilation, shared like graphed
+    tiers: _CompileTiers = field(default_factory=_CompileTiers, repr=False)
     # step_fn replayed from CUDA graphs, one per stack size K, shared by every group
     # (and every copy of this context) that replays graphs
     graphed: dict[int, GraphedStep] = field(default_factory=dict, repr=False)
@@ -440,7 +483,10 @@ def _run_group(configs: list[TrialConfig], indices: list[int], cache: DataCache,
             if clock.step % first.eval_every and clock.step < first.max_steps:
                 continue
             _sync(device)
-            clock.train_seconds += time.perf_counter() - started
+            elapsed = time.perf_counter() - started
+            clock.train_seconds += elapsed
+            if trainer is None and context.options.tiered and _compiles_per_stack_size(context, batch_size):
+                context.tiers.spend(_variant(batch_size, stack), elapsed)
             _evaluate_and_decide(context, stack, clock, sinks, train_size, first, trainer)
             started = time.perf_counter()
             if not stack.running():
@@ -645,21 +691,26 @@ def _has_conv(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.conv._ConvNd) for m in module.modules())
 
 
-def _step_for(context: _Context, batch_size: int, k: int, short: bool = False) -> Callable:
+def _step_for(context: _Context, batch_size: int, k: int, short: bool = False,
+              masked: bool = False) -> Callable:
     """The step a group of `k` trials at the cell's `batch_size` trains with: the trials
     in a loop (convnets at large batches), the vmapped step replayed from a CUDA graph
-    (small batches, where graphs are on), or the vmapped step. A `short` batch (the
-    epoch's last) takes the vmapped step uncompiled, replayed from its own graph where
-    graphs are on."""
+    (small batches, where graphs are on), or the vmapped step. The vmapped step is
+    compiled where the options say so, except for a `short` batch (the epoch's last) and,
+    under tiered compilation, a variant (`masked`: stopped trials in the stack) that has
+    not yet run long enough uncompiled; with graphs on, either is replayed from its own
+    graph on the same static state."""
     if _loops_trials(context.skeleton, batch_size, context.device):
         return context.looped_step_fn
-    step = context.eager_step_fn if short else context.step_fn
+    compiled = context.options.compile and not short and (
+        not context.options.tiered or (batch_size, k, masked) in context.tiers.compiled)
+    step = context.step_fn if compiled else context.eager_step_fn
     if context.options.graphs and batch_size <= _GRAPH_MAX_BATCH:
         graphed = context.graphed.pop(k, None) or GraphedStep(context.step_fn, context.device)
         context.graphed[k] = graphed  # the most recently used last
         if len(context.graphed) > _GRAPHED_STACK_SIZES:  # free the least recently used
             del context.graphed[next(iter(context.graphed))]
-        return functools.partial(graphed, step=step) if short else graphed
+        return graphed if step is graphed.step else functools.partial(graphed, step=step)
     return step
 
 
@@ -825,7 +876,8 @@ def _train_step(context: _Context, stack: _Stack, clock: _Clock, start: int, bat
     active = None if len(stack.running()) == len(stack.trials) else stack.active
     # By the cell's batch size, not this batch's: an epoch's shorter last batch keeps the
     # path (and, compiled, needs no variant of the other one).
-    step = _step_for(context, batch_size, len(stack.trials), short=index.shape[1] < batch_size)
+    step = _step_for(context, batch_size, len(stack.trials), short=index.shape[1] < batch_size,
+                     masked=active is not None)
     stack.params, stack.buffers, stack.opt_state, loss_sums = step(
         stack.params, stack.buffers, stack.opt_state, stack.hparams, row, x, y, active)
     stack.interval_loss = stack.interval_loss + loss_sums.float()

@@ -1,9 +1,11 @@
-"""The graphed step (trainers.cuda_graphs) computes what the plain vmapped step computes.
+"""The graphed step (trainers.cuda_graphs) computes what the plain vmapped step computes,
+and a group's steps take the compiled or uncompiled step as the options say.
 
 On the CPU the static-state bookkeeping runs uncaptured: adopting a new group's state in
 place, one replay per batch shape and masking variant, a state of another stack size.
 On CUDA the captured graphs give the same trials as the step without them."""
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ import torch
 import trainers.vectorized as vectorized_module
 from trainers.cuda_graphs import GraphedStep
 from trainers.loop import DataCache, build_model
-from trainers.vectorized import (_Context, _make_context, _make_stack, _Sinks, _StepOptions,
+from trainers.vectorized import (_CompileTiers, _Context, _make_context, _make_stack, _Sinks, _StepOptions,
                                  run_trials_vectorized)
 from trainers.workloads import DataOptions, get_workload
 
@@ -141,18 +143,80 @@ def test_graphs_are_for_small_vmapped_steps_and_need_cuda():
     assert vectorized_module._step_for(context, vectorized_module._GRAPH_MAX_BATCH + 1, 2) is context.step_fn
 
 
-def test_an_epochs_short_last_batch_takes_the_uncompiled_step():
-    configs = _cell((1, 2), (0.1, 0.1))
-    eager, _, _ = _stack(configs)
-    compiled = dataclasses.replace(eager, step_fn=torch.compile(eager.step_fn))  # never called here
+def test_the_compiled_step_is_for_full_batches_and_when_tiered_for_long_running_variants():
+    eager, _, _ = _stack(_cell((1, 2), (0.1, 0.1)))
+    compiled = dataclasses.replace(eager, step_fn=torch.compile(eager.step_fn),  # never called here
+                                   options=_StepOptions(True, None))
     step_for = vectorized_module._step_for
-    assert step_for(compiled, 64, 2) is compiled.step_fn is not compiled.eager_step_fn
-    assert step_for(compiled, 64, 2, short=True) is compiled.eager_step_fn
-    assert step_for(eager, 64, 2, short=True) is eager.step_fn is eager.eager_step_fn
+    assert step_for(compiled, 64, 2) is step_for(compiled, 64, 2, masked=True) is compiled.step_fn
+    assert compiled.step_fn is not compiled.eager_step_fn
+    assert step_for(compiled, 64, 2, short=True) is compiled.eager_step_fn  # the epoch's last batch
+    assert step_for(eager, 64, 2) is step_for(eager, 64, 2, short=True) is eager.step_fn is eager.eager_step_fn
+    # tiered: every variant starts uncompiled and is compiled once it has spent 40 s
+    tiered = dataclasses.replace(compiled, options=_StepOptions(True, None, tiered=True), tiers=_CompileTiers())
+    assert step_for(tiered, 64, 2) is tiered.eager_step_fn
+    tiered.tiers.spend((64, 2, False), 25.0)
+    tiered.tiers.spend((64, 2, True), 25.0)
+    tiered.tiers.spend((64, 2, False), 15.0)
+    assert step_for(tiered, 64, 2) is tiered.step_fn and tiered.tiers.compiled == {(64, 2, False)}
+    assert step_for(tiered, 64, 2, masked=True) is step_for(tiered, 64, 4) is step_for(tiered, 32, 2) \
+        is step_for(tiered, 64, 2, short=True) is tiered.eager_step_fn
+    tiered.tiers.spend((64, 2, False), 100.0)  # compiled: no longer counted
+    assert tiered.tiers.eager_seconds == {(64, 2, False): 40.0, (64, 2, True): 25.0}
+    # graphs: one static state per stack size, a variant per step function
     graphed = dataclasses.replace(compiled, options=_StepOptions(True, None, graphs=True))
     full, short = step_for(graphed, 64, 2), step_for(graphed, 64, 2, short=True)
-    assert isinstance(full, GraphedStep) and short.func is full  # one static state, two variants
+    assert isinstance(full, GraphedStep) and full.step is compiled.step_fn and short.func is full
     assert short.keywords == {"step": compiled.eager_step_fn}
+
+
+def _step_choices(monkeypatch) -> list[tuple]:
+    """(stack size, masked, short batch, compiled step) of every step a group takes."""
+    choices = []
+    step_for = vectorized_module._step_for
+
+    def spy(context, batch_size, k, short=False, masked=False):
+        step = step_for(context, batch_size, k, short=short, masked=masked)
+        choices.append((k, masked, short, step is context.step_fn and context.options.compile))
+        return step
+    monkeypatch.setattr(vectorized_module, "_step_for", spy)
+    monkeypatch.setattr(torch, "compile", lambda fn, dynamic=False: lambda *args: fn(*args))  # a new object
+    return choices
+
+
+@pytest.mark.parametrize("threshold", [0.0, math.inf])
+def test_tiered_compilation_runs_a_variant_uncompiled_until_it_has_spent_the_threshold(monkeypatch, threshold):
+    configs = CELLS["momentum"]  # evaluations every 10 steps; stacks of 4, 4 masked, 2
+    choices = _step_choices(monkeypatch)
+    plain, _ = _run_group(configs, _StepOptions(False, None))
+    monkeypatch.setattr(vectorized_module, "_EAGER_SECONDS_BEFORE_COMPILING", threshold)
+    choices.clear()
+    tiered, steps = _run_group(configs, _StepOptions(True, None, tiered=True))
+    assert_same_runs(plain, tiered)
+    by_variant: dict[tuple, list[bool]] = {}
+    for k, masked, short, compiled in choices:
+        assert not (short and compiled)
+        if not short:
+            by_variant.setdefault((k, masked), []).append(compiled)
+    # (4, False) runs one interval: the diverged trial stops at the first evaluation
+    assert {v: len(f) for v, f in by_variant.items()} == {(4, False): 10, (4, True): 47, (2, False): 38}
+    uncompiled = {}
+    for variant, flags in by_variant.items():
+        uncompiled[variant] = flags.index(True) if True in flags else len(flags)
+        assert flags == [False] * uncompiled[variant] + [True] * (len(flags) - uncompiled[variant])
+    if threshold == 0.0:  # compiled from its second interval on (the first: 10 steps, or 9 + a short one)
+        assert uncompiled == {(4, False): 10, (4, True): 9, (2, False): 10}
+    else:
+        assert uncompiled == {v: len(f) for v, f in by_variant.items()}
+    context = next(v for v in steps.values() if isinstance(v, _Context))
+    assert context.tiers.compiled == ({(64, k, masked) for k, masked in by_variant} if threshold == 0.0 else set())
+
+
+def test_untiered_compilation_compiles_every_full_batch(monkeypatch):
+    choices = _step_choices(monkeypatch)
+    _run_group(CELLS["momentum"], _StepOptions(True, None))
+    assert {compiled for _, _, short, compiled in choices if not short} == {True}
+    assert {compiled for _, _, short, compiled in choices if short} == {False}
 
 
 def test_a_graphed_step_records_another_step_function_on_the_same_state():
@@ -197,7 +261,7 @@ def test_cuda_graphs_equal_the_step_without_them(compile):
 def test_cuda_graphs_by_default_bf16_learn_and_reuse_their_state():
     configs = _cuda(_cell((1, 2, 3, 4), (0.3, 0.2, 0.1, 0.05)), max_steps=100)
     steps: dict = {}
-    first = vectorized(configs, chunk_size=4, step_cache=steps)  # CUDA defaults: compiled, bf16, graphs
+    first = vectorized(configs, chunk_size=4, step_cache=steps)  # CUDA defaults: tiered, bf16, graphs
     captured = _captured(steps)
     assert captured >= 1 and all(r.best_metric < 0.2 for r, _ in first)
     again = vectorized(configs, chunk_size=4, step_cache=steps)  # same shapes: no new capture
@@ -205,3 +269,19 @@ def test_cuda_graphs_by_default_bf16_learn_and_reuse_their_state():
     assert [(r.outcome, r.steps) for r, _ in again] == [(r.outcome, r.steps) for r, _ in first]
     for (_, want), (_, got) in zip(first, again):
         assert [m.val_error for m in got] == [m.val_error for m in want]  # deterministic replays
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_tiered_compilation_on_cuda_replays_both_steps_on_one_static_state(monkeypatch):
+    """Threshold 0: each variant's first interval replays the uncompiled step's graph, the
+    rest the compiled step's, in the same GraphedStep; the trials are the eager ones."""
+    monkeypatch.setattr(vectorized_module, "_EAGER_SECONDS_BEFORE_COMPILING", 0.0)
+    configs = _cuda(CELLS["momentum"])
+    options = dict(chunk_size=4, precision="fp32", stacked=False)
+    eager = vectorized(configs, compile=False, cuda_graphs=False, **options)
+    steps: dict = {}
+    tiered = vectorized(configs, step_cache=steps, **options)  # CUDA defaults: tiered, graphs
+    assert_same_runs(eager, tiered)
+    context = next(v for v in steps.values() if isinstance(v, _Context))
+    assert context.options.tiered and context.tiers.compiled
+    assert any(len({key[-1] for key in g._replays}) == 2 for g in context.graphed.values())

@@ -150,7 +150,7 @@ def test_a_compiled_step_compacts_to_powers_of_two_with_the_same_results(monkeyp
     sizes: list[int] = []
     step_for = vectorized_module._step_for
     monkeypatch.setattr(vectorized_module, "_step_for",
-                        lambda context, b, k, short=False: sizes.append(k) or step_for(context, b, k, short))
+                        lambda context, b, k, **kw: sizes.append(k) or step_for(context, b, k, **kw))
     exact = vectorized(configs, chunk_size=6, stacked=False)
     exact_sizes = sorted(set(sizes))
     sizes.clear()
@@ -246,7 +246,7 @@ def test_compiled_step_equals_eager():
 def test_cuda_bf16_compiled_trials_learn():
     configs = [config("momentum", {"learning_rate": 0.3, "momentum": 0.9}, s, device="cuda",
                       max_steps=100, target=Target("val_error", 0.0)) for s in (1, 2)]
-    results = vectorized(configs)  # default on CUDA: compiled, bf16 autocast
+    results = vectorized(configs)  # default on CUDA: tiered compilation, bf16 autocast
     assert all(r.outcome == "not_reached" and r.best_metric < 0.15 for r, _ in results)
 
 
