@@ -235,6 +235,7 @@ def test_a_graphed_step_records_another_step_function_on_the_same_state():
     # two variants; off CUDA a replay runs its step: the other one, on each short batch only
     assert calls == [(2, 36)] * 2 and len(graphed._replays) == 2
 
+
 def _cuda(configs, **overrides):
     return [dataclasses.replace(c, device="cuda", **overrides) for c in configs]
 
