@@ -32,7 +32,8 @@ def resolve_trial_config(spec: CampaignSpec, *, batch_size: int, optimizer: str,
         schedule=definition.lr_schedule, hparams=hparams, max_steps=spec.max_steps,
         max_epochs=max_epochs, batch_plan=batch_plan, eval_every=spec.eval_every,
         target=spec.target, seed=seed, device=device, data_dir=spec.data_dir,
-        download=spec.download, val_size=spec.val_size, divergence_factor=spec.divergence_factor,
+        download=spec.download, val_size=spec.val_size, loader_workers=spec.loader_workers,
+        divergence_factor=spec.divergence_factor,
         probes=spec.probes, noise_scale_batches=spec.noise_scale_batches)
 
 

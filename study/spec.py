@@ -91,6 +91,9 @@ class CampaignSpec:
     divergence_factor: float = 10.0
     max_epochs: int | None = None
     val_size: int | None = None
+    # DataLoader worker processes of folder workloads (ImageNet at full size). Each seeds
+    # the augmentation of the batches it loads, so the count is part of what a seed means.
+    loader_workers: int = 8
     schedule_defs: Mapping[str, ScheduleDef] = field(default_factory=dict)
     scaling: Scaling | None = None
     # Probes during training (trainers.probe_hooks.PROBES) and final-weight checkpoints.
@@ -202,7 +205,7 @@ class _Validator:
         self.unknown_keys(campaign, "campaign", {
             "name", "workload", "batch_sizes", "optimizers", "schedules", "trials_per_cell",
             "max_steps", "eval_every", "seed", "prune", "data_dir", "download",
-            "divergence_factor", "max_epochs", "val_size", *_PROBE_DEFAULTS})
+            "divergence_factor", "max_epochs", "val_size", "loader_workers", *_PROBE_DEFAULTS})
         name = self.get(campaign, "campaign", "name", str, check=_check_name)
         workload = self.get(campaign, "campaign", "workload", str,
                             check=lambda w: None if w in WORKLOADS else
@@ -236,6 +239,8 @@ class _Validator:
                                        check=lambda v: None if v > 1 else "must be > 1"),
             max_epochs=self.get(campaign, "campaign", "max_epochs", int, None, check=positive),
             val_size=self.get(campaign, "campaign", "val_size", int, None, check=positive),
+            loader_workers=self.get(campaign, "campaign", "loader_workers", int, 8,
+                                    check=lambda v: None if v >= 0 else "must be >= 0"),
             schedule_defs={n: d for n, d in schedule_defs.items() if n in schedules},
             scaling=self.scaling(), source=self.source, text=text, **self.probe_options(campaign))
         self.check_cells_complete(spec)

@@ -101,7 +101,8 @@ VECTORIZED_OPTIMIZERS: tuple[str, ...] = ("sgd", "momentum", "nesterov", "adam",
 # The fields a vectorized group shares; the rest (hparams, seed, schedule) may differ.
 _SHARED_FIELDS: tuple[str, ...] = (
     "workload", "batch_size", "optimizer", "max_steps", "eval_every", "target", "device",
-    "data_dir", "download", "val_size", "divergence_factor", "eval_batch_size")
+    "data_dir", "download", "val_size", "divergence_factor", "eval_batch_size",
+    "loader_workers")  # DataLoader workloads are never vectorized: no effect here
 _PER_TRIAL_FIELDS: tuple[str, ...] = ("hparams", "seed", "schedule")
 
 _CPU_MEMORY_BUDGET_BYTES = 1 << 30  # a modest 1 GiB of stacked trial state on CPU

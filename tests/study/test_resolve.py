@@ -68,3 +68,16 @@ def test_smith_wrn_modes_share_the_noise_scale_every_epoch():
         assert max(ratios) == pytest.approx(min(ratios))
     # hybrid: 60 epochs x ceil(50000/128) + 140 x ceil(50000/640) = 23,460 + 11,060
     assert [count_updates(p, 50_000, 200)[0] for p in plans] == [78_200, 34_520, 29_000]
+
+
+def test_loader_workers_is_a_campaign_setting_stored_with_the_trial():
+    from study.spec import SpecError, parse_spec
+    from trainers.vectorized import is_vectorizable
+    text = (EXAMPLES / "demo_digits.toml").read_text()
+    default = resolve(parse_spec(text, "demo"), 16)
+    assert default.loader_workers == 8 and default.to_json_dict()["loader_workers"] == 8
+    two = resolve(parse_spec(text.replace("[campaign]\n", "[campaign]\nloader_workers = 2\n", 1), "demo"), 16)
+    assert two.loader_workers == 2 and two.to_json_dict()["loader_workers"] == 2
+    assert is_vectorizable(default) and is_vectorizable(two)  # resident data: no effect, still stacked
+    with pytest.raises(SpecError, match="campaign.loader_workers"):
+        parse_spec(text.replace("[campaign]\n", "[campaign]\nloader_workers = -1\n", 1), "demo")
