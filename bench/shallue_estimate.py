@@ -10,10 +10,9 @@ images / int64 labels of the real shapes and sizes, per batch size B, with K tri
 as the worker does for a group of one; on CUDA the step uncompiled, as the worker's tiered
 compilation runs every variant for its first 40 s, or compiled with --compile). After one
 untimed warm-up run of the same shape (graph capture; with --compile, the compilation),
-a run of --steps steps that evaluates once at the end
-is timed; the trainer's own clocks (synchronised on CUDA) split it into training and
-evaluation, and the rest of the run's wall time is per-group setup (building K models,
-stacking them):
+a run of --steps steps that evaluates once at the end is timed; the trainer's own clocks
+(synchronised on CUDA) split it into training and evaluation, and the rest of the run's
+wall time is per-group setup (building K models, stacking them):
     ms per trial-step = training seconds / (steps x K)
     ms per trial-evaluation = evaluation seconds / K  (one pass over the 5,000 val images)
     s per group = wall - training - evaluation; "warm-up +s" = warm-up wall - wall.

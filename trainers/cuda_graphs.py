@@ -14,10 +14,11 @@ reuse one set of device tensors and the graphs captured for them, instead of all
 and capturing again.
 
 One `GraphedStep` serves one stack size K (the state's leading dimension). It captures
-one graph per input shape (the cell's batch, an epoch's shorter last batch) and per
-masking variant (every trial running, or a mask), all drawing their intermediates from
-one memory pool: they run one at a time and keep their outputs alive, so they can share
-it. Off CUDA (the CPU tests) the same in-place step runs eagerly, without a graph.
+one graph per input shape (the cell's batch, an epoch's shorter last batch), per
+masking variant (every trial running, or a mask) and per step function (compiled or
+not), all drawing their intermediates from one memory pool: they run one at a time and
+keep their outputs alive, so they can share it. Off CUDA (the CPU tests) the same
+in-place step runs eagerly, without a graph.
 """
 from __future__ import annotations
 
@@ -87,8 +88,9 @@ class GraphedStep:
     returned dicts are the static ones; keep passing them. The loss sums are a static
     output too, overwritten by the next call: read them before. `step=` records a variant
     from another step function of the same signature on the same state (the uncompiled
-    step for an epoch's shorter last batch). `captured` counts the graphs captured; a
-    variant that cannot be captured runs uncaptured, with a warning."""
+    step, for an epoch's shorter last batch or a variant not compiled yet). `captured`
+    counts the graphs captured; a variant that cannot be captured runs uncaptured, with a
+    warning."""
 
     def __init__(self, step: Callable, device: torch.device):
         self.step, self.device = step, device
