@@ -17,6 +17,8 @@ from study.cli_extra import add_commands
 from study import probe_cli
 
 USER_ERROR = 2
+# --compile -> trainers.vectorized.run_trials_vectorized(compile=): None is its tiered default
+COMPILE_MODES = {"auto": None, "always": True, "never": False}
 
 
 class UserError(Exception):
@@ -150,6 +152,10 @@ def _recovery_args(parser: argparse.ArgumentParser) -> None:
         "(default): on CUDA as many as the device's memory and the workload allow, per "
         "cell; on CPU one at a time, which keeps every trial's measurements exactly those "
         "of its seed"))
+    parser.add_argument("--compile", choices=tuple(COMPILE_MODES), default="auto", help=(
+        "torch.compile of the vectorized training step on CUDA: 'auto' (default) compiles "
+        "each variant of the step once it has run 40 s uncompiled; 'always' from its first "
+        "step (long cells: no uncompiled start); 'never'"))
     parser.add_argument("--heartbeat", type=float, default=10.0,
                         help="seconds between a worker's heartbeats (default 10)")
     parser.add_argument("--grace", type=float, default=60.0, help=(
@@ -212,7 +218,7 @@ def _work(args, engine, url, log) -> int:
     worker = CampaignWorker(engine, url, args.campaign, device=args.device,
                             max_trials=args.max_trials, log=log,
                             heartbeat_seconds=args.heartbeat, grace_seconds=args.grace,
-                            trials_at_once=args.trials_at_once)
+                            trials_at_once=args.trials_at_once, compile=COMPILE_MODES[args.compile])
     done = worker.run()
     log(f"[worker {worker.worker_id}] finished {done} trials")
     if worker.stop_requested:  # non-zero, so a supervisor (Kubernetes) starts another
@@ -235,7 +241,7 @@ def cmd_run(args) -> int:
     command = [sys.executable, "-m", "study.cli", "worker", "--campaign", spec.name,
                "--storage", url, "--device", args.device, "--threads", str(threads), "--quiet",
                "--heartbeat", str(args.heartbeat), "--grace", str(args.grace),
-               "--trials-at-once", str(args.trials_at_once)]
+               "--trials-at-once", str(args.trials_at_once), "--compile", args.compile]
     processes = [subprocess.Popen(command) for _ in range(args.workers)]
     try:
         _watch(engine, spec.name, processes)

@@ -220,6 +220,7 @@ class CampaignWorker:
                  device: str = "auto", max_trials: int | None = None, log: Log = print,
                  heartbeat_seconds: float = DEFAULT_HEARTBEAT_SECONDS,
                  grace_seconds: float = DEFAULT_GRACE_SECONDS, trials_at_once: int | str = 1,
+                 compile: bool | None = None,
                  flush_seconds: float = 1.0, best_refresh_seconds: float = 1.0):
         if not 0 < heartbeat_seconds < grace_seconds:
             raise ValueError(f"heartbeat ({heartbeat_seconds} s) must be > 0 and shorter than "
@@ -248,6 +249,7 @@ class CampaignWorker:
         self._default_k = 1 if trials_at_once == AUTO else trials_at_once
         self._cell_k: dict[int, int] = {}
         self.step_cache: dict = {}  # compiled vectorized steps, reused across groups
+        self.compile = compile  # run_trials_vectorized's: None tiered on CUDA, True, False
         self._studies: dict[str, optuna.Study] = {}  # the cells' studies, loaded once
         self.ranks = launched_ranks()  # under torchrun, this is rank 0: it leads the others
         # Quasi-random and random points are all enqueued at creation: asking for the next
@@ -492,7 +494,7 @@ class CampaignWorker:
                 # worker's own steps hold by now, would split it and compile the remainder.
                 run_trials_vectorized(configs, data_cache=self.data, on_measurement=write,
                                       on_result=on_result, best_so_far=best, prune=self.spec.prune,
-                                      step_cache=self.step_cache,
+                                      step_cache=self.step_cache, compile=self.compile,
                                       chunk_size=len(configs) if self._cell_k else None)
             return {}
         except (Interrupted, KeyboardInterrupt, StorageJobError):

@@ -34,12 +34,12 @@ SPEC = textwrap.dedent("""
 """)
 
 
-def run_campaign(tmp_path, name: str, trials_at_once: int) -> pd.DataFrame:
+def run_campaign(tmp_path, name: str, trials_at_once: int, **options) -> pd.DataFrame:
     url = f"sqlite:///{tmp_path / name}.db"
     engine = make_engine(url)
     create_campaign(engine, url, parse_spec(SPEC, "vec.toml"))
     worker = CampaignWorker(engine, url, "vec", device="cpu", log=lambda line: None,
-                            trials_at_once=trials_at_once)
+                            trials_at_once=trials_at_once, **options)
     assert worker.run() == 8
     info = campaign_info(engine, "vec")
     trials = queries.trials(engine, info.id)
@@ -133,3 +133,19 @@ def test_an_auto_sized_group_trains_as_one_stack(tmp_path, monkeypatch):
                         lambda configs, **kw: chunks.append((len(configs), kw["chunk_size"])) or real(configs, **kw))
     run_campaign(tmp_path, "auto", "auto")
     assert chunks == [(4, 4), (4, 4)]
+
+
+@pytest.mark.parametrize("mode, compile", [("auto", None), ("never", False)])
+def test_the_workers_compile_mode_reaches_the_trainer(tmp_path, monkeypatch, mode, compile):
+    """--compile auto | always | never is run_trials_vectorized's compile= (None: tiered on
+    CUDA); `batchlab run` hands it to its workers. ("always" would compile on this CPU.)"""
+    import trainers.vectorized
+    from study.cli import COMPILE_MODES, build_parser
+    args = build_parser().parse_args(["worker", "--campaign", "vec", "--compile", mode])
+    assert COMPILE_MODES[args.compile] is compile and COMPILE_MODES["always"] is True
+    assert build_parser().parse_args(["worker", "--campaign", "vec"]).compile == "auto"
+    seen, real = [], trainers.vectorized.run_trials_vectorized
+    monkeypatch.setattr(trainers.vectorized, "run_trials_vectorized",
+                        lambda configs, **kw: seen.append(kw["compile"]) or real(configs, **kw))
+    run_campaign(tmp_path, mode, 4, compile=COMPILE_MODES[args.compile])
+    assert seen and set(seen) == {compile}
