@@ -4,6 +4,7 @@ A workload variant (another model, a data subset) is a new registry entry, not a
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Callable, Mapping
@@ -71,7 +72,8 @@ class Workload:
     optimizers: Mapping[str, tuple[str, ...]] | None = None
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, C, H, W) -> normalised float, on x's device."""
+        """uint8 (..., C, H, W) -> normalised float, on x's device (a batch (N, C, H, W),
+        or the vectorized trainer's stack of batches (K, N, C, H, W))."""
         return (x.float() / self.scale - _per_channel(self.mean, x)) / _per_channel(self.std, x)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor):
@@ -82,9 +84,15 @@ class Workload:
 
 
 def _per_channel(value: float | tuple[float, ...], x: torch.Tensor) -> float | torch.Tensor:
+    """A per-channel constant broadcast over images' trailing (C, H, W) dimensions."""
     if isinstance(value, tuple):
-        return torch.tensor(value, device=x.device).view(1, -1, *([1] * (x.dim() - 2)))
+        return _channel_constant(value, x.device)
     return value
+
+
+@functools.lru_cache(maxsize=None)
+def _channel_constant(value: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(value, device=device).view(-1, 1, 1)  # made once per device, not per batch
 
 
 WorkloadRegistry = dict[str, Workload]

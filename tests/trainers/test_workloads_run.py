@@ -61,3 +61,43 @@ def test_workload_trains_a_few_steps(name, tmp_path, monkeypatch):
     assert [m.step for m in measurements] == list(range(1, result.steps + 1))
     assert all(m.examples == 4 * m.step for m in measurements)
     assert all(math.isfinite(m.val_loss) and 0.0 <= m.val_error <= 1.0 for m in measurements)
+
+
+def test_per_channel_workloads_vectorize_like_run_trial(tmp_path, monkeypatch):
+    """CIFAR and ImageNet workloads normalise per channel: the vectorized trainer
+    preprocesses a stack of batches (K, b, C, H, W) at once, and must normalise each
+    image as `run_trial` does (it once broadcast the channel constants over b)."""
+    import torch
+
+    from trainers.vectorized import is_vectorizable, run_trials_vectorized
+
+    name = "cifar10_resnet8"
+    workload = WORKLOADS[name]
+    assert isinstance(workload.mean, tuple)
+    images = torch.randint(0, 256, (2, 5, 3, 8, 8), dtype=torch.uint8)
+    stacked = workload.preprocess(images)
+    assert torch.equal(stacked, torch.stack([workload.preprocess(batch) for batch in images]))
+    assert stacked[1, 2, 0].mean().item() == pytest.approx(
+        (images[1, 2, 0].float() / 255 - workload.mean[0]).mean().item() / workload.std[0], rel=1e-5)
+
+    data_dir, val_size = data_dir_for(name, tmp_path, monkeypatch)
+    configs = [TrialConfig(workload=name, batch_size=4, optimizer="momentum", schedule="constant",
+                           hparams={"learning_rate": lr, "momentum": 0.9}, max_steps=3, eval_every=1,
+                           target=Target("val_error", 0.0), seed=seed, device="cpu", data_dir=data_dir,
+                           val_size=val_size, eval_batch_size=64) for lr, seed in ((0.01, 1), (0.05, 2))]
+    assert is_vectorizable(configs[0])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # batch norm amplifies a parallel reduction's order (test_vectorized_bn)
+    try:
+        expected = []
+        for cfg in configs:
+            measurements = []
+            run_trial(cfg, on_measurement=measurements.append)
+            expected.append([loss for m in measurements for loss in (m.train_loss, m.val_loss)])
+        got = [[] for _ in configs]
+        run_trials_vectorized(configs, on_measurement=lambda i, m: got[i].extend((m.train_loss, m.val_loss)))
+    finally:
+        torch.set_num_threads(threads)
+    assert [len(runs) for runs in got] == [len(runs) for runs in expected] == [6, 6]
+    for want, have in zip(expected, got):
+        assert have == pytest.approx(want, rel=1e-4)
