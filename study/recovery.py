@@ -24,7 +24,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Callable
+from typing import Callable, Iterable, Mapping
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
@@ -115,20 +115,23 @@ def abandon_trial(engine: Engine, storage: optuna.storages.BaseStorage, trial_ro
     return True
 
 
-_RERUN_PENDING = text("""
-SELECT 1 FROM bl_trials r
+_RERUNS_PENDING = text("""
+SELECT COALESCE(r.attempt_of, r.id), r.attempt + 1 FROM bl_trials r
 WHERE r.cell_id = :cell_id AND r.outcome = 'abandoned' AND r.optuna_trial_id >= 0
   AND NOT EXISTS (SELECT 1 FROM bl_trials s
                   WHERE s.attempt_of = COALESCE(r.attempt_of, r.id) AND s.attempt = r.attempt + 1)
-LIMIT 1
 """)
 
 
-def rerun_pending(engine: Engine, cell_id: int) -> bool:
+def rerun_pending(engine: Engine, cell_id: int, asked: Iterable[Mapping] = ()) -> bool:
     """Whether an abandoned attempt of this cell has no re-run row yet: its point is being
-    re-queued (`abandon_trial` gives the slot back first), or is queued and not yet asked."""
+    re-queued (`abandon_trial` gives the slot back first), or is queued and not yet asked.
+    `asked`: the user attributes of points the caller has popped and not recorded yet;
+    the re-runs among them are not pending."""
+    taken = {(attrs.get(ATTEMPT_OF_ATTR), attrs.get(ATTEMPT_ATTR)) for attrs in asked}
     with engine.connect() as connection:
-        return connection.execute(_RERUN_PENDING, {"cell_id": cell_id}).first() is not None
+        return any((first, attempt) not in taken for first, attempt in
+                   connection.execute(_RERUNS_PENDING, {"cell_id": cell_id}))
 
 
 def _mark_abandoned(engine: Engine, trial_row_id: int, reason: str, stale_before: datetime | None):

@@ -44,8 +44,8 @@ from study.recovery import (ATTEMPT_ATTR, ATTEMPT_OF_ATTR, DEFAULT_GRACE_SECONDS
 from study.retry import call_with_retry
 from study.resolve import resolve_trial_config, with_checkpoint
 from study.spec import Param, parse_spec
-from study.tuning import (Asked, ask_queued, distributions, hparams_from_optuna, make_sampler,
-                          optuna_storage, pop_queued, tell)
+from study.tuning import (Asked, ask_queued, distributions, draw, hparams_from_optuna, make_sampler,
+                          optuna_storage, tell)
 from trainers.config import Measurement, TrialConfig, TrialResult
 from trainers.loop import DataCache, resolve_device, run_trial
 from trainers.workloads import DataOptions, get_workload
@@ -554,15 +554,13 @@ class CampaignWorker:
         return group
 
     def _ask(self, claim: Claim, space, count: int) -> list[Asked]:
-        """`count` points of the claim's cell. Quasi-random and random cells: every point
-        was enqueued at creation (and is popped without loading the study). TPE cells:
-        only re-runs of lost trials are; TPE samples the others."""
+        """`count` points of the claim's cell (`ask_queued`). Quasi-random and random
+        cells: every point was enqueued at creation (and is popped without loading the
+        study). TPE cells: only re-runs of lost trials are; TPE draws the others."""
         dists = distributions(space)
-        asked = pop_queued(self.storage, claim.study_name, dists, count) if self.points_enqueued else []
-        if len(asked) == count:
-            return asked
-        return asked + ask_queued(self._study(claim.study_name), self.storage, dists,
-                                  lambda: rerun_pending(self.engine, claim.cell_id), count - len(asked))
+        return ask_queued(self.storage, claim.study_name, dists, count,
+                          rerun_pending=lambda asked: rerun_pending(self.engine, claim.cell_id, asked),
+                          draw=lambda n: draw(self._study(claim.study_name), self.storage, dists, n))
 
     def _study(self, name: str) -> optuna.Study:
         study = self._studies.get(name)

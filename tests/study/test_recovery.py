@@ -35,7 +35,7 @@ from study.recovery import (ATTEMPT_ATTR, ATTEMPT_OF_ATTR, SEED_ATTR, Heartbeat,
                             reap_lost_trials, rerun_pending)
 from study.results import campaign_info
 from study.spec import parse_spec
-from study.tuning import ask_queued, distributions, optuna_storage
+from study.tuning import ask_queued, distributions, draw, optuna_storage
 from study.worker import Attempt, claim_cell
 
 FINISHED = {"reached", "not_reached", "diverged", "failed", "pruned"}
@@ -232,7 +232,9 @@ def test_a_claim_between_a_reapers_slot_and_its_requeue_waits_for_the_point(tmp_
 
     def claim_and_ask() -> None:
         assert claim_cell(engine, info.id, "late")  # the slot is back already
-        [asked["queued"]] = ask_queued(study, storage, space, lambda: rerun_pending(engine, cell_id))
+        [asked["queued"]] = ask_queued(storage, study.study_name, space, 1,
+                                       rerun_pending=lambda popped: rerun_pending(engine, cell_id, popped),
+                                       draw=lambda n: draw(study, storage, space, n))
 
     real_requeue = recovery.requeue
 
@@ -253,10 +255,37 @@ def test_a_claim_between_a_reapers_slot_and_its_requeue_waits_for_the_point(tmp_
     assert "fixed_params" not in sampled.system_attrs and sampled.params != lost_point  # the race
     rerun = storage.get_trial(asked["queued"].trial_id)
     assert rerun.params == lost_point and rerun.user_attrs[ATTEMPT_ATTR] == 2
-    failed = [t for t in study.trials if t.state.name == "FAIL"]
-    # the lost trial, and the points ask_queued sampled (and failed) while nothing was queued
-    drawn = [t for t in failed if t.number != int(row["trial_number"])]
-    assert len(drawn) == len(failed) - 1 >= 1 and not any("fixed_params" in t.system_attrs for t in drawn)
+    # nothing was drawn (and failed) while the re-run was pending: the lost trial is the only failure
+    assert [t.number for t in study.trials if t.state.name == "FAIL"] == [int(row["trial_number"])]
+
+
+def test_a_popped_rerun_is_not_waited_for(tmp_path):
+    """A group that pops a lost trial's re-run with other points draws the others at once:
+    the re-run it holds is pending only until the group is recorded."""
+    url = f"sqlite:///{tmp_path / 'popped.db'}"
+    engine, info = create(url, spec_text("popped", batch_sizes=(16,), trials_per_cell=3)
+                          + '\n[sampler]\nkind = "tpe"\n')
+    lost = running_trial(engine, url, info, "ghost")
+    storage = optuna_storage(url)
+    assert abandon_trial(engine, storage, lost, "lost")
+    cell = queries.cells(engine, info.id).iloc[0]
+    cell_id = int(cell["cell_id"])
+    study = optuna.load_study(study_name=cell["study_name"], storage=storage)
+    space = distributions(parse_spec(_spec_text(engine, info.id), "db").cell_space("momentum", "constant"))
+    answers = []
+
+    def pending(popped):
+        answers.append(rerun_pending(engine, cell_id, popped))
+        return answers[-1]
+
+    assert rerun_pending(engine, cell_id)  # queued, not yet asked
+    rerun, *drawn = ask_queued(storage, study.study_name, space, 3, rerun_pending=pending,
+                               draw=lambda n: draw(study, storage, space, n), wait_seconds=60)
+    assert answers == [False]  # asked once, not waited on
+    lost_point = json.loads(trial_rows(engine, info.id).set_index("id").loc[lost]["hparams"])
+    assert rerun.params == lost_point and rerun.user_attrs[ATTEMPT_ATTR] == 2
+    assert len(drawn) == 2 and all(t.params != lost_point and not t.user_attrs for t in drawn)
+    assert rerun_pending(engine, cell_id)  # for others, until the re-run's row is recorded
 
 
 def test_a_heartbeat_during_the_storage_threads_transaction_does_not_deadlock(local_postgres):

@@ -1,6 +1,6 @@
-"""study.tuning: pop_queued and tell, the worker's cheaper ask of enqueued points
-(several trials at once) and its tell (in the worker's own transaction), against
-Optuna's Study.ask and Study.tell."""
+"""study.tuning: pop_queued, draw and tell, the worker's cheaper ask of enqueued points
+and of TPE's points (several trials at once) and its tell (in the worker's own
+transaction), against Optuna's Study.ask and Study.tell."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,7 +11,7 @@ import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-from study.tuning import Asked, optuna_storage, outcome_state, pop_queued, tell
+from study.tuning import Asked, create_running, draw, optuna_storage, outcome_state, pop_queued, tell
 
 DISTS = {"learning_rate": FloatDistribution(1e-3, 1.0, log=True),
          "one_minus_momentum": FloatDistribution(0.01, 0.2, log=True),
@@ -114,3 +114,64 @@ def test_tell_stores_what_study_tell_stores(url):
                                   ("PRUNED", None, True), ("FAIL", None, True), ("FAIL", None, True),
                                   ("COMPLETE", [40.0], True), ("COMPLETE", [7.0], True)]
     assert by_tell.best_trial.number == 6
+
+
+def finished_study(storage, name: str, finished: int) -> optuna.Study:
+    """A study with `finished` trials told in every state TPE reads or skips, and one running."""
+    study = optuna.create_study(study_name=name, storage=storage, sampler=optuna.samplers.RandomSampler(1))
+    for i in range(finished + 2):
+        trial = study.ask(DISTS)
+        if i == 3:
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)  # TPE skips failed trials
+        elif i % 4 == 1:
+            trial.report(0.5 + 0.01 * i, 7)
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        elif i != finished + 1:  # the last stays running
+            study.tell(trial, 10.0 + (i * 37) % 23)
+    return study
+
+
+@pytest.mark.parametrize("finished", [4, 24])  # TPE's random start-up (10 trials), then TPE
+def test_draw_gives_what_study_ask_gives(url, finished):
+    """TPE's points drawn from an in-memory copy of the study are the points Study.ask
+    gives, one by one, with the same sampler seed (running trials included: Optuna 5's
+    TPE is a constant liar); and they are stored as Study.ask stores them."""
+    storage = optuna_storage(url)
+    by_draw, by_ask = (optuna.load_study(study_name=finished_study(storage, name, finished).study_name,
+                                         storage=storage, sampler=optuna.samplers.TPESampler(seed=5))
+                       for name in ("drawn", "asked"))  # the same trials in two studies
+    drawn = draw(by_draw, storage, DISTS, 3) + draw(by_draw, storage, DISTS, 5)  # the sampler goes on
+    asked = [by_ask.ask(DISTS) for _ in drawn]
+    assert [a.params for a in drawn] == [t.params for t in asked]
+    assert len({tuple(sorted(a.params.items())) for a in drawn}) == len(drawn)
+    first = finished + 2
+    assert [a.number for a in drawn] == [t.number for t in asked] == list(range(first, first + len(drawn)))
+    for one, other in zip(drawn, asked):
+        assert frozen(storage, one.trial_id) == frozen(storage, other._trial_id)
+        assert dataclasses.replace(one, trial_id=other._trial_id) == Asked.of(other)
+
+
+def test_concurrent_creates_number_every_trial_once(url):
+    storage = optuna_storage(url)
+    optuna.create_study(study_name="cell", storage=storage)
+    created: list[Asked] = []
+    lock = threading.Lock()
+
+    def create(worker: int) -> None:
+        own = optuna_storage(url)  # one storage (engine) per worker, as in separate processes
+        for _ in range(3):
+            trials = create_running(own, "cell", DISTS, [
+                optuna.trial.create_trial(params=point, distributions=DISTS, state=optuna.trial.TrialState.RUNNING)
+                for point in POINTS[:1 + worker % 3]])
+            with lock:
+                created.extend(trials)
+
+    threads = [threading.Thread(target=create, args=(w,)) for w in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    study = optuna.load_study(study_name="cell", storage=storage)
+    assert sorted(t.number for t in created) == [t.number for t in study.trials] == list(range(36))
+    assert {t.trial_id: t.number for t in created} == {t._trial_id: t.number for t in study.trials}
+    assert all(t.state.name == "RUNNING" and t.params == POINTS[t.params["width"] // 16 - 1] for t in study.trials)
