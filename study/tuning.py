@@ -299,25 +299,26 @@ _COPIED = tuple(state for state in TrialState if state != TrialState.WAITING)
 
 def ask_queued(storage: optuna.storages.RDBStorage, study_name: str,
                fixed_distributions: Mapping[str, BaseDistribution], count: int, *,
-               rerun_pending: Callable[[list[dict]], bool], draw: Callable[[int], list[Asked]],
+               point_pending: Callable[[list[dict]], bool], draw: Callable[[int], list[Asked]],
                wait_seconds: float = REQUEUE_WAIT_SECONDS) -> list[Asked]:
     """Ask a cell's study for its next `count` points: enqueued ones while there are
     (`pop_queued`: all of a quasi-random or random cell's points were enqueued at
     creation, and every cell's re-runs of lost trials are), then `draw(n)` new ones (the
     module's `draw`).
-    A reaper gives a lost trial's slot back and then re-queues its point
-    (recovery.abandon_trial): a claim in between finds no queued point, and a draw would
-    take the slot from the re-run, leaving its point unrun. So while
-    `rerun_pending(user_attrs)` says a re-run has not been asked yet (other than the ones
-    popped here, given by their user attributes), nothing is drawn: the queue is read again,
-    for at most `wait_seconds`. Then the cell still needs its trials: they are drawn (TPE
-    draws its points; in the other cells the queue ran dry for another reason, such as
-    an ask whose acknowledgement was lost)."""
+    A slot can come back before its point does: a reaper gives a lost trial's slot back
+    and then re-queues its point (recovery.abandon_trial), and a stopping worker gives a
+    prefetched slot back and then re-queues the point it had asked. A claim in between
+    finds no queued point, and a draw would take the slot from that point, leaving it
+    unrun. So while `point_pending(user_attrs)` says a point is on its way back (given
+    the user attributes of the points popped here), nothing is drawn: the queue is read
+    again, for at most `wait_seconds`. Then the cell still needs its trials: they are
+    drawn (TPE draws its points; in the other cells the queue ran dry for another
+    reason, such as an ask whose acknowledgement was lost)."""
     asked = pop_queued(storage, study_name, fixed_distributions, count)
     deadline = time.monotonic() + wait_seconds
     delay = 0.01
     while len(asked) < count and time.monotonic() < deadline \
-            and rerun_pending([trial.user_attrs for trial in asked]):
+            and point_pending([trial.user_attrs for trial in asked]):
         time.sleep(delay)
         delay = min(2 * delay, 0.5)
         asked += pop_queued(storage, study_name, fixed_distributions, count - len(asked))

@@ -556,10 +556,13 @@ class CampaignWorker:
     def _ask(self, claim: Claim, space, count: int) -> list[Asked]:
         """`count` points of the claim's cell (`ask_queued`). Quasi-random and random
         cells: every point was enqueued at creation (and is popped without loading the
-        study). TPE cells: only re-runs of lost trials are; TPE draws the others."""
+        study), so a slot whose point is not queued has its point on the way back (a slot
+        given back before its point). TPE cells: only re-runs of lost trials are queued;
+        TPE draws the other points."""
         dists = distributions(space)
         return ask_queued(self.storage, claim.study_name, dists, count,
-                          rerun_pending=lambda asked: rerun_pending(self.engine, claim.cell_id, asked),
+                          point_pending=lambda asked: self.points_enqueued
+                          or rerun_pending(self.engine, claim.cell_id, asked),
                           draw=lambda n: draw(self._study(claim.study_name), self.storage, dists, n))
 
     def _study(self, name: str) -> optuna.Study:

@@ -36,7 +36,7 @@ from study.recovery import (ATTEMPT_ATTR, ATTEMPT_OF_ATTR, SEED_ATTR, Heartbeat,
 from study.results import campaign_info
 from study.spec import parse_spec
 from study.tuning import ask_queued, distributions, draw, optuna_storage
-from study.worker import Attempt, claim_cell
+from study.worker import Attempt, CampaignWorker, claim_cell
 
 FINISHED = {"reached", "not_reached", "diverged", "failed", "pruned"}
 ROOT = Path(__file__).resolve().parents[2]
@@ -233,7 +233,7 @@ def test_a_claim_between_a_reapers_slot_and_its_requeue_waits_for_the_point(tmp_
     def claim_and_ask() -> None:
         assert claim_cell(engine, info.id, "late")  # the slot is back already
         [asked["queued"]] = ask_queued(storage, study.study_name, space, 1,
-                                       rerun_pending=lambda popped: rerun_pending(engine, cell_id, popped),
+                                       point_pending=lambda popped: rerun_pending(engine, cell_id, popped),
                                        draw=lambda n: draw(study, storage, space, n))
 
     real_requeue = recovery.requeue
@@ -259,6 +259,34 @@ def test_a_claim_between_a_reapers_slot_and_its_requeue_waits_for_the_point(tmp_
     assert [t.number for t in study.trials if t.state.name == "FAIL"] == [int(row["trial_number"])]
 
 
+def test_a_claim_between_a_given_back_slot_and_its_requeue_waits_for_the_point(tmp_path, monkeypatch):
+    """A stopping worker gives a prefetched slot back, then re-queues the point it had
+    asked. A claim in between finds the queue empty: in a quasi-random cell (every point
+    queued) it waits for that point, where a draw would duplicate a point and leave the
+    planned one unrun."""
+    url = f"sqlite:///{tmp_path / 'giveback.db'}"
+    engine, info = create(url, spec_text("giveback", batch_sizes=(16,), trials_per_cell=2))
+    first, stopping, late = (CampaignWorker(engine, url, "giveback", device="cpu", log=lambda line: None)
+                             for _ in range(3))
+    [(_, trained, _)] = first._ask_group(first._claim_group(1)).started
+    [(claim, prefetched, _)] = stopping._ask_group(stopping._claim_group(1)).started
+    got = {}
+    requeue_now = stopping._requeue_unrecorded
+
+    def requeue_later(claim, trial):
+        thread = threading.Thread(target=lambda: got.update(group=late._ask_group(late._claim_group(1))))
+        thread.start()
+        time.sleep(0.3)  # the late claim has the slot and finds no queued point
+        requeue_now(claim, trial)
+        thread.join()
+    monkeypatch.setattr(stopping, "_requeue_unrecorded", requeue_later)
+    stopping._give_back(claim, prefetched)
+    [(_, asked, _)] = got["group"].started
+    assert asked.params == prefetched.params != trained.params
+    study = optuna.load_study(study_name=claim.study_name, storage=optuna_storage(url))
+    assert sorted(t.state.name for t in study.trials) == ["FAIL", "RUNNING", "RUNNING"]  # nothing drawn
+
+
 def test_a_popped_rerun_is_not_waited_for(tmp_path):
     """A group that pops a lost trial's re-run with other points draws the others at once:
     the re-run it holds is pending only until the group is recorded."""
@@ -279,7 +307,7 @@ def test_a_popped_rerun_is_not_waited_for(tmp_path):
         return answers[-1]
 
     assert rerun_pending(engine, cell_id)  # queued, not yet asked
-    rerun, *drawn = ask_queued(storage, study.study_name, space, 3, rerun_pending=pending,
+    rerun, *drawn = ask_queued(storage, study.study_name, space, 3, point_pending=pending,
                                draw=lambda n: draw(study, storage, space, n), wait_seconds=60)
     assert answers == [False]  # asked once, not waited on
     lost_point = json.loads(trial_rows(engine, info.id).set_index("id").loc[lost]["hparams"])
