@@ -2,6 +2,7 @@
 storages and samplers, and how a trial's outcome is told to its study."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -103,6 +104,14 @@ def optuna_storage(url: str) -> optuna.storages.RDBStorage:
     if is_sqlite:
         configure_sqlite(storage.engine)
     return storage
+
+
+def sampler_seed(campaign_seed: int, study_name: str, worker_id: str) -> int:
+    """A worker's seed for a cell's sampler. Workers draw TPE's points independently, each
+    with its own sampler, so a seed shared by every worker would make them draw the same
+    random start-up points (and a restarted worker its earlier ones again)."""
+    digest = hashlib.sha256(f"{campaign_seed}/{study_name}/{worker_id}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") % (2 ** 31)
 
 
 def make_sampler(kind: str, seed: int) -> optuna.samplers.BaseSampler:

@@ -45,7 +45,7 @@ from study.retry import call_with_retry
 from study.resolve import resolve_trial_config, with_checkpoint
 from study.spec import Param, parse_spec
 from study.tuning import (Asked, ask_queued, distributions, draw, hparams_from_optuna, make_sampler,
-                          optuna_storage, tell)
+                          optuna_storage, sampler_seed, tell)
 from trainers.config import Measurement, TrialConfig, TrialResult
 from trainers.loop import DataCache, resolve_device, run_trial
 from trainers.workloads import DataOptions, get_workload
@@ -568,8 +568,8 @@ class CampaignWorker:
     def _study(self, name: str) -> optuna.Study:
         study = self._studies.get(name)
         if study is None:  # loading a study costs a few queries: once per cell per worker
-            study = optuna.load_study(study_name=name, storage=self.storage,
-                                      sampler=make_sampler(self.spec.sampler, self.spec.seed))
+            sampler = make_sampler(self.spec.sampler, sampler_seed(self.spec.seed, name, self.worker_id))
+            study = optuna.load_study(study_name=name, storage=self.storage, sampler=sampler)
             self._studies[name] = study
         return study
 

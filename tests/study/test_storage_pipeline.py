@@ -319,3 +319,16 @@ def test_a_point_requeued_after_its_cells_last_ask_is_failed_once_the_campaign_i
     assert stranded.state.name == "FAIL" and UNUSED_ATTR in stranded.user_attrs
     assert fail_orphaned_asks(engine, storage, info.id) == 0  # settled once
     check_exact_accounting(engine, url, info.id, 2)
+
+
+def test_workers_draw_different_tpe_points(tmp_path):
+    """Each worker seeds its TPE sampler with its own id: two workers (or one restarted)
+    of a TPE cell draw different random start-up points, not the same ones twice."""
+    text_ = spec_text("tpe_seeds", batch_sizes=(16,), trials_per_cell=6, max_steps=20, eval_every=10)
+    url, engine = campaign(tmp_path, text_.replace("[target]", '[sampler]\nkind = "tpe"\n\n[target]'), "tpe_seeds")
+    points = []
+    for _ in range(2):
+        worker = CampaignWorker(engine, url, "tpe_seeds", device="cpu", log=lambda line: None, trials_at_once=3)
+        points += [tuple(sorted(trial.params.items()))
+                   for _, trial, _ in worker._ask_group(worker._claim_group(3)).started]
+    assert len(points) == 6 and len(set(points)) == 6
