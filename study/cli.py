@@ -231,13 +231,15 @@ def cmd_run(args) -> int:
     from study.campaigns import create_campaign
     from study.spec import load_spec
     spec = load_spec(args.spec)
+    if args.workers < 1:
+        raise UserError(f"--workers {args.workers}: must be at least 1")
     if args.figure and Path(args.figure).suffix.lower() not in (".png", ".svg"):
         raise UserError(f"--figure {args.figure}: must end in .png or .svg")
     url, engine = _engine(args, must_exist=False)
     result = create_campaign(engine, url, spec)
     print(f"campaign {spec.name!r}: {result.cells} cells x {spec.trials_per_cell} trials, "
           f"{args.workers} workers, storage {redact(url)}", flush=True)
-    threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, args.workers))
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
     command = [sys.executable, "-m", "study.cli", "worker", "--campaign", spec.name,
                "--storage", url, "--device", args.device, "--threads", str(threads), "--quiet",
                "--heartbeat", str(args.heartbeat), "--grace", str(args.grace),

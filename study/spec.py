@@ -214,6 +214,10 @@ class _Validator:
         optimizers = self.names(campaign, "optimizers", optimizer_hparams(WORKLOADS[workload]))
         schedule_defs = self.schedule_defs()
         schedules = self.names(campaign, "schedules", {**SCHEDULES, **schedule_defs})
+        for schedule in schedules:  # a plan starts at every cell's batch size
+            plan = schedule_defs[schedule].batch_plan if schedule in schedule_defs else None
+            for batch_size in batch_sizes if plan is not None else ():
+                self.check_batch_plan(dict(plan), f"schedule.{schedule}.batch", batch_size)
         positive = lambda v: None if v > 0 else "must be > 0"
         max_steps = self.get(campaign, "campaign", "max_steps", int, check=positive)
         eval_every = self.get(campaign, "campaign", "eval_every", int, check=lambda v: (
@@ -282,14 +286,14 @@ class _Validator:
             defs[name] = ScheduleDef(name, lr_schedule, batch)
         return defs
 
-    def check_batch_plan(self, batch: dict, prefix: str) -> None:
+    def check_batch_plan(self, batch: dict, prefix: str, batch_size: int = 1) -> None:
         from trainers.batch_schedules import BatchSizePlan
         self.unknown_keys(batch, prefix, {"mode", "factor", "milestones", "max_batch_size",
                                           "hybrid_increases"})
         try:
-            BatchSizePlan(1, **batch)
+            BatchSizePlan(batch_size, **batch)
         except (TypeError, ValueError) as exc:
-            self.fail(prefix, str(exc))
+            self.fail(prefix, str(exc) if batch_size == 1 else f"at batch size {batch_size}: {exc}")
 
     def scaling(self) -> Scaling | None:
         table = self.table("scaling", required=False)

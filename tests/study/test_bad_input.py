@@ -71,6 +71,7 @@ CASES = [
     ("corrupt_data_file", "create", other(MNIST_SPEC), None, "corrupt", "not an IDX file"),
     ("truncated_data_file", "create", other(MNIST_SPEC), None, "truncated", "truncated"),
     ("checksum_mismatch", "create", other(MNIST_SPEC), None, "checksum", "md5"),
+    ("zero_workers", "run --workers 0", other(TINY_SPEC), None, None, "--workers 0: must be at least 1"),
     ("same_name_other_spec", "create", mutate("max_steps = 300", "max_steps = 200"), None, None,
      "already exists with a different spec"),
 ]
@@ -131,7 +132,7 @@ def battery(tmp_path_factory):
         if command == "worker":
             args += ["--campaign", "tiny"]
         start = time.monotonic()
-        result = batchlab(*(["campaign", "create"] if command == "create" else [command]), *args,
+        result = batchlab(*(["campaign", "create"] if command == "create" else command.split()), *args,
                           "--storage", storage or url, timeout=120)
         return name, (result, time.monotonic() - start)
 

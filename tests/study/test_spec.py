@@ -50,6 +50,9 @@ BAD_SPECS = [
      "schedule.grow.batch", "unknown batch-size mode"),
     (mutate('schedules = ["constant"]', 'schedules = ["grow"]') +
      '[schedule.grow]\nlr_schedule = "zigzag"\n', "schedule.grow.lr_schedule", "unknown schedule"),
+    (mutate('schedules = ["constant"]', 'schedules = ["grow"]') +  # a plan starts at each batch size
+     '[schedule.grow]\nbatch = { mode = "increase_batch", factor = 2, milestones = [1], max_batch_size = 32 }\n',
+     "schedule.grow.batch", "at batch size 64: max_batch_size 32 is below"),
     (TINY_SPEC + '[scaling]\nrule = "cubic"\nbase_batch_size = 128\n', "scaling.rule", "linear, sqrt"),
 ]
 
