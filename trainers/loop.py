@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import itertools
 import math
 import time
@@ -171,7 +172,12 @@ def run_trial(config: TrialConfig, *, data_cache: DataCache | None = None,
               prune: bool = True) -> TrialResult:
     """Train one trial. `on_measurement` receives every evaluation as it happens;
     `best_so_far` returns the cell's best steps-to-result (or None), read after every
-    evaluation so that a trial which can no longer win stops early when `prune` is set."""
+    evaluation so that a trial which can no longer win stops early when `prune` is set.
+
+    Every random draw follows from `config.seed`: data order and augmentation from the
+    trial's generator, initial weights from `build_model`, and dropout masks from global
+    RNG streams seeded for the trial (`trial_rng`); the caller's global RNG states are
+    left as they were."""
     workload = get_workload(config.workload)
     if workload.simulate is not None:
         result, measurements = workload.simulate(config)
@@ -180,7 +186,44 @@ def run_trial(config: TrialConfig, *, data_cache: DataCache | None = None,
         return result
     device = resolve_device(config.device)
     shard = current_shard()
-    batches = trial_batches(workload, config, data_cache or DataCache(), device, shard)
+    with trial_rng(config.seed, device, shard.rank):
+        return _train(config, workload, device, shard, data_cache or DataCache(), on_measurement,
+                      best_so_far, prune)
+
+
+def _global_rng_seed(seed: int, rank: int) -> int:
+    """The seed of a trial's global RNG streams (dropout masks), derived from the trial seed
+    and the rank so that it is neither the initialisation's stream (`build_model` seeds the
+    same generator with `seed` itself) nor the same on every rank of a DDP group."""
+    digest = hashlib.sha256(f"batchlab global rng:{int(seed)}:{int(rank)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # < 2**63
+
+
+@contextlib.contextmanager
+def trial_rng(seed: int, device: torch.device, rank: int = 0):
+    """Run a trial on global RNG streams of its own: the CPU generator and, on CUDA, the
+    trial device's generator are seeded from `_global_rng_seed(seed, rank)` inside
+    `torch.random.fork_rng`, and the caller's states are restored afterwards.
+
+    What draws from the global generators during training (dropout masks; nothing else
+    of the loop: data order, augmentation and initialisation have generators of their
+    own) then follows from the trial seed, so a trial with dropout reproduces whatever
+    the process ran before it."""
+    on_cuda = device.type == "cuda"
+    index = device.index if device.index is not None else torch.cuda.current_device() if on_cuda else 0
+    derived = _global_rng_seed(seed, rank)
+    with torch.random.fork_rng(devices=[index] if on_cuda else []):
+        torch.default_generator.manual_seed(derived)
+        if on_cuda:
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(derived)
+        yield
+
+
+def _train(config: TrialConfig, workload: Workload, device: torch.device, shard: Shard,
+           data_cache: DataCache, on_measurement: MeasurementSink, best_so_far: BestSoFar,
+           prune: bool) -> TrialResult:
+    batches = trial_batches(workload, config, data_cache, device, shard)
     model = build_model(workload, config, device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)

@@ -43,7 +43,8 @@ statistics. Trials of one group share the ghost batch size (it is part of the gr
 
 Not vectorized (each such config runs through `trainers.loop.run_trial` instead, with
 identical results by construction): the `lars` and `lamb` optimizers, models with active
-dropout (its random masks come from the global RNG in `run_trial`), workloads streamed
+dropout (`run_trial` draws each trial's masks from global RNG streams seeded for that
+trial, `trainers.loop.trial_rng`, which vmap cannot reproduce), workloads streamed
 through a DataLoader or computed in closed form, batch norm with
 `momentum=None` (a cumulative average) or without running statistics, and any config
 that sets a `TrialConfig` field this module does not know (e.g. a batch-size plan) away
@@ -281,7 +282,8 @@ def _run_sequential(config: TrialConfig, index: int, cache: DataCache, sinks: _S
 
 def _model_is_vectorizable(workload: Workload) -> bool:
     """An in-memory workload with a network (no closed form, no DataLoader), without
-    active dropout (random masks from the global RNG), and with batch norm only where it
+    active dropout (`run_trial`'s masks come from the trial's own global RNG streams,
+    which vmap would not draw the same), and with batch norm only where it
     keeps running statistics as an exponential average (momentum set)."""
     if workload.simulate is not None or workload.load_folders is not None:
         return False

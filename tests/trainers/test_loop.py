@@ -1,9 +1,12 @@
 """The training loop: stopping rules, exact example counting, schedules, determinism."""
+import dataclasses
 import math
 
 import pytest
 import torch
+from torch import nn
 
+import trainers.workloads as workloads_module
 from trainers.config import Target, TrialConfig
 from trainers.loop import DataCache, build_model, evaluate, run_trial
 from trainers.workloads import DataOptions, get_workload
@@ -36,6 +39,33 @@ def test_same_seed_same_measurements_and_other_seed_differs():
     _, other = run(config(max_steps=60, seed=4))
     assert metrics(first) == metrics(second)
     assert metrics(first) != metrics(other)
+
+
+def _digits_dropout(options) -> nn.Module:
+    """digits MLP 64-128-10 with dropout 0.5 after the hidden layer (as C1's dense layers)."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 128), nn.ReLU(), nn.Dropout(0.5), nn.Linear(128, 10))
+
+
+def test_dropout_masks_follow_the_trial_seed_not_the_global_rng(monkeypatch):
+    """Dropout draws from the global RNG: run_trial seeds it from the trial seed (inside a
+    fork), so whatever the process drew before, one seed gives one set of measurements,
+    and the caller's global RNG is left where it was."""
+    workload = dataclasses.replace(get_workload("digits_mlp"), name="digits_dropout",
+                                   build_model=_digits_dropout)
+    monkeypatch.setattr(workloads_module, "WORKLOADS", {**workloads_module.WORKLOADS, "digits_dropout": workload})
+    cfg = config(workload="digits_dropout", max_steps=40, hparams={"learning_rate": 0.1, "momentum": 0.9})
+    runs = []
+    for draws in (1, 5):
+        torch.rand(draws)  # what else the worker did before this trial
+        state = torch.get_rng_state()
+        runs.append(run(cfg)[1])
+        assert torch.equal(torch.get_rng_state(), state)
+    assert metrics(runs[0]) == metrics(runs[1])
+    # The masks are drawn: without dropout (same weights, same batches) the losses differ.
+    without = lambda options: nn.Sequential(*(m for m in _digits_dropout(options) if not isinstance(m, nn.Dropout)))
+    monkeypatch.setitem(workloads_module.WORKLOADS, "digits_dropout",
+                        dataclasses.replace(workload, build_model=without))
+    assert [m.train_loss for m in run(cfg)[1]] != [m.train_loss for m in runs[0]]
 
 
 def _build_recording_draws(monkeypatch, workload, seed, device):

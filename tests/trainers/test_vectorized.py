@@ -14,7 +14,7 @@ from shared_data import MNIST_T10K
 from trainers.vectorized import (_UPDATES, _Clock, _group_k, _hparam_tensors, _make_context, _make_stack,
                                  _StepOptions, _StepTables, _train_step, auto_k, choose_k,
                                  is_vectorizable, run_trials_vectorized)
-from trainers.workloads import DataOptions, get_workload
+from trainers.workloads import DataOptions, ModelOptions, get_workload
 
 CACHE = DataCache()
 CPU = torch.device("cpu")
@@ -301,3 +301,32 @@ def test_compiled_steps_of_many_groups_are_not_capped_by_dynamos_recompile_limit
         allow_recompiles()
         assert compiled_graphs(12) == 12
     dynamo.reset()
+
+
+def _has_dropout(workload) -> bool:
+    with torch.device("meta"):
+        model = workload.build_model(ModelOptions())
+    return any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules())
+
+
+def test_workloads_with_dropout_train_sequentially_with_run_trials_masks(monkeypatch):
+    """run_trial draws dropout masks from global RNG streams seeded per trial; vmap cannot
+    draw the same masks, so such models are never vectorized: run_trials_vectorized hands
+    them to run_trial and its measurements are run_trial's, bit for bit."""
+    import trainers.workloads as workloads_module
+    with_dropout = {name for name, w in workloads_module.WORKLOADS.items()
+                    if w.simulate is None and _has_dropout(w)}
+    assert {"cifar10_c1", "imagenet64_vgg11", "imagenet_vgg11"} <= with_dropout
+    assert not any(is_vectorizable(config("momentum", {"learning_rate": 0.1, "momentum": 0.9}, 0,
+                                          workload=name)) for name in with_dropout)
+    dropout_mlp = lambda options: torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Dropout(0.3), torch.nn.Linear(32, 10))
+    workload = dataclasses.replace(get_workload("digits_mlp"), name="digits_dropout", build_model=dropout_mlp)
+    monkeypatch.setattr(workloads_module, "WORKLOADS", {**workloads_module.WORKLOADS, "digits_dropout": workload})
+    configs = [config("momentum", {"learning_rate": lr, "momentum": 0.9}, seed, workload="digits_dropout",
+                      max_steps=30) for lr, seed in ((0.1, 1), (0.03, 2))]
+    expected = sequential(configs)
+    torch.rand(3)  # other use of the global RNG in between changes nothing
+    actual = vectorized(configs, chunk_size=2)
+    assert [[(m.train_loss, m.val_loss) for m in ms] for _, ms in actual] == \
+        [[(m.train_loss, m.val_loss) for m in ms] for _, ms in expected]

@@ -83,7 +83,7 @@ def assert_same_runs(expected, actual, rtol=1e-4, atol=1e-6, val_error_abs=0.0):
 def test_batch_norm_models_are_vectorized():
     assert is_vectorizable(config(0.1, 0)) and is_vectorizable(config(0.1, 0, ghost=16))
     assert is_vectorizable(dataclasses.replace(config(0.1, 0), workload="mnist10k_f1"))
-    # Keskar's C1 has dropout (random masks from run_trial's global RNG): sequential.
+    # Keskar's C1 has dropout (masks from run_trial's per-trial RNG streams): sequential.
     assert not is_vectorizable(dataclasses.replace(config(0.1, 0), workload="cifar10_c1"))
 
 
