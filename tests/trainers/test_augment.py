@@ -86,3 +86,49 @@ def test_zero_padding_brings_in_zeros_and_reflect_does_not():
     x = torch.ones(64, 1, 4, 4)
     assert (random_crop(x, _gen(0), padding=2, mode="constant") == 0).any()
     assert (random_crop(x, _gen(0), padding=2, mode="reflect") == 1).all()
+
+
+class _RandomImages(torch.utils.data.Dataset):
+    """uint8 images augmented in the dataset, as a DataLoader workload's transforms are:
+    noise from torch's global RNG and a shift from Python's `random`."""
+
+    def __len__(self) -> int:
+        return 24
+
+    def __getitem__(self, index: int):
+        import random
+        noise = torch.randint(0, 100, (3, 4, 4), dtype=torch.uint8)
+        return noise + random.randrange(0, 100) + index, index % 10
+
+
+def _loaded(workers: int, seed: int) -> list[torch.Tensor]:
+    from trainers.batches import LoaderBatches
+    from trainers.workloads import get_workload
+    batches = LoaderBatches(_RandomImages(), _RandomImages(), get_workload("imagenet_resnet50"),
+                            torch.device("cpu"), num_workers=workers)
+    return [x for x, _, _ in batches.epoch(8, _gen(seed))] + [x for x, _ in batches.eval_batches(12)]
+
+
+def _global_states():
+    import random
+    return torch.get_rng_state(), random.getstate()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_dataloader_augmentation_follows_the_trials_generator(workers):
+    """The loader seeds the transforms from the trial's generator: in worker processes,
+    or, with 0 workers, on RNG states of its own in this process. Same trial seed, same
+    batches, whatever the process drew before; the caller's global RNGs are untouched."""
+    import random
+    torch.manual_seed(1)
+    random.seed(1)
+    before = _global_states()
+    first = _loaded(workers, seed=123)
+    after = _global_states()
+    assert torch.equal(before[0], after[0]) and before[1] == after[1]
+    torch.rand(5)
+    random.random()
+    again = _loaded(workers, seed=123)
+    other = _loaded(workers, seed=124)
+    assert len(first) == 3 + 2 and all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not any(torch.equal(a, b) for a, b in zip(first[:3], other[:3]))  # training batches
