@@ -408,10 +408,12 @@ def _from_rank_zero(value, shard: Shard):
 def measurement_extras(config: TrialConfig, learning_rate: float, batch_size: int,
                        train_size: int) -> dict:
     """Per-evaluation quantities beyond the losses: Smith & Le's noise scale
-    g = lr / (1 - m) (N / B - 1) for SGD-family optimizers, at the rate and batch in force."""
+    g = lr / (1 - m) (N / B - 1) for SGD-family optimizers, at the rate and batch in force,
+    with the momentum the optimizer trains with (its registry default where the trial's
+    hyperparameters leave it out: lars' 0.9; none for plain sgd)."""
     if config.optimizer not in SGD_FAMILY:
         return {}
-    momentum = float(config.hparams.get("momentum", 0.0)) if config.optimizer != "sgd" else 0.0
+    momentum = float(get_optimizer(config.optimizer).resolve(config.hparams).get("momentum", 0.0))
     return {"noise_scale": noise_scale(learning_rate, train_size, batch_size, momentum)}
 
 

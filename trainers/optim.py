@@ -46,13 +46,19 @@ class OptimizerSpec:
         # Registry entries are shared by every trial in the process: lock the defaults.
         object.__setattr__(self, "optional", MappingProxyType(dict(self.optional)))
 
-    def build(self, params, hparams: Mapping[str, float]) -> torch.optim.Optimizer:
+    def resolve(self, hparams: Mapping[str, float]) -> dict[str, float]:
+        """The hyperparameters this optimizer trains with: those it reads from `hparams`,
+        its registry defaults for the optional ones left out. What a trial records about
+        its optimizer (e.g. the momentum in its noise scale) must come from here, not
+        from `hparams`, which may leave a default (lars' momentum 0.9) out."""
         missing = [name for name in self.required if name not in hparams]
         if missing:
             raise ValueError(f"missing hyperparameters: {', '.join(missing)}")
-        values = {**self.optional, **{k: v for k, v in hparams.items()
-                                      if k in self.required or k in self.optional}}
-        return self.factory(params, values)
+        return {**self.optional, **{k: v for k, v in hparams.items()
+                                    if k in self.required or k in self.optional}}
+
+    def build(self, params, hparams: Mapping[str, float]) -> torch.optim.Optimizer:
+        return self.factory(params, self.resolve(hparams))
 
     @property
     def hparam_names(self) -> tuple[str, ...]:

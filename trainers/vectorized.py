@@ -565,11 +565,7 @@ def _make_stack(configs, indices, models, device, train_size) -> _Stack:
 def _resolved_hparams(config: TrialConfig) -> dict[str, float]:
     """The optimizer's hyperparameters with its registry defaults filled in."""
     from trainers.optim import get_optimizer
-    spec = get_optimizer(config.optimizer)
-    missing = [name for name in spec.required if name not in config.hparams]
-    if missing:
-        raise ValueError(f"missing hyperparameters: {', '.join(missing)}")
-    values = {**spec.optional, **{k: v for k, v in config.hparams.items() if k in spec.hparam_names}}
+    values = get_optimizer(config.optimizer).resolve(config.hparams)
     clip = config.hparams.get("grad_clip_norm")
     values["grad_clip_norm"] = float(clip) if clip else 0.0
     if "beta1" in values:  # torch.optim forms 1 - beta in double, then casts to float32

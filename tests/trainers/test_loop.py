@@ -190,3 +190,15 @@ def test_noise_scale_recorded_with_every_measurement():
     assert [m.extra["noise_scale"] for m in ms] == pytest.approx([0.05 / 0.1 * (n / 64 - 1)] * 2)
     _, adam = run(config(optimizer="adam", max_steps=10, hparams={"learning_rate": 1e-3}))
     assert "noise_scale" not in adam[0].extra
+
+
+def test_noise_scale_uses_the_momentum_the_optimizer_trains_with():
+    """lars' momentum defaults to 0.9 in the registry: a trial that leaves it out trains
+    with 0.9 and records g with 0.9; plain sgd has no momentum even if hparams name one."""
+    n = get_workload("digits_mlp").load_data(DataOptions()).train_size
+    _, lars = run(config(optimizer="lars", max_steps=10, hparams={"learning_rate": 0.5}))
+    assert lars[0].extra["noise_scale"] == pytest.approx(0.5 / (1 - 0.9) * (n / 64 - 1))
+    _, lars = run(config(optimizer="lars", max_steps=10, hparams={"learning_rate": 0.5, "momentum": 0.5}))
+    assert lars[0].extra["noise_scale"] == pytest.approx(0.5 / (1 - 0.5) * (n / 64 - 1))
+    _, sgd = run(config(optimizer="sgd", max_steps=10, hparams={"learning_rate": 0.5, "momentum": 0.9}))
+    assert sgd[0].extra["noise_scale"] == pytest.approx(0.5 * (n / 64 - 1))

@@ -231,3 +231,12 @@ def test_duplicate_name_is_an_error():
 def test_missing_hyperparameter_is_named():
     with pytest.raises(ValueError, match="momentum"):
         get_optimizer("momentum").build([tensor([1.0])], {"learning_rate": 0.1})
+
+
+def test_resolve_fills_registry_defaults_and_keeps_only_what_the_optimizer_reads():
+    assert get_optimizer("lars").resolve({"learning_rate": 0.1, "end_factor": 0.5}) == {
+        "learning_rate": 0.1, "momentum": 0.9, "weight_decay": 0.0, "trust_coefficient": 0.001}
+    assert get_optimizer("sgd").resolve({"learning_rate": 0.1, "momentum": 0.9}) == {
+        "learning_rate": 0.1, "weight_decay": 0.0}
+    assert get_optimizer("lars").build(torch.nn.Linear(2, 2).parameters(),
+                                       {"learning_rate": 0.1}).param_groups[0]["momentum"] == 0.9
