@@ -28,7 +28,7 @@ from trainers.batch_schedules import BatchSizePlan
 from trainers.batches import LoaderBatches, ResidentBatches, Shard
 from trainers.config import Measurement, TrialConfig, TrialResult
 from trainers.data.splits import ArraySplits
-from trainers.optim import GRAD_CLIP_NORM, clip_gradients, get_optimizer
+from trainers.optim import GRAD_CLIP_NORM, clip_gradients, get_optimizer, validate_hparams
 from trainers.probe_hooks import TrialProbes, make_probes
 from trainers.probes.checkpoints import CheckpointBudgetError, save_checkpoint
 from trainers.scaling import noise_scale
@@ -184,6 +184,7 @@ def run_trial(config: TrialConfig, *, data_cache: DataCache | None = None,
         for measurement in measurements:
             on_measurement(measurement)
         return result
+    validate_hparams(config.optimizer, config.hparams)  # before loading data or training
     device = resolve_device(config.device)
     shard = current_shard()
     with trial_rng(config.seed, device, shard.rank):

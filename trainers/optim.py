@@ -17,6 +17,10 @@ Hyperparameter names are shared with campaign search spaces: `learning_rate`,
 (w <- w - lr * wd * w) for adamw, and inside the layer-wise update for lars/lamb, which
 exclude 1-D tensors (biases, norm scales) from it (see `trainers.lars_lamb`).
 
+`validate_hparams` checks a trial's values before it trains (both trainers call it):
+`nesterov` needs momentum > 0 (torch.optim.SGD refuses 0; use `sgd`), and whatever
+torch.optim's constructors reject (negative rates, betas outside [0, 1)) is rejected.
+
 Gradient clipping is not an optimizer: the training loop reads `grad_clip_norm`
 (`GRAD_CLIP_NORM`; absent or 0 means no clipping) from the trial's hparams and calls
 `clip_gradients(model.parameters(), hparams.get(GRAD_CLIP_NORM))` between
@@ -41,6 +45,9 @@ class OptimizerSpec:
     factory: Callable[[Iterable[torch.nn.Parameter], Mapping[str, float]], torch.optim.Optimizer]
     required: tuple[str, ...]
     optional: Mapping[str, float]  # name -> default
+    # Raises ValueError for resolved values this optimizer cannot train with (beyond
+    # what torch.optim's constructor itself checks), with a message a user can act on.
+    check: Callable[[Mapping[str, float]], None] | None = None
 
     def __post_init__(self) -> None:
         # Registry entries are shared by every trial in the process: lock the defaults.
@@ -54,8 +61,11 @@ class OptimizerSpec:
         missing = [name for name in self.required if name not in hparams]
         if missing:
             raise ValueError(f"missing hyperparameters: {', '.join(missing)}")
-        return {**self.optional, **{k: v for k, v in hparams.items()
-                                    if k in self.required or k in self.optional}}
+        values = {**self.optional, **{k: v for k, v in hparams.items()
+                                      if k in self.required or k in self.optional}}
+        if self.check is not None:
+            self.check(values)
+        return values
 
     def build(self, params, hparams: Mapping[str, float]) -> torch.optim.Optimizer:
         return self.factory(params, self.resolve(hparams))
@@ -75,6 +85,14 @@ def _momentum(params, hp):
     # after accumulation, as in Shallue et al.'s and Smith et al.'s formulation).
     return torch.optim.SGD(params, lr=hp["learning_rate"], momentum=hp["momentum"],
                            weight_decay=hp["weight_decay"])
+
+
+def _check_nesterov(hp):
+    # torch.optim.SGD refuses nesterov=True with momentum 0 (and the vectorized trainer,
+    # whose update would reduce to plain SGD, must not train what run_trial refuses).
+    if not float(hp["momentum"]) > 0:
+        raise ValueError(f"momentum must be > 0 for nesterov, got {hp['momentum']}; "
+                         "use the sgd optimizer for momentum 0")
 
 
 def _nesterov(params, hp):
@@ -128,7 +146,8 @@ _ADAM_DEFAULTS = {"beta1": 0.9, "beta2": 0.999, "epsilon": 1e-8}
 OPTIMIZERS: Mapping[str, OptimizerSpec] = _registry([
     ("sgd", OptimizerSpec(_sgd, ("learning_rate",), {"weight_decay": 0.0})),
     ("momentum", OptimizerSpec(_momentum, ("learning_rate", "momentum"), {"weight_decay": 0.0})),
-    ("nesterov", OptimizerSpec(_nesterov, ("learning_rate", "momentum"), {"weight_decay": 0.0})),
+    ("nesterov", OptimizerSpec(_nesterov, ("learning_rate", "momentum"), {"weight_decay": 0.0},
+                               check=_check_nesterov)),
     ("adam", OptimizerSpec(_adam, ("learning_rate",), {**_ADAM_DEFAULTS, "weight_decay": 0.0})),
     ("adamw", OptimizerSpec(_adamw, ("learning_rate",), {**_ADAM_DEFAULTS, "weight_decay": 0.01})),
     # methods.md 6.1: trust coefficient 0.001 (TF / SimCLR default).
@@ -138,6 +157,22 @@ OPTIMIZERS: Mapping[str, OptimizerSpec] = _registry([
     ("lamb", OptimizerSpec(_lamb, ("learning_rate",), {
         "beta1": 0.9, "beta2": 0.999, "epsilon": 1e-6, "weight_decay": 0.01})),
 ])
+
+
+def validate_hparams(name: str, hparams: Mapping[str, float]) -> dict[str, float]:
+    """The resolved hyperparameters of optimizer `name`, or a ValueError naming the
+    optimizer when it cannot train with them: a required one missing, a value its registry
+    entry rejects (nesterov with momentum 0), or one torch.optim's constructor rejects
+    (a negative learning rate or momentum, a beta outside [0, 1), ...). Checked before a
+    trial trains, by the sequential and the vectorized trainer alike, so both refuse the
+    same configs with the same message."""
+    spec = get_optimizer(name)
+    try:
+        values = spec.resolve(hparams)
+        spec.factory([torch.zeros(1, requires_grad=True)], values)  # torch's own checks
+    except ValueError as exc:
+        raise ValueError(f"optimizer {name!r}: {exc}") from None
+    return values
 
 
 def get_optimizer(name: str) -> OptimizerSpec:

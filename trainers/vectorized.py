@@ -88,6 +88,7 @@ from trainers.config import Measurement, TrialConfig, TrialResult
 from trainers.cuda_graphs import GraphedStep
 from trainers.loop import (DataCache, StopState, _memory_format, build_model, decide,
                            measurement_extras, resolve_device, run_trial)
+from trainers.optim import validate_hparams
 from trainers.schedules import get_schedule
 from trainers.stacked import StackedMLP, StackedTrainer, preprocessed_train_x
 from trainers.workloads import DataOptions, ModelOptions, Workload, get_workload
@@ -138,7 +139,13 @@ def run_trials_vectorized(configs: Sequence[TrialConfig], *, data_cache: DataCac
     `trainers.stacked` when the step is neither compiled nor autocast (CPU by default);
     False forces the torch.func path everywhere. `cuda_graphs` (default: on CUDA; True
     elsewhere is an error) replays small vmapped steps from CUDA graphs.
+    Every config's hyperparameters are checked first (`trainers.optim.validate_hparams`,
+    as `run_trial` checks them): one its optimizer cannot train with raises ValueError
+    before any trial trains.
     """
+    for config in configs:  # every config's hyperparameters, before any group trains
+        if get_workload(config.workload).simulate is None:
+            validate_hparams(config.optimizer, config.hparams)  # as run_trial checks them
     cache = data_cache or DataCache()
     steps = {} if step_cache is None else step_cache
     sinks = _Sinks(on_measurement, on_result, best_so_far or (lambda: None), prune)

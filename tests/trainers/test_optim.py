@@ -240,3 +240,18 @@ def test_resolve_fills_registry_defaults_and_keeps_only_what_the_optimizer_reads
         "learning_rate": 0.1, "weight_decay": 0.0}
     assert get_optimizer("lars").build(torch.nn.Linear(2, 2).parameters(),
                                        {"learning_rate": 0.1}).param_groups[0]["momentum"] == 0.9
+
+
+def test_validate_rejects_nesterov_without_momentum_and_what_torch_rejects():
+    from trainers.optim import validate_hparams
+    with pytest.raises(ValueError, match="optimizer 'nesterov': momentum must be > 0"):
+        validate_hparams("nesterov", {"learning_rate": 0.1, "momentum": 0.0})
+    with pytest.raises(ValueError, match="momentum must be > 0"):
+        get_optimizer("nesterov").build([tensor([1.0])], {"learning_rate": 0.1, "momentum": 0.0})
+    with pytest.raises(ValueError, match="optimizer 'momentum': Invalid momentum"):
+        validate_hparams("momentum", {"learning_rate": 0.1, "momentum": -0.5})
+    with pytest.raises(ValueError, match="optimizer 'adam': Invalid beta"):
+        validate_hparams("adam", {"learning_rate": 0.1, "beta1": 1.0})
+    assert validate_hparams("nesterov", {"learning_rate": 0.1, "momentum": 0.5}) == {
+        "learning_rate": 0.1, "momentum": 0.5, "weight_decay": 0.0}
+    assert validate_hparams("momentum", {"learning_rate": 0.1, "momentum": 0.0})["momentum"] == 0.0

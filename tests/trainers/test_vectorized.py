@@ -330,3 +330,22 @@ def test_workloads_with_dropout_train_sequentially_with_run_trials_masks(monkeyp
     actual = vectorized(configs, chunk_size=2)
     assert [[(m.train_loss, m.val_loss) for m in ms] for _, ms in actual] == \
         [[(m.train_loss, m.val_loss) for m in ms] for _, ms in expected]
+
+
+@pytest.mark.parametrize("hparams", [{"learning_rate": 0.1, "momentum": 0.0},
+                                     {"learning_rate": 0.1, "momentum": -0.5}])
+def test_both_trainers_refuse_invalid_hyperparameters_before_training(hparams):
+    """run_trial's optimizer (torch.optim.SGD) refuses nesterov without momentum and a
+    negative momentum; the vectorized update would train them. Both refuse them, with one
+    message, before any trial of the call trains or measures."""
+    bad = config("nesterov", hparams, 1, max_steps=10)
+    good = config("nesterov", {"learning_rate": 0.1, "momentum": 0.5}, 1, max_steps=10)
+    with pytest.raises(ValueError) as sequential_error:
+        run_trial(bad, data_cache=CACHE)
+    measured = []
+    with pytest.raises(ValueError) as vectorized_error:
+        run_trials_vectorized([good, bad], data_cache=CACHE, on_measurement=lambda i, m: measured.append(i))
+    assert str(vectorized_error.value) == str(sequential_error.value)
+    assert str(sequential_error.value).startswith("optimizer 'nesterov': ")
+    assert measured == []
+    assert [r.outcome for r in run_trials_vectorized([good], data_cache=CACHE)] == ["not_reached"]
