@@ -58,6 +58,26 @@ def test_training_output_and_running_stats_equal_per_chunk_batch_norm(dims, shap
     assert int(layer.num_batches_tracked) == int(plain.num_batches_tracked) == len(x.split(ghost))
 
 
+@pytest.mark.parametrize("dims,shape,ghost,sizes", [
+    (1, (129, 4), 128, [129]),        # B = G + 1: one ghost batch of 129, not 128 + 1
+    (1, (9, 5), 4, [4, 5]),           # 4 + 4 + 1 -> 4 + 5
+    (2, (9, 3, 1, 1), 4, [4, 5]),     # 2d with one value per channel per example
+    (2, (13, 3, 2, 2), 4, [4, 4, 5]),  # 2d too: every layer of a model splits alike
+    (1, (10, 5), 4, [4, 4, 2]),       # a remainder of two stays its own ghost batch
+])
+def test_a_last_ghost_batch_of_one_example_joins_the_previous_one(dims, shape, ghost, sizes):
+    """One example has no batch variance (nn.BatchNorm1d raises on it in training): it is
+    normalized with the ghost batch before it, and the running statistics get one update
+    per ghost batch actually used."""
+    layer, plain = _pair(dims, shape[1], ghost)
+    x = _input(shape)
+    expected = torch.cat([plain(chunk) for chunk in x.split(sizes)])
+    torch.testing.assert_close(layer(x), expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(layer.running_mean, plain.running_mean, atol=ATOL, rtol=0)
+    torch.testing.assert_close(layer.running_var, plain.running_var, atol=ATOL, rtol=0)
+    assert int(layer.num_batches_tracked) == len(sizes)
+
+
 def test_running_stats_follow_the_closed_form_of_k_momentum_updates():
     momentum, ghost = 0.3, 2
     layer, _ = _pair(2, 3, ghost, momentum=momentum)

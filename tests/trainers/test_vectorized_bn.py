@@ -135,6 +135,18 @@ def test_vectorized_bn_equals_sequential_in_float64(ghost, digits_bn, monkeypatc
     assert_same_runs(expected, vectorized(configs, chunk_size=4), rtol=1e-6)
 
 
+def test_a_last_ghost_batch_of_one_example_trains_alike_in_both_trainers(one_thread):
+    """B = 64, G = 22: full batches are 22 + 22 + 20, and each epoch's last batch of
+    1,197 - 18 x 64 = 45 examples would be 22 + 22 + 1, which batch norm cannot
+    normalize: it is 22 + 23 (the single example joins the ghost batch before it) in the
+    sequential model and under vmap alike, running statistics included."""
+    configs = [config(lr, seed, ghost=22, max_steps=40, target=Target("val_error", 0.0))
+               for lr, seed in ((0.05, 3), (0.01, 4))]
+    expected = sequential(configs)
+    assert [(r.outcome, r.steps) for r, _ in expected] == [("not_reached", 40)] * 2
+    assert_same_runs(expected, vectorized(configs, chunk_size=2))
+
+
 def test_one_trial_vectorized_equals_sequential(one_thread):
     for cfg in (config(0.05, 3), config(0.05, 3, ghost=16)):
         assert_same_runs(sequential([cfg]), vectorized([cfg], chunk_size=1))

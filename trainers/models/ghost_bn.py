@@ -3,7 +3,11 @@
 In training mode a batch of B examples is split into consecutive ghost batches of
 `ghost_batch_size` examples (the last one smaller when B is not a multiple); each ghost
 batch is normalized with its own mean and variance, and the running statistics receive
-one ordinary momentum update per ghost batch, in order. Evaluation (or a batch no larger
+one ordinary momentum update per ghost batch, in order. A last ghost batch of a single
+example has no variance to normalize with (nn.BatchNorm1d refuses it): it joins the
+one before, which then holds G + 1 examples (B = 129, G = 128: one ghost batch of 129,
+one update). The split depends only on B and G, so every layer of a model, 1d or 2d,
+uses the same ghost batches. Evaluation (or a batch no larger
 than one ghost batch) behaves exactly like `nn.BatchNorm1d/2d`, so a model trained with
 ghost batches evaluates like any batch-norm model.
 
@@ -18,6 +22,20 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def ghost_batches(batch_size: int, ghost: int) -> list[tuple[int, int, int]]:
+    """How a training batch of `batch_size` (> `ghost`) examples splits into ghost batches:
+    (first example, ghost batch size, how many) runs of equal ghost batches, in order.
+    Whole ghost batches of `ghost`, then the remainder; a remainder of one example is
+    merged into the last whole ghost batch (G + 1 examples)."""
+    whole, rest = divmod(batch_size, ghost)
+    if rest == 1:  # one example alone has no batch statistics
+        whole, rest = whole - 1, ghost + 1
+    runs = [(0, ghost, whole)] if whole else []
+    if rest:
+        runs.append((whole * ghost, rest, 1))
+    return runs
 
 
 class _GhostBatchNorm:
@@ -39,10 +57,8 @@ class _GhostBatchNorm:
         return self._ghost_forward(x, ghost)
 
     def _ghost_forward(self, x: torch.Tensor, ghost: int) -> torch.Tensor:
-        full = (x.shape[0] // ghost) * ghost
-        pieces = [(x[:full], ghost)] if full else []
-        if full < x.shape[0]:  # the last, smaller ghost batch
-            pieces.append((x[full:], x.shape[0] - full))
+        pieces = [(x[start:start + size * count], size) for start, size, count in
+                  ghost_batches(x.shape[0], ghost)]
         results = [self._normalize_equal_chunks(part, size) for part, size in pieces]
         outputs, means, variances = zip(*results)
         if self.training and self.track_running_stats:
