@@ -245,33 +245,72 @@ class QueryResult:
     seconds: float
 
 
-_TOKENS = re.compile(r"""
-    (?P<comment>--[^\n]*|/\*.*?\*/)
-  | (?P<string>'(?:[^']|'')*'|"(?:[^"]|"")*"|(?P<dollar>\$[A-Za-z_0-9]*\$).*?(?P=dollar))
-  | (?P<semicolon>;)
-""", re.VERBOSE | re.DOTALL)
+_DOLLAR_TAG = re.compile(r"\$(?:[A-Za-z_][A-Za-z_0-9]*)?\$")
+_WORD_CHAR = re.compile(r"[A-Za-z_0-9$]")
+
+
+def _skip_quoted(sql: str, start: int) -> int:
+    """The index after the quoted text, comment or dollar-quoted string at `start`, or
+    `start` when none begins there. Follows PostgreSQL's lexer, which accepts more than
+    SQLite's: E'...' with backslash escapes, nested /* */ comments. The end of an
+    unterminated one is the end of `sql`."""
+    char, rest = sql[start], sql[start:start + 2]
+    if rest == "--":
+        newline = sql.find("\n", start)
+        return len(sql) if newline < 0 else newline + 1
+    if rest == "/*":
+        depth, i = 1, start + 2
+        while i < len(sql) and depth:
+            pair = sql[i:i + 2]
+            depth, i = ((depth + 1, i + 2) if pair == "/*" else
+                        (depth - 1, i + 2) if pair == "*/" else (depth, i + 1))
+        return min(i, len(sql))
+    escapes = (char in "eE" and sql[start + 1:start + 2] == "'"
+               and (start == 0 or not _WORD_CHAR.match(sql[start - 1])))
+    if char in "'\"" or escapes:
+        quote = "'" if escapes else char
+        i = start + (2 if escapes else 1)
+        while i < len(sql):
+            if escapes and sql[i] == "\\":
+                i += 2
+            elif sql[i] == quote:
+                if sql[i + 1:i + 2] != quote:  # a doubled quote stands for one
+                    return i + 1
+                i += 2
+            else:
+                i += 1
+        return len(sql)
+    if char == "$" and (start == 0 or not _WORD_CHAR.match(sql[start - 1])):
+        tag = _DOLLAR_TAG.match(sql, start)
+        if tag:
+            close = sql.find(tag.group(), tag.end())
+            return len(sql) if close < 0 else close + len(tag.group())
+    return start
 
 
 def single_statement(sql: str) -> str:
     """`sql` without trailing semicolons; QueryError when it is empty or holds more than one
-    statement (a second statement could end the read-only transaction: COMMIT; ...)."""
-    end, semicolons, position = 0, [], 0
-
-    def plain(text: str, offset: int) -> int:
-        return offset + len(text.rstrip()) if text.strip() else end
-
-    for match in _TOKENS.finditer(sql):
-        end = plain(sql[position:match.start()], position)
-        if match.group("semicolon"):
-            semicolons.append(match.start())
-        elif match.group("string"):
-            end = match.end()
-        position = match.end()
-    end = plain(sql[position:], position)
+    statement (a second statement could end the read-only transaction: COMMIT; ...). Reads
+    strings and comments as PostgreSQL does (E'\\'' strings, nested comments)."""
+    end, semicolon, i = 0, False, 0
+    while i < len(sql):
+        after = _skip_quoted(sql, i)
+        if after > i:
+            if sql[i] not in "-/":  # a string is part of the statement, a comment is not
+                if semicolon:
+                    raise QueryError("one statement at a time: remove the ';' between statements")
+                end = after
+            i = after
+        elif sql[i] == ";":
+            semicolon, i = True, i + 1
+        elif sql[i].isspace():
+            i += 1
+        else:
+            if semicolon:
+                raise QueryError("one statement at a time: remove the ';' between statements")
+            end, i = i + 1, i + 1
     if end == 0:
         raise QueryError("the query is empty")
-    if any(s < end for s in semicolons):
-        raise QueryError("one statement at a time: remove the ';' between statements")
     return sql[:end].strip()
 
 

@@ -97,8 +97,17 @@ def _postgres_engine(parsed, read_only: bool) -> Engine:
     # Many workers on many machines: a small pool per process, connections checked
     # before use so a database restart costs a reconnect, not a crash.
     # connect_timeout: an unreachable host fails in seconds, not after the OS's minutes.
+    connect_args = {"connect_timeout": 10}
+    if read_only:
+        # Read-only at the session level, not only per transaction: the transaction that
+        # follows one a statement ended (COMMIT) is read-only too. (A session can still
+        # turn this off itself; the SQL page sends one statement at a time, always rolled
+        # back, so none can.) Appended to any `options` the URL gives libpq.
+        given = parsed.query.get("options", "")
+        given = " ".join(given) if isinstance(given, tuple) else given
+        connect_args["options"] = f"{given} -c default_transaction_read_only=on".strip()
     engine = create_engine(parsed, pool_size=2, max_overflow=2, pool_pre_ping=True,
-                           pool_recycle=1800, connect_args={"connect_timeout": 10})
+                           pool_recycle=1800, connect_args=connect_args)
     if read_only:
         @event.listens_for(engine, "begin")
         def _read_only(connection):

@@ -1,8 +1,8 @@
 """SQL: read-only queries on the storage, with example queries and a CSV download.
 
 Nothing typed here can change data: SQLite is opened with mode=ro (and query_only),
-PostgreSQL runs every query in a READ ONLY transaction with a statement timeout, one
-statement at a time, and the transaction is always rolled back."""
+PostgreSQL runs every query in a read-only session, in a READ ONLY transaction with a
+statement timeout, one statement at a time, and the transaction is always rolled back."""
 from __future__ import annotations
 
 import streamlit as st

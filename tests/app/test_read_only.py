@@ -2,9 +2,13 @@
 SQLite and (when a server can be started) PostgreSQL."""
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 
+from app import data
 from app.data import QueryError, run_read_only_query, single_statement
 from db.engine import make_engine
 from tests.app.conftest import build_database
@@ -16,13 +20,22 @@ WRITES = ["DELETE FROM bl_trials", "DROP TABLE bl_measurements",
 
 @pytest.mark.parametrize("sql,expected", [
     ("SELECT 1;", "SELECT 1"), ("SELECT 1 ; -- trailing\n", "SELECT 1"),
-    ("SELECT ';' AS s", "SELECT ';' AS s"), ("SELECT $$a;b$$", "SELECT $$a;b$$")])
+    ("SELECT ';' AS s", "SELECT ';' AS s"), ("SELECT $$a;b$$", "SELECT $$a;b$$"),
+    (r"SELECT E'\'' AS a, ';' AS b;", r"SELECT E'\'' AS a, ';' AS b"),
+    ("SELECT $t$a';b$t$ /* c /* d */ ; */ ;", "SELECT $t$a';b$t$"),
+    ("SELECT name'x;' -- ;\n;", "SELECT name'x;'")])
 def test_single_statement_accepts_one(sql, expected):
     assert single_statement(sql) == expected
 
 
+# The two escapes: an E'' string whose \' the scanner took for its end, a nested comment
+# whose inner */ it took for the end (PostgreSQL nests /* */).
+ESCAPES = [r"SELECT E'\''; COMMIT; DELETE FROM bl_workers; SELECT 'x'",
+           "SELECT 1 /* /* */ ' */ ; COMMIT; DELETE FROM bl_workers; SELECT ' '"]
+
+
 @pytest.mark.parametrize("sql", ["", "  ; ", "-- nothing", "SELECT 1; SELECT 2",
-                                 "COMMIT; DELETE FROM bl_trials"])
+                                 "COMMIT; DELETE FROM bl_trials", *ESCAPES])
 def test_single_statement_refuses_empty_or_several(sql):
     with pytest.raises(QueryError):
         single_statement(sql)
@@ -70,3 +83,35 @@ def test_postgres_read_only_transaction_and_statement_timeout(local_postgres):
         run_read_only_query(engine, "SELECT pg_sleep(5)", timeout_seconds=0.3)
     engine.dispose()
     writer.dispose()
+
+
+def _database(request, tmp_path, backend: str) -> str:
+    if backend == "sqlite":
+        return build_database(tmp_path / "verbatim.db")
+    server = request.getfixturevalue("local_postgres")
+    return build_database(server.create_database(f"verbatim_{next(_names)}"))
+
+
+_names = itertools.count()
+
+
+def _workers(url) -> int:
+    engine = make_engine(url)
+    with engine.connect() as connection:
+        count = connection.execute(text("SELECT COUNT(*) FROM bl_workers")).scalar()
+    engine.dispose()
+    return count
+
+
+def test_postgres_read_only_engine_is_read_only_per_session(local_postgres):
+    """After a COMMIT the next transaction is read-only too (default_transaction_read_only),
+    so even raw SQL on the dashboard's engine cannot write."""
+    url = build_database(local_postgres.create_database(f"session_ro_{next(_names)}"))
+    engine = make_engine(url, read_only=True)
+    with engine.connect() as connection:
+        assert connection.exec_driver_sql("SHOW default_transaction_read_only").scalar() == "on"
+        connection.exec_driver_sql("COMMIT")
+        with pytest.raises(DBAPIError, match="read-only transaction"):
+            connection.exec_driver_sql("DELETE FROM bl_workers")
+    engine.dispose()
+    assert _workers(url) == 2
