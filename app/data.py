@@ -290,8 +290,10 @@ def _skip_quoted(sql: str, start: int) -> int:
 
 def single_statement(sql: str) -> str:
     """`sql` without trailing semicolons; QueryError when it is empty or holds more than one
-    statement (a second statement could end the read-only transaction: COMMIT; ...). Reads
-    strings and comments as PostgreSQL does (E'\\'' strings, nested comments)."""
+    statement. Reads strings and comments as PostgreSQL does (E'\\'' strings, nested
+    comments). The first line of defence only: on PostgreSQL the statement is sent with
+    the extended query protocol, where the server itself refuses a second one (see
+    `run_read_only_query`), and SQLite's driver runs one statement at a time."""
     end, semicolon, i = 0, False, 0
     while i < len(sql):
         after = _skip_quoted(sql, i)
@@ -318,14 +320,18 @@ def run_read_only_query(engine: Engine, sql: str, *, row_limit: int = 1000,
                         timeout_seconds: float = 10.0) -> QueryResult:
     """Run one statement on a read-only connection and return at most `row_limit` rows.
 
+    The statement runs verbatim: no parameters, so `%` and `?` are the SQL's own.
     SQLite: the engine opens the file with mode=ro (SQLite refuses every write), this
     connection also sets `PRAGMA query_only` (no temporary tables either) and a progress
     handler interrupts the statement after `timeout_seconds`. PostgreSQL: the engine's
-    transactions are READ ONLY; `SET LOCAL statement_timeout` bounds the statement.
-    The transaction is always rolled back. Raises QueryError with the database's message."""
+    sessions and transactions are READ ONLY; `SET LOCAL statement_timeout` bounds the
+    statement, which is sent with the extended query protocol (the server refuses more
+    than one statement: none can follow a COMMIT). The transaction is always rolled
+    back. Raises QueryError with the database's message."""
     statement = single_statement(sql)
     started = time.monotonic()
     backend = engine.dialect.name
+    driver_error = getattr(engine.dialect.dbapi, "Error", DBAPIError)
     try:
         with engine.connect() as connection:
             raw = None
@@ -338,11 +344,14 @@ def run_read_only_query(engine: Engine, sql: str, *, row_limit: int = 1000,
                 connection.exec_driver_sql(
                     f"SET LOCAL statement_timeout = {max(1, int(timeout_seconds * 1000))}")
             try:
-                result = connection.exec_driver_sql(statement)
-                if result.returns_rows:
-                    columns = list(result.keys())
-                    rows = result.fetchmany(row_limit + 1)
+                if backend == "postgresql":
+                    columns, rows = _postgres_verbatim(connection, statement, row_limit + 1)
                 else:
+                    result = connection.exec_driver_sql(
+                        statement, execution_options={"no_parameters": True})
+                    columns = list(result.keys()) if result.returns_rows else None
+                    rows = result.fetchmany(row_limit + 1) if result.returns_rows else []
+                if columns is None:
                     columns, rows = ["result"], [("statement returned no rows",)]
             finally:
                 if raw is not None:
@@ -353,10 +362,33 @@ def run_read_only_query(engine: Engine, sql: str, *, row_limit: int = 1000,
         if backend == "sqlite" and "interrupted" in message:
             message += f" (the statement ran longer than {timeout_seconds:g} s)"
         raise QueryError(message) from None
+    except driver_error as exc:  # from the driver's own cursor (PostgreSQL)
+        raise QueryError(str(exc).strip() or type(exc).__name__) from None
     except SQLAlchemyError as exc:
         raise QueryError(str(exc).splitlines()[0]) from None
     frame = pd.DataFrame([tuple(r) for r in rows[:row_limit]], columns=columns)
     return QueryResult(frame, len(rows) > row_limit, time.monotonic() - started)
+
+
+def _postgres_verbatim(connection, statement: str, max_rows: int):
+    """(column names or None when the statement returns no rows, at most `max_rows` rows).
+
+    psycopg's own cursor, given no parameters, sends the text as written (SQLAlchemy would
+    pass an empty parameter set, and psycopg would then read `%` as a placeholder). In a
+    pipeline it uses the extended query protocol, which takes exactly one statement;
+    where libpq has no pipeline mode (before 14), a prepared statement does the same."""
+    import psycopg
+
+    driver = connection.connection.driver_connection
+    with driver.cursor() as cursor:
+        if psycopg.Pipeline.is_supported():
+            with driver.pipeline():
+                cursor.execute(statement)
+        else:
+            cursor.execute(statement, prepare=True)
+        if cursor.description is None:
+            return None, []
+        return [column.name for column in cursor.description], cursor.fetchmany(max_rows)
 
 
 EXAMPLE_QUERIES = {

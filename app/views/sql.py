@@ -2,7 +2,8 @@
 
 Nothing typed here can change data: SQLite is opened with mode=ro (and query_only),
 PostgreSQL runs every query in a read-only session, in a READ ONLY transaction with a
-statement timeout, one statement at a time, and the transaction is always rolled back."""
+statement timeout, one statement at a time (the extended query protocol takes one), and
+the transaction is always rolled back. The SQL runs as typed (`%` is no placeholder)."""
 from __future__ import annotations
 
 import streamlit as st

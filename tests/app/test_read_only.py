@@ -95,12 +95,51 @@ def _database(request, tmp_path, backend: str) -> str:
 _names = itertools.count()
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_query_runs_verbatim_percent_signs_included(request, tmp_path, backend):
+    """No parameters are passed: psycopg would read `%` as a placeholder."""
+    engine = make_engine(_database(request, tmp_path, backend), read_only=True)
+    rows = lambda sql: run_read_only_query(engine, sql).frame.to_dict("records")  # noqa: E731
+    assert rows("SELECT name FROM bl_campaigns WHERE name LIKE 'demo%' ORDER BY name") == [
+        {"name": "demo_scaling"}]
+    assert rows("SELECT 100 % 7 AS m") == [{"m": 2}]
+    assert rows("SELECT '%s' AS x, '%%' AS y, '?' AS z") == [{"x": "%s", "y": "%%", "z": "?"}]
+    assert rows(r"SELECT 'it''s' AS a, ';' AS b") == [{"a": "it's", "b": ";"}]
+    engine.dispose()
+
+
 def _workers(url) -> int:
     engine = make_engine(url)
     with engine.connect() as connection:
         count = connection.execute(text("SELECT COUNT(*) FROM bl_workers")).scalar()
     engine.dispose()
     return count
+
+
+@pytest.mark.parametrize("pipeline", [True, False], ids=["pipeline", "prepared"])
+def test_postgres_server_refuses_a_second_statement(request, tmp_path, monkeypatch, pipeline):
+    """Even with the client-side check out of the way (as a tokenizer bug would put it), no
+    statement can follow a COMMIT or switch the session to read-write and commit that: the
+    server takes one statement (extended protocol: a pipeline, else a prepared statement)."""
+    import psycopg
+    url = _database(request, tmp_path, "postgresql")
+    assert _workers(url) == 2
+    monkeypatch.setattr(psycopg.Pipeline, "is_supported", classmethod(lambda cls: pipeline))
+    monkeypatch.setattr(data, "single_statement", lambda sql: sql.strip())
+    engine = make_engine(url, read_only=True)
+    for sql in ESCAPES + [
+            "COMMIT; SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE; COMMIT; "
+            "DELETE FROM bl_workers"]:
+        with pytest.raises(QueryError, match="multiple commands"):
+            run_read_only_query(engine, sql)
+    # one statement that ends the transaction is harmless; the pooled session is still
+    # read-only and the page works after it
+    run_read_only_query(engine, "COMMIT")
+    run_read_only_query(engine, "SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE")
+    assert run_read_only_query(engine, "SHOW default_transaction_read_only").frame.iloc[0, 0] == "on"
+    assert run_read_only_query(engine, "SELECT 100 % 7 AS m").frame["m"].tolist() == [2]
+    assert _workers(url) == 2
+    engine.dispose()
 
 
 def test_postgres_read_only_engine_is_read_only_per_session(local_postgres):
