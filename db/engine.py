@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import URL, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from sqlalchemy.pool import NullPool, QueuePool
@@ -51,8 +52,12 @@ def _sqlite_engine(parsed, read_only: bool) -> Engine:
     if read_only:
         if not database or database == ":memory:" or not os.path.exists(database):
             raise StorageError(f"{database or ':memory:'}: no such database file")
-        # SQLite itself refuses writes on a read-only connection (mode=ro).
-        engine = create_engine(f"sqlite:///file:{database}?mode=ro&uri=true", poolclass=NullPool)
+        # SQLite itself refuses writes on a read-only connection (mode=ro). The path goes
+        # into a file: URI percent-encoded: a '?' or '#' in it would otherwise end the path
+        # and drop mode=ro (SQLite would then create a new file at the cut-off path).
+        uri = URL.create("sqlite", database=Path(database).absolute().as_uri(),
+                         query={"mode": "ro", "uri": "true"})
+        engine = create_engine(uri, poolclass=NullPool)
     else:
         if database and database != ":memory:":
             directory = os.path.dirname(os.path.abspath(database))

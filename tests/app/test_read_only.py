@@ -154,3 +154,25 @@ def test_postgres_read_only_engine_is_read_only_per_session(local_postgres):
             connection.exec_driver_sql("DELETE FROM bl_workers")
     engine.dispose()
     assert _workers(url) == 2
+
+
+@pytest.mark.parametrize("folder", ["run#1", "what?", "100%", "a b"])
+def test_sqlite_read_only_path_is_escaped(tmp_path, folder):
+    """'#' or '?' in the path cut the file: URI short (dropping mode=ro) and made SQLite
+    create an empty database there; now the path is percent-encoded."""
+    from urllib.parse import quote
+    (tmp_path / folder).mkdir()
+    path = tmp_path / folder / "b.db"
+    encoded = f"sqlite:///{quote(str(path))}"  # a URL's '?' starts its query: encode it
+    build_database(encoded)
+    assert path.exists()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    urls = [encoded] + ([f"sqlite:///{path}"] if folder in ("run#1", "a b") else [])
+    for url in urls:
+        engine = make_engine(url, read_only=True)
+        assert run_read_only_query(engine, "SELECT name FROM bl_campaigns ORDER BY name").frame[
+            "name"].tolist() == ["demo_scaling", "other_campaign"]
+        with pytest.raises(QueryError, match="readonly"):
+            run_read_only_query(engine, "DELETE FROM bl_workers")
+        engine.dispose()
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no stray file beside it
