@@ -258,7 +258,10 @@ def first_beating_measurements(engine: Engine, campaign_id: int, metric: str,
     if metric not in SQL_METRICS or mode not in ("min", "max"):
         return None
     expr, op = SQL_METRICS[metric], "<" if mode == "min" else ">"
-    beats = f"{expr} {op} :thr" + ("" if upto_id is None else " AND m.id <= :upto")
+    # PostgreSQL sorts NaN above every number (NaN > 0.9 is true there); in Python, as in
+    # study.analysis.steps, NaN beats nothing. (SQLite stores NaN as NULL.)
+    nan = f" AND {expr} <> 'NaN'" if engine.dialect.name == "postgresql" else ""
+    beats = f"{expr} {op} :thr{nan}" + ("" if upto_id is None else " AND m.id <= :upto")
     sql = ("SELECT m.trial_id, m.step, m.examples, m.epoch, m.wall_seconds, m.eval_seconds, "
            "m.learning_rate, m.batch_size, m.train_loss, m.val_loss, m.val_error, m.extra "
            "FROM bl_measurements m JOIN (SELECT m.trial_id AS tid, MIN(m.step) AS first_step "

@@ -226,3 +226,51 @@ def test_incremental_trials_equal_a_full_read_after_workers_write(db_url):
                            data.report_campaign_trials(engine, cid))
     pdt.assert_frame_equal(data.campaign_trials(engine, cid, state),
                            data.report_campaign_trials(engine, cid))
+
+
+def _maximising_campaign(url) -> int:
+    """Campaign `acc` with target val_accuracy > 0.9 (maximised): one trial whose first
+    evaluation is NaN and whose second (val_error 0.05) is the first to beat the target."""
+    engine = make_engine(url)
+    with Session(engine) as session:
+        campaign = Campaign(name="acc", workload="digits_mlp", target_metric="val_accuracy",
+                            target_threshold=0.9, target_mode="max", eval_every=10,
+                            max_steps=100, trials_per_cell=1, sampler="random", spec={},
+                            spec_text="")
+        session.add(campaign)
+        session.flush()
+        cell = Cell(campaign_id=campaign.id, batch_size=32, optimizer="momentum",
+                    schedule="constant", study_name="acc/bs=32", trials_planned=1,
+                    trials_claimed=1)
+        session.add(cell)
+        session.flush()
+        trial = Trial(cell_id=cell.id, optuna_trial_id=0, trial_number=0, outcome="reached",
+                      hparams={"learning_rate": 0.1}, config={}, seed=0, steps=20,
+                      steps_to_result=20)
+        session.add(trial)
+        session.flush()
+        for step, error in ((10, float("nan")), (20, 0.05), (30, 0.04)):
+            session.add(Measurement(trial_id=trial.id, step=step, examples=step * 32,
+                                    epoch=step * 32 / 1000, wall_seconds=0.0,
+                                    eval_seconds=0.0, learning_rate=0.1, batch_size=32,
+                                    val_error=error, extra={}))
+        session.commit()
+        campaign_id = campaign.id
+    engine.dispose()
+    return campaign_id
+
+
+def test_nan_never_beats_a_maximising_target(db_url, lag):
+    """PostgreSQL sorts NaN above every number, so `1 - NaN > 0.9` held there and the NaN
+    evaluation at step 10 was taken for the result; as in Python, NaN beats nothing."""
+    campaign_id = _maximising_campaign(db_url)
+    engine = _engine(db_url)
+    firsts = queries.first_beating_measurements(engine, campaign_id, "val_accuracy", 0.9, "max")
+    assert firsts[["step", "val_error"]].to_dict("records") == [{"step": 20, "val_error": 0.05}]
+    state = data.IncrementalState()
+    for _ in range(2):  # the first read, then a refresh folding in nothing new
+        light = data.load_light_incremental(engine, "acc", state)
+        assert light.results()["steps_to_result"].tolist() == [20]
+    full = data.load_campaign_fast(engine, "acc")
+    pdt.assert_frame_equal(light.results(), full.results())
+    engine.dispose()
