@@ -84,10 +84,25 @@ def cell_rows(campaign: data.CampaignData, analysis: data.ScalingAnalysis) -> pd
     return table.drop(columns=["cell_id"])
 
 
+# The controls whose choices come from the campaign (its series, batch sizes, the others).
+CAMPAIGN_CONTROLS = ("scaling_series", "scaling_normalize", "scaling_shade", "scaling_overlay")
+
+
+def _reset_controls_for(name: str) -> None:
+    """Start from the defaults when the campaign changes: a keyed widget keeps its value
+    across reruns, and the previous campaign's series, none of them this one's, would leave
+    the multiselect empty ("No cell has reached the target yet")."""
+    if st.session_state.get("scaling_campaign") != name:
+        for key in CAMPAIGN_CONTROLS:
+            st.session_state.pop(key, None)
+        st.session_state["scaling_campaign"] = name
+
+
 def render() -> None:
     name = common.current_campaign()
     if name is None:
         return
+    _reset_controls_for(name)
     campaign = common.light(name)
     common.header(campaign.info, "Scaling")
     all_series = list(dict.fromkeys(data.series_of(campaign.table)))

@@ -112,6 +112,31 @@ def test_scaling_page_switches_axis_normalises_and_overlays(dashboard_db, monkey
     assert not at.exception
 
 
+def test_scaling_page_controls_follow_the_campaign(dashboard_db, monkeypatch):
+    """The series multiselect is keyed: it kept the previous campaign's series, none of
+    them the new campaign's, so the new one showed "No cell has reached the target yet"."""
+    at = open_page(dashboard_db, "scaling", monkeypatch)
+    assert at.multiselect(key="scaling_series").value == ["momentum / constant"]
+    at.selectbox(key="scaling_normalize").set_value(16).run()
+    at.sidebar.selectbox(key="campaign").set_value(OTHER).run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.multiselect(key="scaling_series").value == ["adam / constant"]
+    assert at.selectbox(key="scaling_shade").value == "adam / constant"
+    assert at.selectbox(key="scaling_normalize").value is None
+    assert not [i.value for i in at.info]
+    [spec] = chart_specs(at)
+    assert "mnist_simple_cnn" in json.dumps(spec)
+    # a choice made for this campaign stays while it is shown
+    at.multiselect(key="scaling_series").set_value([]).run()
+    at.run()
+    assert at.multiselect(key="scaling_series").value == []
+    assert any("No cell has reached" in i.value for i in at.info)
+    at.sidebar.selectbox(key="campaign").set_value(CAMPAIGN).run()
+    assert at.multiselect(key="scaling_series").value == ["momentum / constant"]
+    [spec] = chart_specs(at)
+    assert "digits_mlp" in json.dumps(spec)
+
+
 def test_hparams_page_scatter_winner_edges_and_heuristics(dashboard_db, monkeypatch):
     at = open_page(dashboard_db, "hparams", monkeypatch)
     assert any("learning_rate = 0.99" in w.value and "upper edge" in w.value for w in at.warning)
