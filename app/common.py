@@ -11,7 +11,7 @@ import pandas as pd
 import streamlit as st
 
 from app import data
-from db.engine import make_engine, redact, storage_url
+from db.engine import StorageError, make_engine, redact, storage_url
 from study.figures import FigureContext
 
 DEFAULT_REFRESH_SECONDS = 5
@@ -236,6 +236,28 @@ def _probe_results(storage: str, campaign_id: int, version: tuple):
 
 def probe_results(campaign_id: int):
     return _probe_results(url(), campaign_id, version())
+
+
+@st.cache_data(ttl=CACHE_SECONDS, show_spinner=False)
+def _schema_problem(storage: str) -> data.SchemaProblem | None:
+    try:
+        engine = _engine(storage)
+    except StorageError as exc:  # e.g. no such SQLite file
+        return data.SchemaProblem("error", str(exc))
+    return data.schema_problem(engine)
+
+
+def schema_ready() -> bool:
+    """Whether the database has the schema the pages read; if not, says why (an older
+    schema, no batchlab tables, a newer database, an unreachable server) instead of every
+    page failing with a traceback. Re-checked every few seconds: a database upgraded
+    meanwhile (`batchlab dashboard`, a worker) is picked up."""
+    problem = _schema_problem(url())
+    if problem is None:
+        return True
+    st.sidebar.caption(f"storage: `{redact(url())}` (read-only)")
+    (st.info if problem.level == "info" else st.error)(problem.message)
+    return False
 
 
 def sidebar() -> str | None:

@@ -233,6 +233,38 @@ def parse_budgets(text: str) -> list[float]:
     return sorted(set(values))
 
 
+# ---- the schema ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SchemaProblem:
+    level: str  # "info" (nothing to show yet) or "error"
+    message: str
+
+
+def schema_problem(engine: Engine) -> SchemaProblem | None:
+    """None when the database has the schema this dashboard reads; otherwise what is wrong
+    and what to do, for the page to show instead of a traceback. Reads only (the dashboard
+    never writes): `batchlab dashboard` upgrades the schema before it starts the app."""
+    from db.engine import StorageError
+    from db.models import SCHEMA_VERSION
+    from db.schema import is_current, schema_version
+    try:
+        if is_current(engine):
+            return None
+        version = schema_version(engine)
+    except StorageError as exc:  # unreachable, or newer than this code
+        return SchemaProblem("error", str(exc))
+    if version is None:
+        return SchemaProblem("info", "No campaigns yet: this database has no batchlab tables. "
+                                     "Create a campaign with `batchlab campaign create SPEC`.")
+    found = (f"has batchlab schema version {version}" if version < SCHEMA_VERSION else
+             "lacks batchlab's views (bl_cell_results)")
+    return SchemaProblem("error", (
+        f"This database {found}; the dashboard needs version "
+        f"{SCHEMA_VERSION}. Upgrade it (batchlab's migrations keep every row): start the "
+        f"dashboard with `batchlab dashboard --storage URL`, which upgrades it first, or run "
+        f"`batchlab status --storage URL`."))
+
+
 # ---- read-only SQL ----------------------------------------------------------------------------
 class QueryError(Exception):
     """A query the SQL page refuses or the database rejected; the message is shown."""

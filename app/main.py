@@ -37,6 +37,8 @@ def main() -> None:
     pages = [st.Page(f"views/{file}", title=title, icon=icon, default=(file == "campaigns.py"))
              for file, title, icon in PAGES]
     page = st.navigation(pages)
+    if not common.schema_ready():
+        return
     common.sidebar()
     page.run()
 

@@ -44,7 +44,7 @@ def ensure_schema(engine: Engine) -> None:
     the write lock that BEGIN IMMEDIATE takes. An unreachable database raises
     StorageError with one line and no password. A database newer than this code
     raises StorageError too, rather than writing rows an older schema would misread."""
-    if _current_version(engine) == SCHEMA_VERSION and _views_exist(engine):
+    if is_current(engine):
         return  # the common case, without taking any lock
     with _connect(engine) as connection, connection.begin():
         _lock(connection)
@@ -61,6 +61,12 @@ def ensure_schema(engine: Engine) -> None:
         for name, ddl in VIEWS.items():
             if name not in existing_views:
                 connection.execute(text(ddl))
+
+
+def is_current(engine: Engine) -> bool:
+    """Whether batchlab's tables and views are at SCHEMA_VERSION (read-only: changes
+    nothing; StorageError as `schema_version`)."""
+    return _current_version(engine) == SCHEMA_VERSION and _views_exist(engine)
 
 
 def schema_version(engine: Engine) -> int | None:

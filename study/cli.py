@@ -360,6 +360,7 @@ def cmd_figure(args) -> int:
 
 def cmd_dashboard(args) -> int:
     url, _ = _engine(args)
+    _upgrade_schema(url)
     app = Path(__file__).resolve().parent.parent / "app" / "main.py"
     env = {**os.environ, "BATCHLAB_STORAGE": url}
     print(f"dashboard on http://{args.address}:{args.port} reading {redact(url)}", flush=True)
@@ -368,6 +369,31 @@ def cmd_dashboard(args) -> int:
                "--browser.gatherUsageStats", "false"]
     # Become streamlit (no child left behind when the dashboard is stopped).
     os.execve(sys.executable, command, env)
+
+
+def _upgrade_schema(url: str) -> None:
+    """Bring an older schema up to date before the dashboard starts: the app only reads (its
+    engine is read-only), and its pages read the newest tables. A current schema is checked
+    on a read-only connection and not written to (a file on read-only media, a role with
+    SELECT only); a newer one ends the command (StorageError)."""
+    from sqlalchemy.exc import SQLAlchemyError
+    from db.schema import ensure_schema, is_current
+    reader = make_engine(url, read_only=True)
+    try:
+        if is_current(reader):
+            return
+    finally:
+        reader.dispose()
+    writer = make_engine(url)
+    try:
+        ensure_schema(writer)
+    except SQLAlchemyError as exc:  # e.g. a role with SELECT only, or a read-only file
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise UserError(f"cannot upgrade the schema of {redact(url)}: {reason} (run "
+                        f"`batchlab status --storage URL` once as a user that may)") from None
+    finally:
+        writer.dispose()
+    print(f"upgraded the schema of {redact(url)}", flush=True)
 
 
 def cmd_workloads(args) -> int:
