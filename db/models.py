@@ -12,7 +12,7 @@ from sqlalchemy import (JSON, BigInteger, DateTime, Float, ForeignKey, Index, In
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 # Bump together with a new step in db/migrations (ensure_schema applies the missing ones).
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 def utcnow() -> datetime:
@@ -160,3 +160,6 @@ class Worker(Base):
     status: Mapped[str] = mapped_column(String(20), default="running")
     current_trial_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
     trials_done: Mapped[int] = mapped_column(Integer, default=0)
+    # The worker's --grace: reapers (other workers', `batchlab status`) wait at least this
+    # long for its heartbeat before they call its trials lost. NULL: registered before v4.
+    grace_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)

@@ -187,43 +187,59 @@ class Reaped:
 
 def reap_lost_trials(engine: Engine, storage: optuna.storages.BaseStorage, campaign_id: int,
                      grace_seconds: float, log: Log | None = None) -> list[Reaped]:
-    """Abandon every running trial of the campaign whose heartbeat is older than
-    `grace_seconds`, mark silent workers `lost`, and settle Optuna trials left RUNNING by
-    a death between two steps. Cheap when nothing is late: two indexed queries."""
+    """Abandon every running trial of the campaign whose heartbeat is older than its
+    grace period, mark silent workers `lost`, and settle Optuna trials left RUNNING by a
+    death between two steps. A trial's grace period is the longer of `grace_seconds` and
+    its worker's own (`bl_workers.grace_seconds`, its --grace): a reaper started with a
+    shorter one (`batchlab status`, another worker) does not take a live worker's trials.
+    Cheap when nothing is late: two indexed queries."""
     # Settle first: an unrecorded ask of a dead worker is re-queued before the slots of
     # the rows abandoned below are given back, so their re-runs can draw it.
     settle_optuna_trials(engine, storage, campaign_id, grace_seconds)
     now, stale = call_with_retry(lambda: _stale_trials(engine, campaign_id, grace_seconds),
                                  what="looking for lost trials")
-    cutoff = now - timedelta(seconds=grace_seconds)
     reaped = []
     for row in stale:
         silent = (_utc(now) - _utc(row.heartbeat_at)).total_seconds()
+        grace = max(grace_seconds, row.worker_grace or 0.0)
+        if silent <= grace:
+            continue  # its worker waits longer than this reaper would
         reason = f"worker {row.worker_id} lost: no heartbeat for {silent:.0f} s"
-        if abandon_trial(engine, storage, row.id, reason, stale_before=cutoff):
+        if abandon_trial(engine, storage, row.id, reason, stale_before=now - timedelta(seconds=grace)):
             reaped.append(Reaped(row.id, row.worker_id, silent))
             if log is not None:
                 log(f"reaper: trial row {row.id} abandoned ({reason}); it will be re-run")
-    call_with_retry(lambda: _mark_workers_lost(engine, campaign_id, cutoff), what="marking lost workers")
+    call_with_retry(lambda: _mark_workers_lost(engine, campaign_id, now, grace_seconds),
+                    what="marking lost workers")
     return reaped
 
 
 def _stale_trials(engine: Engine, campaign_id: int, grace_seconds: float):
+    """The database's now, and the campaign's running trials silent for `grace_seconds`
+    at least, with their worker's own grace (None if it has no row or none stored)."""
     with Session(engine) as session:
         now = database_now(session)
         cutoff = now - timedelta(seconds=grace_seconds)
         rows = session.execute(
-            select(Trial.id, Trial.worker_id, Trial.heartbeat_at).join(Cell, Cell.id == Trial.cell_id)
+            select(Trial.id, Trial.worker_id, Trial.heartbeat_at, Worker.grace_seconds.label("worker_grace"))
+            .join(Cell, Cell.id == Trial.cell_id).outerjoin(Worker, Worker.id == Trial.worker_id)
             .where(Cell.campaign_id == campaign_id, Trial.outcome == "running",
                    Trial.heartbeat_at < cutoff).order_by(Trial.id)).all()
         return now, rows
 
 
-def _mark_workers_lost(engine: Engine, campaign_id: int, cutoff: datetime) -> None:
+def _mark_workers_lost(engine: Engine, campaign_id: int, now: datetime, grace_seconds: float) -> None:
+    """Running workers silent for longer than their grace (the longer of theirs and
+    `grace_seconds`) become `lost`."""
+    cutoff = now - timedelta(seconds=grace_seconds)
     with Session(engine) as session, session.begin():
-        session.execute(update(Worker).where(Worker.campaign_id == campaign_id,
-                                             Worker.status == "running", Worker.heartbeat_at < cutoff)
-                        .values(status="lost"))
+        silent = session.execute(select(Worker.id, Worker.grace_seconds).where(
+            Worker.campaign_id == campaign_id, Worker.status == "running", Worker.heartbeat_at < cutoff)).all()
+        for worker_id, own in silent:
+            session.execute(update(Worker).where(
+                Worker.id == worker_id, Worker.status == "running",
+                Worker.heartbeat_at < now - timedelta(seconds=max(grace_seconds, own or 0.0)))
+                .values(status="lost"))
 
 
 # Optuna's own tables (trials, studies: stable since Optuna 1.x), joined to batchlab's.

@@ -684,7 +684,7 @@ class CampaignWorker:
         with Session(self.engine) as session, session.begin():
             session.add(Worker(id=self.worker_id, campaign_id=self.campaign.id, host=provenance.host(),
                                pid=os.getpid(), device=_device_name(self.device),
-                               heartbeat_at=func.current_timestamp()))
+                               heartbeat_at=func.current_timestamp(), grace_seconds=self.grace_seconds))
 
     def _set_status(self, status: str) -> None:
         with Session(self.engine) as session, session.begin():

@@ -24,7 +24,7 @@ from alembic.operations import Operations
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Connection
 
-from db.migrations import v0002_heartbeats, v0003_probes
+from db.migrations import v0002_heartbeats, v0003_probes, v0004_worker_grace
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ def _step(module: ModuleType) -> Step:
 
 
 # Version 1 is the schema as first released: created whole, it has no step.
-STEPS: tuple[Step, ...] = (_step(v0002_heartbeats), _step(v0003_probes))
+STEPS: tuple[Step, ...] = (_step(v0002_heartbeats), _step(v0003_probes), _step(v0004_worker_grace))
 
 
 def pending(current: int) -> list[Step]:

@@ -53,7 +53,8 @@ def load_v1(engine: sa.Engine, dialect: str) -> None:
 def check_upgraded(engine: sa.Engine) -> None:
     columns = {c["name"] for c in sa.inspect(engine).get_columns("bl_trials")}
     assert V2_COLUMNS <= columns and "checkpoint_path" in columns
-    assert schema_version(engine) == SCHEMA_VERSION == 3
+    assert schema_version(engine) == SCHEMA_VERSION == 4
+    assert "grace_seconds" in {c["name"] for c in sa.inspect(engine).get_columns("bl_workers")}
     probe_columns = {c["name"] for c in sa.inspect(engine).get_columns("bl_probe_results")}
     assert probe_columns == V3_PROBE_COLUMNS
     with engine.connect() as connection:
@@ -71,7 +72,7 @@ def check_upgraded(engine: sa.Engine) -> None:
     # The running v1 trial got its start time as heartbeat, so the reaper can judge it.
     assert rows[0].heartbeat_at is None and rows[1].heartbeat_at is not None
     assert str(rows[1].heartbeat_at)[:19] == str(rows[1].started_at)[:19]
-    assert versions == [1, 2, 3]
+    assert versions == [1, 2, 3, 4]
     assert tuple(view) == (1, 1, 40) and measurements == 1
     check_v3_usable(engine)
 

@@ -212,6 +212,39 @@ def test_concurrent_reapers_abandon_once_and_requeue_the_same_point(any_url):
     assert rerun.user_attrs == {ATTEMPT_ATTR: 2, ATTEMPT_OF_ATTR: row_id, SEED_ATTR: int(rows["seed"][0])}
 
 
+def test_a_reaper_waits_out_each_workers_own_grace(any_url):
+    """A worker started with a longer --grace stores it; a reaper with a shorter one
+    (`batchlab status`, another worker) leaves its trial alone until that grace is over."""
+    engine, info = create(any_url, spec_text("patient", batch_sizes=(16,), trials_per_cell=2))
+    worker = CampaignWorker(engine, any_url, "patient", device="cpu", log=lambda line: None,
+                            heartbeat_seconds=100.0, grace_seconds=600.0)
+    worker._register()
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT grace_seconds FROM bl_workers")).scalar() == 600.0
+    patient = running_trial(engine, any_url, info, worker.worker_id)
+    ghost = running_trial(engine, any_url, info, "ghost")  # no worker row: the reaper's grace
+    storage = optuna_storage(any_url)
+
+    def age(seconds: int) -> None:
+        for row_id in (patient, ghost):
+            age_heartbeat(engine, row_id, seconds)
+        with engine.begin() as connection:
+            connection.execute(text("UPDATE bl_workers SET heartbeat_at = :t"),
+                               {"t": _utc_now_naive() - timedelta(seconds=seconds)})
+
+    def worker_status() -> str:
+        with engine.connect() as connection:
+            return connection.execute(text("SELECT status FROM bl_workers")).scalar()
+
+    age(120)
+    assert [r.trial_row_id for r in reap_lost_trials(engine, storage, info.id, 60.0)] == [ghost]
+    assert worker_status() == "running"
+    assert trial_rows(engine, info.id).set_index("id").loc[patient, "outcome"] == "running"
+    age(700)
+    assert [r.trial_row_id for r in reap_lost_trials(engine, storage, info.id, 60.0)] == [patient]
+    assert worker_status() == "lost"
+
+
 @pytest.mark.parametrize("sampler", ["quasi_random", "tpe"])
 def test_a_claim_between_a_reapers_slot_and_its_requeue_waits_for_the_point(tmp_path, monkeypatch, sampler):
     """A reaper gives the slot back, then re-queues the point: a claim in that window finds
