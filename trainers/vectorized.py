@@ -140,17 +140,20 @@ def run_trials_vectorized(configs: Sequence[TrialConfig], *, data_cache: DataCac
     False forces the torch.func path everywhere. `cuda_graphs` (default: on CUDA; True
     elsewhere is an error) replays small vmapped steps from CUDA graphs.
     Every config's hyperparameters are checked first (`trainers.optim.validate_hparams`,
-    as `run_trial` checks them): one its optimizer cannot train with raises ValueError
-    before any trial trains.
+    which `run_trial` raises from): a config its optimizer cannot train with is `failed`
+    at once, with that message, and the others train.
     """
-    for config in configs:  # every config's hyperparameters, before any group trains
-        if get_workload(config.workload).simulate is None:
-            validate_hparams(config.optimizer, config.hparams)  # as run_trial checks them
     cache = data_cache or DataCache()
     steps = {} if step_cache is None else step_cache
     sinks = _Sinks(on_measurement, on_result, best_so_far or (lambda: None), prune)
-    results: list[TrialResult | None] = [None] * len(configs)
+    results: list[TrialResult | None] = [_refused(config) for config in configs]
+    for i, result in enumerate(results):
+        if result is not None:
+            sinks.result(i, result)
     for indices in _group_indices(configs):
+        indices = [i for i in indices if results[i] is None]
+        if not indices:
+            continue
         group = [configs[i] for i in indices]
         if not is_vectorizable(group[0]):
             for i in indices:
@@ -165,6 +168,18 @@ def run_trials_vectorized(configs: Sequence[TrialConfig], *, data_cache: DataCac
                                                    sinks, options, steps)):
                 results[i] = result
     return results  # type: ignore[return-value]
+
+
+def _refused(config: TrialConfig) -> TrialResult | None:
+    """A failed result for hyperparameters `run_trial` would refuse (it raises before
+    training), else None."""
+    if get_workload(config.workload).simulate is not None:
+        return None
+    try:
+        validate_hparams(config.optimizer, config.hparams)
+    except ValueError as exc:
+        return TrialResult("failed", 0, 0, 0.0, message=str(exc))
+    return None
 
 
 def auto_k(config: TrialConfig, data_cache: DataCache | None = None) -> int:

@@ -336,16 +336,19 @@ def test_workloads_with_dropout_train_sequentially_with_run_trials_masks(monkeyp
                                      {"learning_rate": 0.1, "momentum": -0.5}])
 def test_both_trainers_refuse_invalid_hyperparameters_before_training(hparams):
     """run_trial's optimizer (torch.optim.SGD) refuses nesterov without momentum and a
-    negative momentum; the vectorized update would train them. Both refuse them, with one
-    message, before any trial of the call trains or measures."""
+    negative momentum; the vectorized update would train them. run_trial raises before it
+    trains; the vectorized trainer fails that trial with the same message, at once, and
+    trains the others of its call."""
     bad = config("nesterov", hparams, 1, max_steps=10)
     good = config("nesterov", {"learning_rate": 0.1, "momentum": 0.5}, 1, max_steps=10)
     with pytest.raises(ValueError) as sequential_error:
         run_trial(bad, data_cache=CACHE)
-    measured = []
-    with pytest.raises(ValueError) as vectorized_error:
-        run_trials_vectorized([good, bad], data_cache=CACHE, on_measurement=lambda i, m: measured.append(i))
-    assert str(vectorized_error.value) == str(sequential_error.value)
     assert str(sequential_error.value).startswith("optimizer 'nesterov': ")
-    assert measured == []
-    assert [r.outcome for r in run_trials_vectorized([good], data_cache=CACHE)] == ["not_reached"]
+    measured, told = [], []
+    results = run_trials_vectorized([good, bad, good], data_cache=CACHE, chunk_size=2,
+                                    on_measurement=lambda i, m: measured.append(i),
+                                    on_result=lambda i, r: told.append(i))
+    assert [r.outcome for r in results] == ["not_reached", "failed", "not_reached"]
+    assert results[1] == TrialResult("failed", 0, 0, 0.0, message=str(sequential_error.value))
+    assert told[0] == 1 and sorted(told) == [0, 1, 2]  # the refused trial first, before any training
+    assert set(measured) == {0, 2}
