@@ -10,7 +10,9 @@ from typing import Mapping
 from study.spec import CampaignSpec
 from trainers.config import TrialConfig
 from trainers.scaling import linear_scaled_lr, regime_adaptation_factor, sqrt_scaled_lr
-from trainers.schedules import parse_milestones
+from trainers.optim import get_optimizer
+from trainers.schedules import get_schedule, parse_milestones
+from trainers.workloads import get_workload
 
 EPOCH_HPARAMS = ("warmup_epochs",)
 
@@ -18,7 +20,13 @@ EPOCH_HPARAMS = ("warmup_epochs",)
 def resolve_trial_config(spec: CampaignSpec, *, batch_size: int, optimizer: str, schedule: str,
                          hparams: Mapping[str, object], seed: int, device: str) -> TrialConfig:
     definition = spec.schedule_def(schedule)
-    hparams = dict(hparams)
+    # The optimizer's and the schedule's defaults for what the trial leaves out, so that
+    # the stored config says every value it trains with (lars' momentum 0.9, a warm-up's
+    # 5 epochs: analysis reads them, regime adaptation stretches them).
+    # (A closed-form workload, the NQM, models its own update rules, without defaults.)
+    closed_form = get_workload(spec.workload).optimizers is not None
+    hparams = {**({} if closed_form else get_optimizer(optimizer).optional),
+               **get_schedule(definition.lr_schedule).optional, **hparams}
     batch_plan = dict(definition.batch_plan) if definition.batch_plan else None
     max_epochs = spec.max_epochs
     if spec.scaling is not None:

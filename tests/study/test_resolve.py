@@ -81,3 +81,36 @@ def test_loader_workers_is_a_campaign_setting_stored_with_the_trial():
     assert is_vectorizable(default) and is_vectorizable(two)  # resident data: no effect, still stacked
     with pytest.raises(SpecError, match="campaign.loader_workers"):
         parse_spec(text.replace("[campaign]\n", "[campaign]\nloader_workers = -1\n", 1), "demo")
+
+
+def test_the_stored_config_names_every_default_it_trains_with():
+    """lars trains with its registry momentum 0.9, and a warm-up schedule with its 5
+    epochs, when the campaign leaves them out: the resolved (stored) config says so
+    (analysis reads the momentum); regime adaptation stretches the default warm-up as it
+    stretches a given one; a value the campaign gives wins."""
+    from study.spec import parse_spec
+    text = """
+        [campaign]
+        name = "defaults"
+        workload = "digits_mlp"
+        batch_sizes = [16, 64]
+        optimizers = ["lars"]
+        schedules = ["warmup_constant"]
+        trials_per_cell = 2
+        max_steps = 100
+        eval_every = 10
+
+        [target]
+        metric = "val_error"
+        threshold = 0.1
+
+        [search_space.optimizer.lars]
+        learning_rate = { low = 0.01, high = 1.0, scale = "log" }
+    """.replace("\n        ", "\n")
+    spec = parse_spec(text, "defaults.toml")
+    config = resolve(spec, 16, hparams={"learning_rate": 0.1})
+    assert (config.hparams["momentum"], config.hparams["warmup_epochs"]) == (0.9, 5)
+    assert resolve(spec, 16, hparams={"learning_rate": 0.1, "warmup_epochs": 2}).hparams["warmup_epochs"] == 2
+    adapted = parse_spec(text + "\n[scaling]\nrule = \"linear\"\nbase_batch_size = 16\n"
+                                "regime_adaptation = true\n", "adapted.toml")
+    assert resolve(adapted, 64, hparams={"learning_rate": 0.1}).hparams["warmup_epochs"] == 5 * 4
