@@ -32,14 +32,17 @@ def effective_learning_rate(learning_rate, momentum):
 
 
 def hparam_columns(trials: pd.DataFrame) -> pd.DataFrame:
-    """`trial_id`, `learning_rate`, `momentum` (0 when absent), `one_minus_momentum` and
-    `effective_learning_rate` from each trial's `hparams` dict."""
+    """`trial_id`, `learning_rate`, `momentum` (0 when absent), `one_minus_momentum`,
+    `effective_learning_rate` and `base_learning_rate` (the sampled rate a scaling rule
+    scaled into `learning_rate`; NaN without one) from each trial's `hparams` dict."""
     lr = trials["hparams"].map(lambda h: _hparam(h, "learning_rate"))
     momentum = trials["hparams"].map(lambda h: _hparam(h, "momentum", 0.0))
+    base = trials["hparams"].map(lambda h: _hparam(h, "base_learning_rate"))
     return pd.DataFrame({
         "trial_id": trials["trial_id"].to_numpy(), "learning_rate": lr.to_numpy(float),
         "momentum": momentum.to_numpy(float), "one_minus_momentum": 1.0 - momentum.to_numpy(float),
-        "effective_learning_rate": effective_learning_rate(lr, momentum)})
+        "effective_learning_rate": effective_learning_rate(lr, momentum),
+        "base_learning_rate": base.to_numpy(float)})
 
 
 def winning_hparams(results: pd.DataFrame, trials: pd.DataFrame,
@@ -124,16 +127,20 @@ def edge_check(winners: pd.DataFrame, search_space: dict, *,
     """One row per (cell, searched parameter) of the winners: `value`, `position` in
     [0, 1] of the search range in the parameter's scale, and `near_low` / `near_high` /
     `at_edge` when within `tolerance` (default 5%) of a bound. A winner at the edge means
-    the search space may have cut off the true optimum."""
+    the search space may have cut off the true optimum. Under a learning-rate scaling rule
+    the range is the sampled `base_learning_rate`'s, so that is what is checked."""
     rows = []
     for name, spec in search_space.items():
         if spec.get("scale") not in EDGE_SCALES or name not in winners.columns:
             continue
-        position = position_in_range(winners[name], spec["low"], spec["high"], spec["scale"])
+        values = winners[name].astype(float)
+        if name == "learning_rate" and "base_learning_rate" in winners.columns:
+            values = winners["base_learning_rate"].astype(float).fillna(values)
+        position = position_in_range(values, spec["low"], spec["high"], spec["scale"])
         rows.append(pd.DataFrame({
             "cell_id": winners["cell_id"].to_numpy(),
             "batch_size": winners["batch_size"].to_numpy(),
-            "parameter": name, "value": winners[name].to_numpy(float), "position": position,
+            "parameter": name, "value": values.to_numpy(float), "position": position,
             "near_low": position <= tolerance, "near_high": position >= 1.0 - tolerance}))
     columns = ["cell_id", "batch_size", "parameter", "value", "position", "near_low", "near_high"]
     out = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=columns)

@@ -73,6 +73,20 @@ def test_positions_in_each_scale():
         position_in_range(1.0, 0.0, 2.0, "choices_of_something")
 
 
+def test_edge_check_reads_the_sampled_rate_under_a_scaling_rule():
+    """With a scaling rule the range bounds `base_learning_rate`; the stored
+    `learning_rate` is scaled to the batch size (1.01 at B = 1024 from 0.0158 at 16)."""
+    winners = pd.DataFrame({"cell_id": ["a", "b"], "batch_size": [16, 1024],
+                            "learning_rate": [0.0158, 1.0112],
+                            "base_learning_rate": [0.0158, 0.0158]})
+    flags = edge_check(winners, {"learning_rate": {"low": 0.01, "high": 1.0, "scale": "log"}})
+    assert flags["value"].tolist() == [0.0158, 0.0158] and not flags["at_edge"].any()
+    assert flags["position"].tolist() == pytest.approx([np.log(1.58) / np.log(100)] * 2)
+    unscaled = winners.assign(base_learning_rate=np.nan)  # no rule: the rate itself
+    assert edge_check(unscaled, {"learning_rate": {"low": 0.01, "high": 1.0, "scale": "log"}})[
+        "near_high"].tolist() == [False, True]
+
+
 def test_edge_check_flags_winners_within_5_percent_of_a_bound():
     winners = pd.DataFrame({"cell_id": ["a", "b", "c"], "batch_size": [64, 128, 256],
                             "learning_rate": [0.1, 9.0, 1.2e-3],
