@@ -89,24 +89,11 @@ def test_the_stored_config_names_every_default_it_trains_with():
     (analysis reads the momentum); regime adaptation stretches the default warm-up as it
     stretches a given one; a value the campaign gives wins."""
     from study.spec import parse_spec
-    text = """
-        [campaign]
-        name = "defaults"
-        workload = "digits_mlp"
-        batch_sizes = [16, 64]
-        optimizers = ["lars"]
-        schedules = ["warmup_constant"]
-        trials_per_cell = 2
-        max_steps = 100
-        eval_every = 10
-
-        [target]
-        metric = "val_error"
-        threshold = 0.1
-
-        [search_space.optimizer.lars]
-        learning_rate = { low = 0.01, high = 1.0, scale = "log" }
-    """.replace("\n        ", "\n")
+    from tests.study.conftest import TINY_SPEC
+    text = (TINY_SPEC.replace('optimizers = ["momentum"]', 'optimizers = ["lars"]')
+            .replace('schedules = ["constant"]', 'schedules = ["warmup_constant"]')
+            .replace("[search_space.optimizer.momentum]", "[search_space.optimizer.lars]")
+            .replace('momentum = { low = 0.8, high = 0.95, scale = "reverse_log" }\n', ""))
     spec = parse_spec(text, "defaults.toml")
     config = resolve(spec, 16, hparams={"learning_rate": 0.1})
     assert (config.hparams["momentum"], config.hparams["warmup_epochs"]) == (0.9, 5)
