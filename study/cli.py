@@ -14,15 +14,12 @@ from pathlib import Path
 
 from db.engine import StorageError, make_engine, redact, storage_url
 from study.cli_extra import add_commands
+from study.errors import UserError
 from study import probe_cli
 
 USER_ERROR = 2
 # --compile -> trainers.vectorized.run_trials_vectorized(compile=): None is its tiered default
 COMPILE_MODES = {"auto": None, "always": True, "never": False}
-
-
-class UserError(Exception):
-    pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -405,4 +402,8 @@ def cmd_workloads(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m study.cli` (torchrun's form) runs this file as __main__, a second copy of
+    # the module: hand over to the one every command module imports, so that there is
+    # one set of functions (and `batchlab` and `python -m study.cli` behave the same).
+    from study.cli import main as _main
+    sys.exit(_main())

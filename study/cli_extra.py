@@ -1,7 +1,7 @@
 """More `batchlab` commands: `nqm steps`, `import-shallue` and `analyze`.
 
 Registered by `study.cli.build_parser` through `add_commands`. User errors are raised as
-`study.cli.UserError` (one line on stderr, exit status 2).
+`study.errors.UserError` (one line on stderr, exit status 2).
 """
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def add_commands(subparsers) -> None:
 
 
 def _check_range(name: str, value: float, low: float, high: float, closed_high: bool = False) -> None:
-    from study.cli import UserError
+    from study.errors import UserError
     ok = math.isfinite(value) and low <= value and (value <= high if closed_high else value < high)
     if not ok:
         bracket = "]" if closed_high else ")"
@@ -66,7 +66,7 @@ def _check_range(name: str, value: float, low: float, high: float, closed_high: 
 
 
 def cmd_nqm_steps(args) -> int:
-    from study.cli import UserError
+    from study.errors import UserError
     from trainers.nqm import nqm_steps_to_target
     if not (args.batch_size > 0 and math.isfinite(args.batch_size)):
         raise UserError(f"--batch-size {args.batch_size:g} must be > 0")
@@ -92,7 +92,7 @@ def cmd_nqm_steps(args) -> int:
 
 def cmd_import_shallue(args) -> int:
     from db.engine import make_engine, redact, storage_url
-    from study.cli import UserError
+    from study.errors import UserError
     from study.importer import ImportOptions, ShallueImportError, import_shallue
     if args.first_n_trials is not None and args.first_n_trials < 1:
         raise UserError(f"--first-n-trials {args.first_n_trials} must be >= 1")
@@ -123,7 +123,8 @@ def cmd_import_shallue(args) -> int:
 def cmd_analyze(args) -> int:
     from study import report
     from study.analyze import AnalyzeOptions, analyze_campaign
-    from study.cli import UserError, _engine
+    from study.cli import _engine
+    from study.errors import UserError
     from study.worker import CampaignNotFound
     if args.resamples < 1:
         raise UserError(f"--resamples {args.resamples} must be >= 1")

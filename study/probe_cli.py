@@ -259,7 +259,8 @@ def store(engine, campaign_id: int, rows: list[dict]) -> None:
 
 
 def _campaign(args):
-    from study.cli import UserError, _engine, _info
+    from study.cli import _engine, _info
+    from study.errors import UserError
     url, engine = _engine(args)
     info = _info(engine, args.campaign)
     found = winners(engine, info.id, args.cells, args.batch_sizes)
@@ -296,7 +297,7 @@ def cmd_hessian(args) -> int:
 
 
 def cmd_interpolate(args) -> int:
-    from study.cli import UserError
+    from study.errors import UserError
     engine, info, found = _campaign(args)
     small, large = found[0], found[-1]
     if small.batch_size == large.batch_size:

@@ -40,6 +40,18 @@ def sqlite_url(tmp_path) -> str:
 
 
 def batchlab(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run the real command line in a fresh process."""
+    """Run the real command line in a fresh process (`python -m study.cli`, the form
+    torchrun uses)."""
     return subprocess.run([sys.executable, "-m", "study.cli", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+# What the `batchlab` console script runs (pyproject's [project.scripts]); `-c` puts the
+# working directory first on sys.path, as `-m` does, so the checkout under test is imported.
+CONSOLE_SCRIPT = "import sys; from study.cli import main; sys.argv[0] = 'batchlab'; sys.exit(main())"
+
+
+def batchlab_script(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run the real command line as the `batchlab` console script does."""
+    return subprocess.run([sys.executable, "-c", CONSOLE_SCRIPT, *args], capture_output=True,
                           text=True, timeout=timeout)

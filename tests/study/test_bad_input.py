@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.study.conftest import TINY_SPEC, batchlab
+from tests.study.conftest import TINY_SPEC, batchlab, batchlab_script
 
 from tests.shared_data import MNIST_T10K
 PASSWORD = "s3cret-Pa55"
@@ -76,6 +76,29 @@ CASES = [
      "already exists with a different spec"),
 ]
 
+# Commands outside the spec/storage pattern above, as argv lists run on the battery's
+# database ("URL": its storage URL; "DIR": its folder). (case id, form, argv, words in the
+# line), form "module" for `python -m study.cli` (torchrun's form) and "script" for the
+# `batchlab` console script: both must print one line.
+ARGV_CASES = [
+    # user errors raised by the commands of study/cli_extra.py and study/probe_cli.py
+    ("nqm_zero_batch_module", "module", ["nqm", "steps", "--batch-size", "0", "--lr", "1"],
+     "--batch-size 0 must be > 0"),
+    ("nqm_zero_batch_script", "script", ["nqm", "steps", "--batch-size", "0", "--lr", "1"],
+     "--batch-size 0 must be > 0"),
+    ("analyze_zero_resamples_module", "module",
+     ["analyze", "--campaign", "tiny", "--output", "DIR/a", "--resamples", "0", "--storage", "URL"],
+     "--resamples 0 must be >= 1"),
+    ("import_zero_trials_module", "module",
+     ["import-shallue", "DIR", "--first-n-trials", "0", "--storage", "URL"], "--first-n-trials 0"),
+    ("import_missing_path_script", "script", ["import-shallue", "DIR/nowhere", "--storage", "URL"],
+     "no such file or folder"),
+    ("probe_no_winner_module", "module", ["probe", "sharpness", "--campaign", "tiny", "--storage", "URL"],
+     "no cell winner with a checkpoint"),
+]
+ALL_CASES = [c[0] for c in CASES] + [c[0] for c in ARGV_CASES]
+WORDS = {c[0]: c[-1] for c in CASES + ARGV_CASES}
+
 
 def prepare_data(kind: str | None, folder: Path) -> Path | None:
     """Copies of the MNIST test files, broken in one way each."""
@@ -121,7 +144,16 @@ def battery(tmp_path_factory):
     assert created.returncode == 0, created.stderr
     before = digest(folder)
 
+    def run_argv(case):
+        name, form, argv, _ = case
+        argv = [a.replace("URL", url).replace("DIR", str(folder)) for a in argv]
+        start = time.monotonic()
+        result = (batchlab if form == "module" else batchlab_script)(*argv, timeout=120)
+        return name, (result, time.monotonic() - start)
+
     def run(case):
+        if len(case) == 4:
+            return run_argv(case)
         name, command, text, storage, data_kind, _ = case
         data = prepare_data(data_kind, folder)
         args = []
@@ -137,15 +169,15 @@ def battery(tmp_path_factory):
         return name, (result, time.monotonic() - start)
 
     with ThreadPoolExecutor(3) as pool:
-        results = dict(pool.map(run, CASES))
+        results = dict(pool.map(run, CASES + ARGV_CASES))
     return results, before, digest(folder)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_one_line_exit_2_nothing_written(battery, case):
+@pytest.mark.parametrize("name", ALL_CASES)
+def test_one_line_exit_2_nothing_written(battery, name):
     results, before, after = battery
-    name, *_, words = case
+    words = WORDS[name]
     result, seconds = results[name]
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2, (result.stdout, result.stderr)
