@@ -4,9 +4,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from sqlalchemy import URL, Engine, create_engine, event
+from sqlalchemy import URL, Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, OperationalError
 from sqlalchemy.pool import NullPool, QueuePool
 
 DEFAULT_STORAGE = "sqlite:///batchlab.db"
@@ -45,6 +45,25 @@ def make_engine(url: str, *, read_only: bool = False) -> Engine:
         raise StorageError(f"storage URL {redact(url)!r}: driver {parsed.drivername!r} is not "
                            f"available (use postgresql+psycopg://...; pip install 'psycopg[binary]')") from exc
     raise StorageError(f"storage URL {redact(url)!r}: only sqlite and postgresql are supported")
+
+
+def connect(engine: Engine) -> Connection:
+    """A connection, or StorageError naming the (redacted) URL and the driver's reason in
+    one line (an unreachable server, a refused login, a file SQLite cannot open)."""
+    try:
+        return engine.connect()
+    except (OperationalError, DBAPIError) as exc:
+        reason = str(exc.orig if exc.orig is not None else exc).strip().splitlines()
+        first = reason[0] if reason else type(exc).__name__
+        raise StorageError(f"cannot connect to {engine.url.render_as_string(hide_password=True)}: "
+                           f"{first}") from None
+
+
+def check_connection(engine: Engine) -> None:
+    """Open one connection and close it: StorageError (`connect`) where that fails, so a
+    command ends with one line before it starts its work."""
+    with connect(engine):
+        pass
 
 
 def _sqlite_engine(parsed, read_only: bool) -> Engine:

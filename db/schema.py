@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 from sqlalchemy import Connection, Engine, func, inspect, select, text
-from sqlalchemy.exc import DBAPIError, OperationalError
 
 from db import migrations
-from db.engine import StorageError
+from db.engine import StorageError, connect
 from db.models import SCHEMA_VERSION, Base, SchemaVersion
 
 # One row per cell with its steps-to-result: the reached trial with the fewest steps,
@@ -106,12 +105,7 @@ def _lock(connection: Connection) -> None:
 
 def _connect(engine: Engine) -> Connection:
     """A connection, or StorageError naming the (redacted) URL and the driver's reason."""
-    try:
-        return engine.connect()
-    except (OperationalError, DBAPIError) as exc:
-        reason = str(exc.orig if exc.orig is not None else exc).strip().splitlines()
-        first = reason[0] if reason else type(exc).__name__
-        raise StorageError(f"cannot connect to {_shown(engine)}: {first}") from None
+    return connect(engine)
 
 
 def _shown(engine: Engine) -> str:

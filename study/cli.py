@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from db.engine import StorageError, make_engine, redact, storage_url
+from db.engine import StorageError, check_connection, make_engine, redact, storage_url
 from study.cli_extra import add_commands
 from study.errors import UserError
 from study import probe_cli
@@ -160,14 +160,22 @@ def _recovery_args(parser: argparse.ArgumentParser) -> None:
         "re-runs it with the same hyperparameters (default 60)"))
 
 
-def _engine(args, *, must_exist: bool = True):
+def _engine(args, *, must_exist: bool = True, read_only: bool = False):
+    """The storage URL and an engine on it, connected once: an unreachable server, a
+    refused login or a database that is not there ends the command here, with one line
+    (StorageError or UserError), whatever the command. `must_exist=False` (create, run,
+    import): a SQLite file may be new; it is not opened here, which would create it before
+    the command has checked its input."""
     url = storage_url(args.storage)
     if must_exist and url.startswith("sqlite:///"):
         path = url.removeprefix("sqlite:///")
         if path and path != ":memory:" and not Path(path).exists():
             raise UserError(f"{path}: no such database; create a campaign first "
                             f"(batchlab campaign create SPEC --storage {url})")
-    return url, make_engine(url)
+    engine = make_engine(url, read_only=read_only)
+    if must_exist or engine.url.get_backend_name() != "sqlite":
+        check_connection(engine)
+    return url, engine
 
 
 def cmd_create(args) -> int:
@@ -329,7 +337,9 @@ def _reap(engine, url: str, campaign_id: int, grace_seconds: float) -> None:
 
 def cmd_status(args) -> int:
     from db import queries
+    from db.schema import ensure_schema
     url, engine = _engine(args)
+    ensure_schema(engine)
     names = [args.campaign] if args.campaign else list(queries.campaigns(engine)["name"])
     for name in names:
         info = _info(engine, name)
@@ -356,8 +366,8 @@ def cmd_figure(args) -> int:
 
 
 def cmd_dashboard(args) -> int:
-    url, _ = _engine(args)
-    _upgrade_schema(url)
+    url, reader = _engine(args, read_only=True)  # before Streamlit starts: one line, exit 2
+    _upgrade_schema(url, reader)
     app = Path(__file__).resolve().parent.parent / "app" / "main.py"
     env = {**os.environ, "BATCHLAB_STORAGE": url}
     print(f"dashboard on http://{args.address}:{args.port} reading {redact(url)}", flush=True)
@@ -368,14 +378,14 @@ def cmd_dashboard(args) -> int:
     os.execve(sys.executable, command, env)
 
 
-def _upgrade_schema(url: str) -> None:
+def _upgrade_schema(url: str, reader) -> None:
     """Bring an older schema up to date before the dashboard starts: the app only reads (its
     engine is read-only), and its pages read the newest tables. A current schema is checked
     on a read-only connection and not written to (a file on read-only media, a role with
-    SELECT only); a newer one ends the command (StorageError)."""
+    SELECT only); a newer one ends the command (StorageError). `reader`: a read-only
+    engine on `url` (disposed here)."""
     from sqlalchemy.exc import SQLAlchemyError
     from db.schema import ensure_schema, is_current
-    reader = make_engine(url, read_only=True)
     try:
         if is_current(reader):
             return

@@ -91,20 +91,21 @@ def cmd_nqm_steps(args) -> int:
 
 
 def cmd_import_shallue(args) -> int:
-    from db.engine import make_engine, redact, storage_url
+    from db.engine import redact
+    from study.cli import _engine
     from study.errors import UserError
     from study.importer import ImportOptions, ShallueImportError, import_shallue
     if args.first_n_trials is not None and args.first_n_trials < 1:
         raise UserError(f"--first-n-trials {args.first_n_trials} must be >= 1")
     if (args.target_metric is None) != (args.threshold is None):
         raise UserError("--target-metric and --threshold go together")
-    url = storage_url(args.storage)
+    url, engine = _engine(args, must_exist=False)
     options = ImportOptions(first_n_trials=args.first_n_trials,
                             include_incomplete=args.include_incomplete,
                             target_metric=args.target_metric, threshold=args.threshold,
                             mode="max" if args.maximize else None, prefix=args.prefix)
     try:
-        stats = import_shallue(make_engine(url), args.path, options,
+        stats = import_shallue(engine, args.path, options,
                                log=lambda line: print(line, flush=True))
     except ShallueImportError as exc:
         raise UserError(str(exc)) from None

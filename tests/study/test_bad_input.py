@@ -16,6 +16,7 @@ from tests.study.conftest import TINY_SPEC, batchlab, batchlab_script
 
 from tests.shared_data import MNIST_T10K
 PASSWORD = "s3cret-Pa55"
+UNREACHABLE = f"postgresql+psycopg://nobody:{PASSWORD}@127.0.0.1:1/x"
 MNIST_SPEC = TINY_SPEC.replace('workload = "digits_mlp"', 'workload = "mnist10k_mlp"\ndata_dir = "DATA"')
 
 
@@ -95,6 +96,16 @@ ARGV_CASES = [
      "no such file or folder"),
     ("probe_no_winner_module", "module", ["probe", "sharpness", "--campaign", "tiny", "--storage", "URL"],
      "no cell winner with a checkpoint"),
+    # an unreachable PostgreSQL server, whatever the command (the dashboard: before
+    # Streamlit starts)
+    *[(f"unreachable_storage_{what}", "script", [*argv, "--storage", UNREACHABLE],
+       "cannot connect to") for what, argv in (
+        ("status", ["status"]), ("status_campaign", ["status", "--campaign", "tiny"]),
+        ("results", ["results", "--campaign", "tiny"]),
+        ("figure", ["figure", "--campaign", "tiny", "--output", "DIR/f.png"]),
+        ("analyze", ["analyze", "--campaign", "tiny", "--output", "DIR/analysis"]),
+        ("dashboard", ["dashboard", "--port", "8599"]), ("import", ["import-shallue", "DIR"]),
+        ("probe", ["probe", "hessian", "--campaign", "tiny"]))],
 ]
 ALL_CASES = [c[0] for c in CASES] + [c[0] for c in ARGV_CASES]
 WORDS = {c[0]: c[-1] for c in CASES + ARGV_CASES}
