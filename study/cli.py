@@ -190,7 +190,31 @@ def cmd_create(args) -> int:
     return 0
 
 
+def check_device(name: str) -> None:
+    """`--device`: auto, cpu, or a CUDA device this machine has; otherwise UserError (one
+    line), before any storage is touched or worker started."""
+    if name == "auto":
+        return
+    import torch
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {name!r}: not a device (auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cpu":
+        return
+    if device.type != "cuda":
+        raise UserError(f"--device {name!r}: batchlab trains on auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine "
+                        f"(use --device cpu or auto)")
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise UserError(f"--device {name}: this machine has {count} CUDA device"
+                        f"{'s' if count != 1 else ''} (cuda:0 to cuda:{count - 1})")
+
+
 def cmd_worker(args) -> int:
+    check_device(args.device)
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
@@ -240,6 +264,7 @@ def cmd_run(args) -> int:
         raise UserError(f"--workers {args.workers}: must be at least 1")
     if args.figure and Path(args.figure).suffix.lower() not in (".png", ".svg"):
         raise UserError(f"--figure {args.figure}: must end in .png or .svg")
+    check_device(args.device)  # before the campaign is created and workers start
     url, engine = _engine(args, must_exist=False)
     result = create_campaign(engine, url, spec)
     print(f"campaign {spec.name!r}: {result.cells} cells x {spec.trials_per_cell} trials, "

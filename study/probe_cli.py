@@ -259,16 +259,17 @@ def store(engine, campaign_id: int, rows: list[dict]) -> None:
 
 
 def _campaign(args):
-    from study.cli import _engine, _info
+    from study.cli import _engine, _info, check_device
     from study.errors import UserError
+    check_device(args.device)  # one line when the device is not there
+    if args.device == "auto":
+        from trainers.loop import resolve_device
+        args.device = str(resolve_device(args.device))
     url, engine = _engine(args)
     info = _info(engine, args.campaign)
     found = winners(engine, info.id, args.cells, args.batch_sizes)
     if not found:
         raise UserError(f"campaign {args.campaign!r}: no cell winner with a checkpoint to probe")
-    if not args.device.startswith("cpu"):
-        from trainers.loop import resolve_device
-        resolve_device(args.device)  # a clear error when CUDA is absent
     return engine, info, found
 
 

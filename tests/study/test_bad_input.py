@@ -11,11 +11,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.study.conftest import TINY_SPEC, batchlab, batchlab_script
 
 from tests.shared_data import MNIST_T10K
 PASSWORD = "s3cret-Pa55"
+HAS_CUDA = torch.cuda.is_available()
 UNREACHABLE = f"postgresql+psycopg://nobody:{PASSWORD}@127.0.0.1:1/x"
 MNIST_SPEC = TINY_SPEC.replace('workload = "digits_mlp"', 'workload = "mnist10k_mlp"\ndata_dir = "DATA"')
 
@@ -72,6 +74,10 @@ CASES = [
     ("corrupt_data_file", "create", other(MNIST_SPEC), None, "corrupt", "not an IDX file"),
     ("truncated_data_file", "create", other(MNIST_SPEC), None, "truncated", "truncated"),
     ("checksum_mismatch", "create", other(MNIST_SPEC), None, "checksum", "md5"),
+    ("unknown_device_on_run", "run --device bogus", other(TINY_SPEC), None, None,
+     "--device 'bogus': not a device"),
+    ("absent_cuda_device_on_run", "run --device cuda:99", other(TINY_SPEC), None, None,
+     "--device cuda:99"),  # checked before the campaign is created: nothing written
     ("zero_workers", "run --workers 0", other(TINY_SPEC), None, None, "--workers 0: must be at least 1"),
     ("same_name_other_spec", "create", mutate("max_steps = 300", "max_steps = 200"), None, None,
      "already exists with a different spec"),
@@ -96,6 +102,18 @@ ARGV_CASES = [
      "no such file or folder"),
     ("probe_no_winner_module", "module", ["probe", "sharpness", "--campaign", "tiny", "--storage", "URL"],
      "no cell winner with a checkpoint"),
+    # a device that does not exist (cuda:99: no CUDA here, or not that many devices)
+    ("unknown_device_worker", "module", ["worker", "--campaign", "tiny", "--device", "bogus",
+                                         "--storage", "URL"], "--device 'bogus': not a device"),
+    ("absent_cuda_device_worker", "script", ["worker", "--campaign", "tiny", "--device", "cuda:99",
+                                             "--storage", "URL"], "--device cuda:99"),
+    ("unknown_device_probe", "module", ["probe", "sharpness", "--campaign", "tiny", "--device",
+                                        "bogus", "--storage", "URL"], "--device 'bogus'"),
+    *([("cuda_on_cpu_only_worker", "module", ["worker", "--campaign", "tiny", "--device", "cuda:0",
+                                              "--storage", "URL"], "CUDA is not available"),
+       ("cuda_on_cpu_only_run", "script", ["run", "DIR/tiny.toml", "--device", "cuda",
+                                           "--storage", "URL"], "CUDA is not available")]
+      if not HAS_CUDA else []),
     # an unreachable PostgreSQL server, whatever the command (the dashboard: before
     # Streamlit starts)
     *[(f"unreachable_storage_{what}", "script", [*argv, "--storage", UNREACHABLE],
