@@ -262,8 +262,8 @@ def cmd_run(args) -> int:
     spec = load_spec(args.spec)
     if args.workers < 1:
         raise UserError(f"--workers {args.workers}: must be at least 1")
-    if args.figure and Path(args.figure).suffix.lower() not in (".png", ".svg"):
-        raise UserError(f"--figure {args.figure}: must end in .png or .svg")
+    if args.figure:
+        _check_figure_path("--figure", args.figure)
     check_device(args.device)  # before the campaign is created and workers start
     url, engine = _engine(args, must_exist=False)
     result = create_campaign(engine, url, spec)
@@ -342,13 +342,21 @@ def _info(engine, name: str):
     return info
 
 
+def _check_figure_path(option: str, path: str) -> None:
+    if Path(path).suffix.lower() not in (".png", ".svg"):
+        raise UserError(f"{option} {path}: must end in .png or .svg")
+
+
 def _write_figure(engine, name: str, output: str, y: str) -> Path:
     from study.figures import save_chart, scaling_chart
     from study.results import cell_table
     info = _info(engine, name)
     chart = scaling_chart(cell_table(engine, info), workload=info.workload,
                           target=info.target_text, eval_every=info.eval_every, y=y)
-    return save_chart(chart, output)
+    try:
+        return save_chart(chart, output)
+    except OSError as exc:  # a folder that cannot be made, a read-only place
+        raise UserError(f"{output}: cannot write the figure: {exc.strerror or exc}") from None
 
 
 def _reap(engine, url: str, campaign_id: int, grace_seconds: float) -> None:
@@ -385,6 +393,7 @@ def cmd_results(args) -> int:
 
 
 def cmd_figure(args) -> int:
+    _check_figure_path("--output", args.output)
     _, engine = _engine(args)
     print(_write_figure(engine, args.campaign, args.output, args.y))
     return 0

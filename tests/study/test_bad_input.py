@@ -102,6 +102,12 @@ ARGV_CASES = [
      "no such file or folder"),
     ("probe_no_winner_module", "module", ["probe", "sharpness", "--campaign", "tiny", "--storage", "URL"],
      "no cell winner with a checkpoint"),
+    # a figure format batchlab does not write
+    ("figure_pdf", "module", ["figure", "--campaign", "tiny", "--output", "DIR/out/f.pdf",
+                              "--storage", "URL"], "f.pdf: must end in .png or .svg"),
+    ("figure_under_a_file", "script", ["figure", "--campaign", "tiny", "--output",
+                                       "DIR/tiny.toml/f.png", "--storage", "URL"],
+     "cannot write the figure"),
     # a device that does not exist (cuda:99: no CUDA here, or not that many devices)
     ("unknown_device_worker", "module", ["worker", "--campaign", "tiny", "--device", "bogus",
                                          "--storage", "URL"], "--device 'bogus': not a device"),
