@@ -42,7 +42,8 @@ def campaign_info(engine: Engine, name: str) -> CampaignInfo | None:
 
 def cell_table(engine: Engine, info: CampaignInfo) -> pd.DataFrame:
     """One row per cell: progress, steps/examples/seconds to result (NaN where no trial
-    reached the target) and the winning trial with its hyperparameters."""
+    reached the target; seconds NaN also where the winner recorded no training time) and
+    the winning trial with its hyperparameters."""
     return cell_table_from(info, queries.cells(engine, info.id), queries.trials(engine, info.id),
                            queries.measurements(engine, info.id))
 
@@ -63,11 +64,24 @@ def cell_table_from(info: CampaignInfo, cells: pd.DataFrame, trials: pd.DataFram
     table["winner_trial"] = table["winner_trial_number"].astype("Int64")
     table["winner_hparams"] = [
         json.dumps(hparams[t], sort_keys=True) if not pd.isna(t) else "" for t in table["winner_trial_id"]]
+    table["seconds_to_result"] = _recorded_seconds(table, trials)
     table = table.rename(columns={"trials_planned": "planned"})
     for column in ("steps_to_result", "examples_to_result"):
         table[column] = table[column].astype("Int64")  # integers, with <NA> for "no result"
     return table[TABLE_COLUMNS + ["cell_id"]].sort_values(
         ["optimizer", "schedule", "batch_size"]).reset_index(drop=True)
+
+
+def _recorded_seconds(table: pd.DataFrame, trials: pd.DataFrame) -> pd.Series:
+    """`seconds_to_result`, NaN where the winning trial recorded no training time: its
+    bl_trials.wall_seconds is NULL (imported published data) or 0 (the NQM's closed forms:
+    nothing is trained). Their measurements hold wall_seconds 0, which is not a time to
+    result; no trial that trained for a step took 0 seconds."""
+    seconds = table["seconds_to_result"].astype(float)
+    if "wall_seconds" not in trials.columns:
+        return seconds
+    trained = trials.set_index("trial_id")["wall_seconds"].astype(float)
+    return seconds.where(table["winner_trial_id"].map(trained).gt(0))
 
 
 def with_metric(measurements: pd.DataFrame, metric: str) -> pd.DataFrame:

@@ -97,6 +97,7 @@ def test_results_table_has_winner_and_hparams(finished_campaign):
             assert row["winner_hparams"] == "" and pd.isna(row["winner_trial"])
         else:
             hparams = json.loads(row["winner_hparams"])
+            assert row["seconds_to_result"] > 0  # a trained trial's time is kept
             assert set(hparams) == {"learning_rate", "momentum", "weight_decay"}  # + the default
             assert hparams["weight_decay"] == 0.0
             assert 0.01 <= hparams["learning_rate"] <= 1.0 and 0.8 <= hparams["momentum"] <= 0.95

@@ -1,4 +1,5 @@
 """`batchlab import-shallue` on small archives in the published layout, with known answers."""
+import io
 import json
 
 import pandas as pd
@@ -78,6 +79,11 @@ def test_import_maps_names_statuses_columns_and_steps(archive, tmp_path, capsys)
     assert table.loc[("nesterov_momentum", 64), "diverged"] == 1
     assert table.loc[("nesterov_momentum", 128), "steps_to_result"] == 100  # trial 5 (strict <)
     assert table.loc[("sgd", 64), "steps_to_result"] == 10
+    # The published data records no time: no seconds to result (not 0), in every format.
+    assert table["seconds_to_result"].isna().all()
+    code, out, _ = run(capsys, "results", "--campaign", "shallue/mnist/simple_cnn", "--format", "csv",
+                       "--storage", url)
+    assert code == 0 and (pd.read_csv(io.StringIO(out))["seconds_to_result"].isna().all())
     engine = make_engine(url)
     with Session(engine) as session:
         campaign = session.scalar(select(Campaign).where(Campaign.name == "shallue/mnist/simple_cnn"))

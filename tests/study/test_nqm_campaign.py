@@ -67,6 +67,23 @@ def test_steps_fall_with_batch_size_and_scale_perfectly_at_small_b(nqm_results, 
     assert at_largest["preconditioned"] < at_largest["sgd"] and at_largest["momentum"] < at_largest["sgd"]
 
 
+def test_no_seconds_to_result_where_nothing_was_trained(nqm_results, capsys, tmp_path):
+    """The NQM's trials come from closed forms (wall seconds 0): results show no seconds
+    (json null, table '-'), never 0.0, and the seconds figure says why it cannot be drawn."""
+    url = nqm_results[0]
+    table = _table(url, capsys)
+    assert table["seconds_to_result"].isna().all() and table["steps_to_result"].notna().all()
+    assert main(["results", "--campaign", "nqm", "--storage", url]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()  # title, header, one line per cell
+    column = lines[1].split().index("seconds_to_result")
+    assert len(lines) == 42 and {line.split()[column] for line in lines[2:]} == {"-"}
+    assert main(["figure", "--campaign", "nqm", "--y", "seconds_to_result", "--output",
+                 str(tmp_path / "seconds.png"), "--storage", url]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: campaign 'nqm' recorded no training time")
+    assert not (tmp_path / "seconds.png").exists()
+
+
 def test_simulated_trial_matches_the_notebook_search():
     config = TrialConfig("nqm", 1024, "momentum", "constant",
                          {"learning_rate": 0.1, "momentum": 0.9}, max_steps=10_000_000,
