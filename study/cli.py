@@ -18,6 +18,7 @@ from study.errors import UserError
 from study import probe_cli
 
 USER_ERROR = 2
+BROKEN_PIPE = 128 + 13  # the status of a command ended by SIGPIPE, like `cat` or `seq`
 # --compile -> trainers.vectorized.run_trials_vectorized(compile=): None is its tiered default
 COMPILE_MODES = {"auto": None, "always": True, "never": False}
 
@@ -30,15 +31,44 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return USER_ERROR
     try:
-        return args.handler(args) or 0
+        code = args.handler(args) or 0
+        sys.stdout.flush()  # a reader that went away (`| head`) shows here, not at exit
+        return code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `batchlab results | head -1`: stop quietly, as `cat` does
+        if not _stdout_closed():
+            raise  # another pipe broke (a bug or a crashed child): not the reader's doing
+        _drop_stdout()
+        return BROKEN_PIPE
     except Exception as exc:  # user errors: one line, exit 2; anything else is a bug
         if _is_user_error(exc):
             print(f"error: {exc}", file=sys.stderr)
             return USER_ERROR
         raise
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader has gone (poll reports an error on it)."""
+    import select
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll, or stdout is not a file
+        return True
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null: what is still buffered for the closed pipe is dropped
+    when the interpreter flushes it on exit, instead of a second BrokenPipeError."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout is not a file (captured by a caller)
+        pass
 
 
 def _quiet_libraries() -> None:
@@ -277,7 +307,7 @@ def cmd_run(args) -> int:
     processes = [subprocess.Popen(command) for _ in range(args.workers)]
     try:
         _watch(engine, spec.name, processes)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, BrokenPipeError):  # Ctrl-C, or the progress's reader is gone
         for process in processes:
             process.terminate()
         for process in processes:

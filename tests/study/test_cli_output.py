@@ -1,0 +1,38 @@
+"""What `batchlab status` and `batchlab results` print, on a database with known rows
+(tests/app/conftest.py's `build_database`: campaign `demo_scaling` with results at B = 16
+to 128 and none yet at B = 256, and `other_campaign`), and how they end when their reader
+goes away (`| head`)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from study.cli import main
+from tests.app.conftest import CAMPAIGN, build_database
+from tests.study.conftest import CONSOLE_SCRIPT
+
+NO_REAPING = ["--grace", "1e9"]  # the fixture's running trial stays as it is
+
+
+@pytest.fixture(scope="module")
+def known_db(tmp_path_factory) -> str:
+    return build_database(tmp_path_factory.mktemp("known") / "known.db")
+
+
+@pytest.mark.parametrize("command", [
+    ["results", "--campaign", CAMPAIGN], ["results", "--campaign", CAMPAIGN, "--format", "csv"],
+    ["status", *NO_REAPING], ["workloads"]])
+def test_a_reader_that_goes_away_ends_the_command_quietly(known_db, command):
+    """`batchlab results | head -1`: the pipe's reader is gone before the command writes
+    (here it never reads), so every write fails with EPIPE. The command stops with the
+    status of a process ended by SIGPIPE (141, as `cat` or `seq` do) and prints nothing,
+    no BrokenPipeError traceback."""
+    storage = ["--storage", known_db] if command[0] != "workloads" else []
+    process = subprocess.Popen([sys.executable, "-c", CONSOLE_SCRIPT, *command, *storage],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # the reader goes away at once
+    err = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 141, err
+    assert err == ""
