@@ -368,7 +368,10 @@ def _info(engine, name: str):
     ensure_schema(engine)
     info = campaign_info(engine, name)
     if info is None:
-        raise CampaignNotFound(f"no campaign named {name!r}")
+        from db import queries
+        known = list(queries.campaigns(engine)["name"])
+        hint = f"; known campaigns: {', '.join(known)}" if known else "; create it first"
+        raise CampaignNotFound(f"no campaign named {name!r}{hint}")
     return info
 
 
@@ -416,6 +419,9 @@ def cmd_status(args) -> int:
         print(f"{name}: {done}/{planned} trials finished, {int(cells['trials_running'].sum())} running")
         shown = cells[["batch_size", "optimizer", "schedule", "trials_finished", "trials_running",
                        "trials_planned", "trials_reached", "steps_to_result"]]
+        # Whole numbers, '-' where a cell has no result (a NULL makes pandas read the
+        # column as floats: 95.0)
+        shown = shown.astype({"steps_to_result": "Int64"})
         print(shown.astype(object).where(shown.notna(), "-").to_string(index=False))
     return 0
 

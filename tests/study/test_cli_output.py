@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from study.cli import main
-from tests.app.conftest import CAMPAIGN, build_database
+from tests.app.conftest import CAMPAIGN, OTHER, STEPS_TO_RESULT, build_database
 from tests.study.conftest import CONSOLE_SCRIPT
 
 NO_REAPING = ["--grace", "1e9"]  # the fixture's running trial stays as it is
@@ -19,6 +19,24 @@ NO_REAPING = ["--grace", "1e9"]  # the fixture's running trial stays as it is
 @pytest.fixture(scope="module")
 def known_db(tmp_path_factory) -> str:
     return build_database(tmp_path_factory.mktemp("known") / "known.db")
+
+
+def test_status_prints_whole_steps_and_a_dash_where_no_result(known_db, capsys):
+    assert main(["status", "--campaign", CAMPAIGN, *NO_REAPING, "--storage", known_db]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    header = lines[1].split()
+    rows = {int(line.split()[0]): line.split() for line in lines[2:]}
+    column = header.index("steps_to_result")
+    assert {b: row[column] for b, row in rows.items()} == {
+        **{b: str(steps) for b, steps in STEPS_TO_RESULT.items()}, 256: "-"}
+    assert ".0" not in "\n".join(lines[1:])
+
+
+@pytest.mark.parametrize("command", [["results"], ["status", *NO_REAPING]])
+def test_unknown_campaign_lists_the_known_ones(known_db, capsys, command):
+    assert main([*command, "--campaign", "nope", "--storage", known_db]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: no campaign named 'nope'; known campaigns: {CAMPAIGN}, {OTHER}"]
 
 
 @pytest.mark.parametrize("command", [
