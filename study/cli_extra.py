@@ -109,6 +109,10 @@ def cmd_import_shallue(args) -> int:
                                log=lambda line: print(line, flush=True))
     except ShallueImportError as exc:
         raise UserError(str(exc)) from None
+    if not stats.studies:
+        under = f" under --prefix {args.prefix}" if args.prefix else ""
+        raise UserError(f"{args.path}: no published studies found{under} (folders "
+                        f"dataset/model/optimizer/batch_size holding study.json); nothing imported")
     print(f"imported into {redact(url)}: {len(stats.campaigns)} campaigns, {stats.cells_imported} "
           f"new cells ({stats.cells_skipped} already there), {stats.trials} trials, "
           f"{stats.measurements} measurements")

@@ -103,6 +103,7 @@ class ImportStats:
     trials: int = 0
     measurements: int = 0
     skipped_workloads: set = field(default_factory=set)  # no goal
+    studies: int = 0  # found in the source (under the prefix), imported or not
     warnings: list = field(default_factory=list)
 
 
@@ -291,9 +292,11 @@ class ShallueImporter:
         self._started = self._last_progress = time.monotonic()
 
     def run(self) -> ImportStats:
-        ensure_schema(self.engine)
         reader = _Source(self.source, self.options.prefix)
         for folder, study in iter_studies(reader.files()):
+            if not self.stats.studies:  # a source without studies writes nothing
+                ensure_schema(self.engine)
+            self.stats.studies += 1
             self._import_study(folder, study)
             self._progress(reader)
         self._progress(reader, force=True)

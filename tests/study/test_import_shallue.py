@@ -159,6 +159,23 @@ def test_bad_paths_are_one_line_user_errors(tmp_path, capsys):
     assert code == 2 and "not a readable tar archive" in err and len(err.strip().splitlines()) == 1
 
 
+def test_a_source_without_studies_is_a_one_line_error_and_writes_nothing(archive, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "README.txt").write_text("no study here")
+    database = tmp_path / "none.db"
+    url = f"sqlite:///{database}"
+    code, _, err = run(capsys, "import-shallue", str(empty), "--storage", url)
+    assert code == 2 and err.strip().splitlines() == [
+        f"error: {empty}: no published studies found (folders dataset/model/optimizer/batch_size "
+        f"holding study.json); nothing imported"]
+    code, _, err = run(capsys, "import-shallue", str(archive[1]), "--prefix", "cifar_10/",
+                       "--storage", url)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "no published studies found under --prefix cifar_10/" in err
+    assert not database.exists()  # not even an empty schema
+
+
 def test_worker_on_an_imported_campaign_is_one_line_exit_2(archive, tmp_path, capsys):
     url = f"sqlite:///{tmp_path / 'w.db'}"
     assert run(capsys, "import-shallue", str(archive[0]), "--storage", url)[0] == 0
