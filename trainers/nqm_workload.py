@@ -139,7 +139,7 @@ def simulate(config: TrialConfig) -> tuple[TrialResult, list[Measurement]]:
         measurements = [final]
         result = TrialResult("reached", reached_at, reached_at * batch_size, 0.0,
                              steps_to_result=reached_at, examples_to_result=reached_at * batch_size,
-                             seconds_to_result=0.0, best_metric=final.metric(target.metric))
+                             seconds_to_result=None, best_metric=final.metric(target.metric))
         return result, measurements
     initial = loss(0)
     final_loss = loss(config.max_steps)

@@ -82,6 +82,13 @@ def test_no_seconds_to_result_where_nothing_was_trained(nqm_results, capsys, tmp
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: campaign 'nqm' recorded no training time")
     assert not (tmp_path / "seconds.png").exists()
+    from sqlalchemy import text
+    from db.engine import make_engine
+    with make_engine(url).connect() as connection:  # in SQL too: no time, not 0 s
+        seconds = connection.execute(text("SELECT seconds_to_result FROM bl_trials WHERE outcome = 'reached'"))
+        assert set(seconds.scalars()) == {None}
+        view = connection.execute(text("SELECT seconds_to_result FROM bl_cell_results"))
+        assert set(view.scalars()) == {None}
 
 
 def test_simulated_trial_matches_the_notebook_search():
