@@ -5,12 +5,13 @@ from dataclasses import dataclass
 
 import optuna
 from sqlalchemy import Engine, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from db.models import Campaign, Cell
 from db.schema import ensure_schema
 from study.spec import CampaignSpec, SpecError
-from study.tuning import distributions, optuna_storage, quasi_random_points, random_points
+from study.tuning import distributions, enqueue_points, optuna_storage, quasi_random_points, random_points
 
 
 class CampaignConflict(Exception):
@@ -41,18 +42,37 @@ def create_campaign(engine: Engine, storage_url: str, spec: CampaignSpec) -> Cre
     ends the command before anything is written."""
     check_data(spec)
     ensure_schema(engine)
-    with Session(engine) as session:
-        existing = session.scalar(select(Campaign).where(Campaign.name == spec.name))
-        if existing is not None:
-            if existing.spec != spec.to_json():
-                raise CampaignConflict(
-                    f"campaign {spec.name!r} already exists with a different spec; "
-                    f"give the new campaign another name")
-            return CreateResult(existing.id, False, len(existing.cells))
+    existing = _existing(engine, spec)
+    if existing is not None:
+        return existing
     storage = optuna_storage(storage_url)
     for batch_size, optimizer, schedule in spec.cells():
         _create_study(storage, spec, study_name(spec.name, batch_size, optimizer, schedule),
                       spec.cell_space(optimizer, schedule))
+    try:
+        return _insert_campaign(engine, spec)
+    except IntegrityError:  # a create of the same name, running beside this one, committed first
+        existing = _existing(engine, spec)
+        if existing is None:
+            raise
+        return existing
+
+
+def _existing(engine: Engine, spec: CampaignSpec) -> CreateResult | None:
+    """The campaign named as `spec` (created False), None if there is none; raises
+    CampaignConflict if it has another spec."""
+    with Session(engine) as session:
+        existing = session.scalar(select(Campaign).where(Campaign.name == spec.name))
+        if existing is None:
+            return None
+        if existing.spec != spec.to_json():
+            raise CampaignConflict(
+                f"campaign {spec.name!r} already exists with a different spec; "
+                f"give the new campaign another name")
+        return CreateResult(existing.id, False, len(existing.cells))
+
+
+def _insert_campaign(engine: Engine, spec: CampaignSpec) -> CreateResult:
     with Session(engine) as session, session.begin():
         campaign = Campaign(
             name=spec.name, workload=spec.workload, target_metric=spec.target.metric,
@@ -92,8 +112,5 @@ def _create_study(storage, spec: CampaignSpec, name: str, space) -> None:
     if spec.sampler == "tpe":
         return  # TPE proposes live, from the trials finished so far
     make_points = quasi_random_points if spec.sampler == "quasi_random" else random_points
-    points = make_points(distributions(space), spec.trials_per_cell, spec.seed)
-    # A create that was interrupted may have enqueued some points already.
-    already = len(study.get_trials(deepcopy=False))
-    for params in points[already:]:
-        study.enqueue_trial(params, skip_if_exists=False)
+    # Each point once, also after an interrupted create or beside a concurrent one.
+    enqueue_points(storage, study.study_name, make_points(distributions(space), spec.trials_per_cell, spec.seed))

@@ -242,6 +242,21 @@ _NUMBER = (update(_TRIALS)
            .returning(_TRIALS.c.trial_id, _TRIALS.c.number))
 
 
+def _insert_trials(connection, study_id: int, state: TrialState, start: datetime | None,
+                   system_attrs: Sequence[Mapping]) -> list[tuple[int, int]]:
+    """New trials of the study, one per entry of `system_attrs` (its system attributes),
+    numbered as RDBStorage numbers a new trial: (trial_id, number) each, in order. The
+    caller holds the study row's lock (`_STUDY_ID`)."""
+    ids = connection.execute(_CREATE, [dict(study_id=study_id, state=state, datetime_start=start)
+                                       for _ in system_attrs]).scalars().all()
+    numbers = dict(connection.execute(_NUMBER, dict(ids=ids)).all())
+    rows = [dict(trial_id=trial_id, key=key, value_json=json.dumps(value))
+            for trial_id, attrs in zip(ids, system_attrs) for key, value in attrs.items()]
+    if rows:
+        connection.execute(insert(_SYSTEM_ATTRS), rows)
+    return [(trial_id, numbers[trial_id]) for trial_id in ids]
+
+
 def create_running(storage: optuna.storages.RDBStorage, study_name: str,
                    fixed_distributions: Mapping[str, BaseDistribution],
                    trials: Sequence[FrozenTrial]) -> list[Asked]:
@@ -253,19 +268,34 @@ def create_running(storage: optuna.storages.RDBStorage, study_name: str,
         return []
     with storage.engine.begin() as connection:
         study_id = connection.execute(_STUDY_ID, dict(study_name=study_name)).scalar_one()
-        start = datetime.now()
-        ids = connection.execute(_CREATE, [dict(study_id=study_id, state=TrialState.RUNNING,
-                                                datetime_start=start) for _ in trials]).scalars().all()
-        numbers = dict(connection.execute(_NUMBER, dict(ids=ids)).all())
+        created = _insert_trials(connection, study_id, TrialState.RUNNING, datetime.now(),
+                                 [trial.system_attrs for trial in trials])
         params: list[dict] = []
-        asked = [Asked(trial_id, numbers[trial_id], _param_rows(params, trial_id, fixed_distributions, trial.params),
-                       {}) for trial_id, trial in zip(ids, trials)]
-        attrs = [dict(trial_id=trial_id, key=key, value_json=json.dumps(value))
-                 for trial_id, trial in zip(ids, trials) for key, value in trial.system_attrs.items()]
-        for table, rows in ((_PARAMS, params), (_SYSTEM_ATTRS, attrs)):
-            if rows:
-                connection.execute(insert(table), rows)
+        asked = [Asked(trial_id, number, _param_rows(params, trial_id, fixed_distributions, trial.params), {})
+                 for (trial_id, number), trial in zip(created, trials)]
+        if params:
+            connection.execute(insert(_PARAMS), params)
     return asked
+
+
+_STUDY_TRIALS = select(func.count(_TRIALS.c.trial_id)).where(_TRIALS.c.study_id == bindparam("study_id"))
+
+
+def enqueue_points(storage: optuna.storages.RDBStorage, study_name: str,
+                   points: Sequence[Mapping[str, object]]) -> int:
+    """Enqueue a new cell's planned `points` once: what `study.enqueue_trial(point)` stores
+    for each (a WAITING trial with the point as its `fixed_params`), for the points beyond
+    the study's trial count, in one transaction under the study row's lock. A create that
+    was interrupted, or one running at the same time, has enqueued the first ones: each
+    point is queued exactly once however many creates run. Returns how many were queued."""
+    with storage.engine.begin() as connection:
+        study_id = connection.execute(_STUDY_ID, dict(study_name=study_name)).scalar_one()
+        already = connection.execute(_STUDY_TRIALS, dict(study_id=study_id)).scalar_one()
+        todo = list(points[already:])
+        if todo:
+            _insert_trials(connection, study_id, TrialState.WAITING, None,
+                           [{"fixed_params": dict(point)} for point in todo])
+    return len(todo)
 
 
 _IN_MEMORY_LOG = logging.getLogger("optuna.storages._in_memory")

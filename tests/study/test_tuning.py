@@ -11,7 +11,8 @@ import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-from study.tuning import Asked, create_running, draw, optuna_storage, outcome_state, pop_queued, tell
+from study.tuning import (Asked, create_running, draw, enqueue_points, optuna_storage, outcome_state,
+                          pop_queued, tell)
 
 DISTS = {"learning_rate": FloatDistribution(1e-3, 1.0, log=True),
          "one_minus_momentum": FloatDistribution(0.01, 0.2, log=True),
@@ -175,3 +176,43 @@ def test_concurrent_creates_number_every_trial_once(url):
     assert sorted(t.number for t in created) == [t.number for t in study.trials] == list(range(36))
     assert {t.trial_id: t.number for t in created} == {t._trial_id: t.number for t in study.trials}
     assert all(t.state.name == "RUNNING" and t.params == POINTS[t.params["width"] // 16 - 1] for t in study.trials)
+
+
+def test_enqueue_points_stores_what_enqueue_trial_stores(url):
+    storage = optuna_storage(url)
+    by_enqueue = optuna.create_study(study_name="enqueue", storage=storage)
+    for point in POINTS:
+        by_enqueue.enqueue_trial(point)
+    optuna.create_study(study_name="points", storage=storage)
+    assert enqueue_points(storage, "points", POINTS[:2]) == 2
+    assert enqueue_points(storage, "points", POINTS) == 4  # the rest: the first two are there
+    assert enqueue_points(storage, "points", POINTS) == 0
+    ours = optuna.load_study(study_name="points", storage=storage).trials
+    theirs = by_enqueue.trials
+    assert [frozen(storage, t._trial_id) for t in ours] == [frozen(storage, t._trial_id) for t in theirs]
+    assert [t.system_attrs["fixed_params"] for t in ours] == POINTS
+    popped, expected = (pop_queued(storage, name, DISTS, 6) for name in ("points", "enqueue"))
+    assert [(a.number, a.params, a.user_attrs) for a in popped] == \
+        [(a.number, a.params, a.user_attrs) for a in expected]  # and they are popped alike
+
+
+def test_concurrent_enqueues_queue_every_point_once(url):
+    storage = optuna_storage(url)
+    optuna.create_study(study_name="cell", storage=storage)
+    queued = []
+    lock = threading.Lock()
+
+    def enqueue(worker: int) -> None:
+        count = enqueue_points(optuna_storage(url), "cell", POINTS)  # one engine each, as processes
+        with lock:
+            queued.append(count)
+
+    threads = [threading.Thread(target=enqueue, args=(w,)) for w in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(queued) == [0] * 5 + [len(POINTS)]
+    study = optuna.load_study(study_name="cell", storage=storage)
+    assert [t.system_attrs["fixed_params"] for t in study.trials] == POINTS
+    assert [t.number for t in study.trials] == list(range(len(POINTS)))
