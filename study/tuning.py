@@ -2,6 +2,7 @@
 storages and samplers, and how a trial's outcome is told to its study."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -20,7 +21,7 @@ from optuna.distributions import (BaseDistribution, CategoricalDistribution, Flo
 from optuna.storages._rdb import models as optuna_models
 from optuna.trial import FrozenTrial, TrialState
 from scipy.stats import qmc
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import bindparam, func, insert, inspect, select, text, update
 from sqlalchemy.pool import QueuePool
 
 from db.engine import configure_sqlite, make_engine
@@ -99,11 +100,38 @@ def optuna_storage(url: str) -> optuna.storages.RDBStorage:
     # SQLite: pooled like batchlab's own engine (db.engine), for the same reason.
     engine_kwargs = ({"poolclass": QueuePool, "pool_size": 4, "max_overflow": 8} if is_sqlite
                      else {"pool_pre_ping": True, "pool_size": 2, "max_overflow": 2})
-    make_engine(url)  # validates the URL with batchlab's error messages
-    storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+    engine = make_engine(url)  # validates the URL with batchlab's error messages
+    try:
+        with _first_use_lock(engine):
+            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+    finally:
+        engine.dispose()
     if is_sqlite:
         configure_sqlite(storage.engine)
     return storage
+
+
+# Any fixed number (another than db.schema's): serialises Optuna's first use of a database.
+OPTUNA_INIT_LOCK_KEY = 0x62_6C_6F_70  # "blop"
+
+
+@contextlib.contextmanager
+def _first_use_lock(engine):
+    """On a PostgreSQL database where Optuna has not created its tables yet, one process
+    at a time: RDBStorage creates its tables, version row and Alembic stamp in separate
+    steps, and processes starting together on a new database (`batchlab run` on several
+    machines) collide in them. An advisory lock, held on a connection of our own while
+    RDBStorage initialises; nothing once the tables exist. (SQLite is one machine's
+    file, and `batchlab run` creates the campaign before it starts its workers.)"""
+    if engine.dialect.name != "postgresql" or inspect(engine).has_table("alembic_version"):
+        yield
+        return
+    with engine.connect() as connection:
+        connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": OPTUNA_INIT_LOCK_KEY})
+        try:
+            yield
+        finally:
+            connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": OPTUNA_INIT_LOCK_KEY})
 
 
 def sampler_seed(campaign_seed: int, study_name: str, worker_id: str) -> int:
