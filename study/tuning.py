@@ -24,7 +24,7 @@ from scipy.stats import qmc
 from sqlalchemy import bindparam, func, insert, inspect, select, text, update
 from sqlalchemy.pool import QueuePool
 
-from db.engine import configure_sqlite, make_engine
+from db.engine import configure_sqlite, connect, make_engine
 from study.spec import Param
 
 REVERSE_PREFIX = "one_minus_"
@@ -123,10 +123,13 @@ def _first_use_lock(engine):
     machines) collide in them. An advisory lock, held on a connection of our own while
     RDBStorage initialises; nothing once the tables exist. (SQLite is one machine's
     file, and `batchlab run` creates the campaign before it starts its workers.)"""
-    if engine.dialect.name != "postgresql" or inspect(engine).has_table("alembic_version"):
+    if engine.dialect.name != "postgresql":
         yield
         return
-    with engine.connect() as connection:
+    with connect(engine) as connection:  # StorageError, one line, where it cannot connect
+        if inspect(connection).has_table("alembic_version"):
+            yield
+            return
         connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": OPTUNA_INIT_LOCK_KEY})
         try:
             yield
