@@ -259,9 +259,9 @@ def _param_rows(rows: list[dict], trial_id: int, fixed_distributions: Mapping[st
     return params
 
 
-# create_running's statements (parameters: study_name; rows; ids). A trial's number is
-# the count of the study's trials created before it, as RDBStorage numbers a new trial,
-# with the study's row locked as it locks it.
+# The statements of _insert_trials (create_running, enqueue_points) (parameters:
+# study_name; rows; ids). A trial's number is the count of the study's trials created
+# before it, as RDBStorage numbers a new trial, with the study's row locked as it locks it.
 _STUDY_ID = select(_STUDIES.c.study_id).where(_STUDIES.c.study_name == bindparam("study_name")).with_for_update()
 _CREATE = insert(_TRIALS).returning(_TRIALS.c.trial_id, sort_by_parameter_order=True)
 _EARLIER = _TRIALS.alias()
