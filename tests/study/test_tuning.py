@@ -43,6 +43,15 @@ def frozen(storage, trial_id: int) -> dict:
             "user_attrs": t.user_attrs, "system_attrs": t.system_attrs, "started": t.datetime_start is not None}
 
 
+def in_threads(target, count: int) -> None:
+    """target(0), ..., target(count - 1) in threads at once, as separate workers run."""
+    threads = [threading.Thread(target=target, args=(w,)) for w in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
 def test_pop_queued_gives_what_study_ask_gives(tmp_path):
     storage = optuna_storage(f"sqlite:///{tmp_path / 'tuning.db'}")
     asked, popped = queued_study(storage, "asked"), queued_study(storage, "popped")
@@ -74,11 +83,7 @@ def test_concurrent_pops_take_every_point_exactly_once(url):
                 with lock:
                     taken.extend((f"cell{i}", trial.number, trial.params) for trial in trials)
 
-    threads = [threading.Thread(target=drain, args=(w,)) for w in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    in_threads(drain, 8)
     assert sorted((name, number) for name, number, _ in taken) == \
         [(f"cell{i}", n) for i in range(4) for n in range(len(POINTS))]
     assert all(params == POINTS[number] for _, number, params in taken)
@@ -167,11 +172,7 @@ def test_concurrent_creates_number_every_trial_once(url):
             with lock:
                 created.extend(trials)
 
-    threads = [threading.Thread(target=create, args=(w,)) for w in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    in_threads(create, 6)
     study = optuna.load_study(study_name="cell", storage=storage)
     assert sorted(t.number for t in created) == [t.number for t in study.trials] == list(range(36))
     assert {t.trial_id: t.number for t in created} == {t._trial_id: t.number for t in study.trials}
@@ -207,11 +208,7 @@ def test_concurrent_enqueues_queue_every_point_once(url):
         with lock:
             queued.append(count)
 
-    threads = [threading.Thread(target=enqueue, args=(w,)) for w in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    in_threads(enqueue, 6)
     assert sorted(queued) == [0] * 5 + [len(POINTS)]
     study = optuna.load_study(study_name="cell", storage=storage)
     assert [t.system_attrs["fixed_params"] for t in study.trials] == POINTS
