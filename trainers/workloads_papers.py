@@ -48,7 +48,8 @@ IMAGENET_AUGMENT = partial(crop_and_flip, padding=IMAGENET_RESOLUTION // 8, mode
 def _data_dir(options: DataOptions) -> Path:
     if not options.data_dir:
         raise DataError("this workload reads files from disk: set data_dir in the campaign")
-    return Path(options.data_dir)
+    # A relative data_dir means the worker's working directory; errors then show which.
+    return Path(options.data_dir).absolute()
 
 
 # --- data -------------------------------------------------------------------------------

@@ -160,6 +160,18 @@ def test_missing_files_without_download_raise_data_error(tmp_path, load):
     assert "nothing-here" in str(info.value) and "\n" not in str(info.value)
 
 
+def test_relative_data_dir_errors_name_the_absolute_path(tmp_path, monkeypatch):
+    """A relative data_dir is resolved where the worker runs; the error shows where that was."""
+    from trainers.workloads import DataOptions
+    from trainers.workloads_papers import paper_workloads
+
+    monkeypatch.chdir(tmp_path)
+    workload = {w.name: w for w in paper_workloads()}["mnist_simple_cnn"]
+    with pytest.raises(DataError) as info:
+        workload.load_data(DataOptions(data_dir="data"))
+    assert str(info.value).startswith(f"{tmp_path / 'data' / 'MNIST' / 'raw'}/train-images")
+
+
 def test_download_true_goes_through_torchvision(tmp_path, monkeypatch):
     import torchvision.datasets as tvd
 
