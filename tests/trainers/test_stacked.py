@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from shared_data import MNIST_T10K
+from tests.shared_data import MNIST_T10K
 from test_vectorized import (CELLS, assert_same_runs, config, sequential,
                                             vectorized)
 from trainers import stacked as stacked_module

@@ -10,7 +10,7 @@ import trainers.vectorized as vectorized_module
 from trainers.config import Target, TrialConfig, TrialResult
 from trainers.loop import DataCache, run_trial
 from trainers.loop import build_model
-from shared_data import MNIST_T10K
+from tests.shared_data import MNIST_T10K
 from trainers.vectorized import (_UPDATES, _Clock, _group_k, _hparam_tensors, _make_context, _make_stack,
                                  _StepOptions, _StepTables, _train_step, auto_k, choose_k,
                                  is_vectorizable, run_trials_vectorized)
