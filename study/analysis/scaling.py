@@ -14,6 +14,8 @@ Regime rule (`classify_regimes`), per (optimizer, schedule) group, batch sizes a
   1/4). There the fitted curve is within 25% of perfect scaling (S(B) B / E_min =
   1 + B / B_crit <= 1.25) and its local log-log slope -B_crit / (B + B_crit) is <= -0.8.
 - diminishing returns: the rest.
+- undetermined: the rest when no curve could be fitted (fewer than two batch sizes with a
+  result): without B_crit nothing separates perfect scaling from diminishing returns.
 """
 from __future__ import annotations
 
@@ -196,12 +198,15 @@ def plateau_start(low, high) -> int | None:
 def regime_labels(batch_sizes, steps, low, high, b_crit: float,
                   perfect_fraction: float = 0.25) -> np.ndarray:
     """Regime per batch size (ascending): `perfect_scaling`, `diminishing_returns`,
-    `maximal_data_parallelism`, or `no_result` where the steps are NaN (rule: module
-    docstring)."""
+    `maximal_data_parallelism`, `undetermined` outside the plateau when `b_crit` is NaN (no
+    fit), or `no_result` where the steps are NaN (rule: module docstring)."""
     b = np.asarray(batch_sizes, dtype=float)
     s = np.asarray(steps, dtype=float)
-    labels = np.where(b <= perfect_fraction * b_crit, "perfect_scaling", "diminishing_returns")
-    labels = labels.astype(object)
+    if np.isfinite(b_crit):
+        labels = np.where(b <= perfect_fraction * b_crit, "perfect_scaling",
+                          "diminishing_returns").astype(object)
+    else:
+        labels = np.full(len(b), "undetermined", dtype=object)
     has = np.isfinite(s)
     start = plateau_start(np.asarray(low, dtype=float)[has], np.asarray(high, dtype=float)[has])
     if start is not None:

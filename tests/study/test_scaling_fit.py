@@ -127,3 +127,20 @@ def test_classify_regimes_reports_boundaries_per_group():
     assert table.loc[B_CRIT, "regime"] == "diminishing_returns"
     assert table.loc[16, "slope_to_next"] == pytest.approx(
         np.log2(_curve(32) / _curve(16)), rel=1e-12)
+
+
+def test_without_a_fit_regimes_outside_the_plateau_are_undetermined():
+    # Only one batch size reached the target: no curve can be fitted, so B_crit is unknown
+    # and nothing says whether B=16 scales perfectly or has diminishing returns.
+    cells = pd.DataFrame({"cell_id": [1, 2, 3], "batch_size": [16, 32, 64],
+                          "optimizer": "sgd", "schedule": "constant"})
+    results = pd.DataFrame({"cell_id": [1, 2, 3], "steps_to_result": [800.0, np.nan, np.nan]})
+    fits = fit_scaling(results, cells)
+    assert np.isnan(fits["b_crit"].iloc[0])
+    table = classify_regimes(results, cells, fits).set_index("batch_size")
+    assert table["regime"].to_dict() == {16: "undetermined", 32: "no_result", 64: "no_result"}
+    # A plateau needs no fit: it is read off the intervals alone.
+    labels = regime_labels([16, 32, 64], [800.0, 400.0, 400.0], [790, 390, 390],
+                           [810, 410, 410], b_crit=float("nan"))
+    assert list(labels) == ["undetermined", "maximal_data_parallelism",
+                            "maximal_data_parallelism"]
