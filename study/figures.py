@@ -19,16 +19,26 @@ Y_AXES = {"steps_to_result": "Steps to result", "examples_to_result": "Examples 
           "seconds_to_result": "Training seconds to result"}
 
 
+def perfect_scaling(frame: pd.DataFrame, value: str, y: str) -> list[float]:
+    """Each row's perfect-scaling reference from its series' first row (its smallest batch
+    size B0; `frame` sorted by series, batch size): steps (and seconds) y[B0] * B0 / B,
+    since doubling B halves them; examples = steps x B stay y[B0]."""
+    first = frame.groupby("series").first()
+    if y == "examples_to_result":
+        return [float(first.loc[s, value]) for s in frame["series"]]
+    return [first.loc[s, value] * first.loc[s, "batch_size"] / b
+            for s, b in zip(frame["series"], frame["batch_size"])]
+
+
 def scaling_frame(table: pd.DataFrame, y: str = "steps_to_result") -> pd.DataFrame:
     """Cells with a result, one series per (optimizer, schedule), plus each series'
-    perfect-scaling reference: y[B0] * B0 / B from its smallest batch size with a result."""
+    perfect-scaling reference from its smallest batch size with a result
+    (`perfect_scaling`)."""
     frame = table.loc[table[y].notna(), ["batch_size", "optimizer", "schedule", y]].copy()
     frame[y] = frame[y].astype(float)
     frame["series"] = frame["optimizer"] + " / " + frame["schedule"]
     frame = frame.sort_values(["series", "batch_size"])
-    first = frame.groupby("series").first()
-    frame["perfect_scaling"] = [first.loc[s, y] * first.loc[s, "batch_size"] / b
-                                for s, b in zip(frame["series"], frame["batch_size"])]
+    frame["perfect_scaling"] = perfect_scaling(frame, y, y)
     return frame
 
 
@@ -143,8 +153,9 @@ def scaling_points(table: pd.DataFrame, y: str = "steps_to_result", *,
                    intervals: pd.DataFrame | None = None, normalize_at: int | None = None,
                    label_prefix: str = "") -> pd.DataFrame:
     """Cells with a result as SCALING_COLUMNS: `value` (y), bootstrap `low`/`high` (NaN
-    without intervals, or for seconds), and each series' perfect-scaling reference
-    value[B0] * B0 / B from its smallest batch size with a result.
+    without intervals, or for seconds), and each series' perfect-scaling reference from
+    its smallest batch size B0 with a result (`perfect_scaling`: value[B0] * B0 / B for
+    steps and seconds, value[B0] for examples).
 
     `table` is `study.results.cell_table`; `intervals` a bootstrap summary (cell_id,
     steps_low/high, examples_low/high). With `normalize_at`, every series is divided by its
@@ -165,9 +176,7 @@ def scaling_points(table: pd.DataFrame, y: str = "steps_to_result", *,
         scale = frame["series"].map(at).astype(float)
         for column in ("value", "low", "high"):
             frame[column] = frame[column] / scale
-    first = frame.groupby("series").first()
-    frame["perfect_scaling"] = [first.loc[s, "value"] * first.loc[s, "batch_size"] / b
-                                for s, b in zip(frame["series"], frame["batch_size"])]
+    frame["perfect_scaling"] = perfect_scaling(frame, "value", y)
     return frame[SCALING_COLUMNS].reset_index(drop=True)
 
 

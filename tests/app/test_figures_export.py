@@ -95,3 +95,22 @@ def test_regime_bands_cover_batch_sizes_between_midpoints():
 def test_existing_scaling_chart_still_exports(campaign, tmp_path):
     chart = figures.scaling_chart(campaign.table, **CONTEXT)
     assert figures.save_chart(chart, tmp_path / "s.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_perfect_scaling_reference_keeps_examples_constant():
+    """Perfect scaling halves the steps when B doubles, so the examples (steps x B) stay
+    what they were at the smallest batch size: the dashed line is flat on the examples
+    plot (spec: steps[0] * B0 / B is the steps line)."""
+    import pandas as pd
+    table = pd.DataFrame({"cell_id": [1, 2, 3], "batch_size": [16, 32, 64],
+                          "optimizer": "sgd", "schedule": "constant",
+                          "steps_to_result": [100, 50, 40],
+                          "examples_to_result": [1600, 1600, 2560]})
+    steps = figures.scaling_points(table, "steps_to_result")
+    assert steps["perfect_scaling"].tolist() == pytest.approx([100, 50, 25])
+    examples = figures.scaling_points(table, "examples_to_result")
+    assert examples["perfect_scaling"].tolist() == pytest.approx([1600, 1600, 1600])
+    normalised = figures.scaling_points(table, "examples_to_result", normalize_at=32)
+    assert normalised["perfect_scaling"].tolist() == pytest.approx([1.0, 1.0, 1.0])
+    assert figures.scaling_frame(table, "examples_to_result")["perfect_scaling"].tolist() == \
+        pytest.approx([1600, 1600, 1600])
