@@ -408,6 +408,38 @@ def hparam_scaling_chart(winners: pd.DataFrame, parameter: str, *, workload: str
 
 
 # ---- learning curves and traces -------------------------------------------------------
+# Columns that some trials hold as 0 at every evaluation because nothing was recorded
+# (imported published data, the NQM's closed forms: bl_measurements' columns are NOT NULL).
+UNRECORDED_ZERO = {"epoch": "epoch", "wall_seconds": "training time"}
+
+
+def recorded_rows(frame: pd.DataFrame, x: str) -> pd.DataFrame:
+    """`frame` without the rows whose `x` (epoch or wall_seconds) was not recorded: 0 (or
+    NaN) after step 0, since any trained step advances both; and a trial's step-0 row when
+    none of its later rows recorded `x`."""
+    if x not in UNRECORDED_ZERO or x not in frame.columns or "step" not in frame.columns:
+        return frame
+    value = frame[x].astype(float)
+    recorded = value > 0
+    if "trial_id" in frame.columns:
+        trial_recorded = recorded.groupby(frame["trial_id"]).transform("any")
+    else:
+        trial_recorded = pd.Series(bool(recorded.any()), index=frame.index)
+    start = (frame["step"] == 0) & (value == 0) & trial_recorded
+    return frame.loc[recorded | start]
+
+
+def _unrecorded_note(curves: pd.DataFrame, x: str) -> str:
+    """A subtitle line when `recorded_rows` leaves rows of `curves` out ("" otherwise)."""
+    if x not in UNRECORDED_ZERO:
+        return ""
+    kept = len(recorded_rows(curves, x))
+    if kept == len(curves):
+        return ""
+    what = UNRECORDED_ZERO[x]
+    if kept:
+        return f"no {what} recorded for some runs (imported data or closed-form trials): not shown"
+    return f"no {what} recorded (imported data or closed-form trials): choose steps or examples"
 def learning_curve_chart(curves: pd.DataFrame, *, workload: str, target: str, eval_every: int,
                          x: str = "step", metric: str = "val_error",
                          threshold: float | None = None, log_x: bool | None = None,
@@ -415,7 +447,7 @@ def learning_curve_chart(curves: pd.DataFrame, *, workload: str, target: str, ev
     """`metric` vs `x` (step, epoch, examples or wall_seconds) for each run in `curves`
     (columns `run` plus x and metric), with the target as a horizontal rule."""
     log_x = x in ("step", "examples") if log_x is None else log_x
-    frame = curves.loc[curves[metric].notna()]
+    frame = recorded_rows(curves.loc[curves[metric].notna()], x)
     if log_x:
         frame = frame.loc[frame[x] > 0]
     x_enc = alt.X(f"{x}:Q", title=CURVE_X.get(x, x),
@@ -429,9 +461,11 @@ def learning_curve_chart(curves: pd.DataFrame, *, workload: str, target: str, ev
         layers.append(alt.Chart(pd.DataFrame({"target": [threshold]})).mark_rule(
             color="black", strokeDash=[4, 3]).encode(y="target:Q"))
     heading = title or f"{metric.replace('_', ' ')} vs {CURVE_X.get(x, x).lower()}"
+    notes = ["black dashed: the target"] if threshold is not None else []
+    notes.append(_unrecorded_note(curves, x))
     return alt.layer(*layers).properties(
         title=figure_title(heading, workload=workload, target=target, eval_every=eval_every,
-                           notes=["black dashed: the target"] if threshold is not None else ()),
+                           notes=notes),
         width=width, height=height)
 
 
@@ -459,6 +493,7 @@ def training_trace_chart(curves: pd.DataFrame, y: str, *, workload: str, target:
     """A quantity recorded at each evaluation (learning rate, batch size, gradient noise
     scale, a probe) vs `x` for each run in `curves` (columns run, x, y)."""
     frame = curves.loc[curves[y].notna()] if y in curves.columns else curves.iloc[0:0]
+    frame = recorded_rows(frame, x)
     if log_y:
         frame = frame.loc[frame[y] > 0]
     label = y.replace("_", " ")
@@ -469,7 +504,8 @@ def training_trace_chart(curves: pd.DataFrame, y: str, *, workload: str, target:
         tooltip=["run", alt.Tooltip(f"{x}:Q", format=",.4g"), alt.Tooltip(f"{y}:Q", format=".4g")])
     return chart.properties(
         title=figure_title(f"{label} over training", workload=workload, target=target,
-                           eval_every=eval_every), width=width, height=height)
+                           eval_every=eval_every, notes=[_unrecorded_note(curves, x)]),
+        width=width, height=height)
 
 
 # ---- budgets ---------------------------------------------------------------------------

@@ -114,3 +114,34 @@ def test_perfect_scaling_reference_keeps_examples_constant():
     assert normalised["perfect_scaling"].tolist() == pytest.approx([1.0, 1.0, 1.0])
     assert figures.scaling_frame(table, "examples_to_result")["perfect_scaling"].tolist() == \
         pytest.approx([1600, 1600, 1600])
+
+
+def test_curves_leave_out_epochs_and_seconds_that_were_never_recorded():
+    """Imported published data and the NQM store epoch 0 and wall seconds 0 at every
+    evaluation (the columns are NOT NULL; nothing was recorded). Plotted as values they
+    put every run on a vertical line at 0 epochs / 0 s; they are left out instead, while
+    a trained run's own step-0 evaluation (0 epochs, 0 s) stays."""
+    import pandas as pd
+    imported = pd.DataFrame({"run": "imported", "trial_id": 1, "step": [0, 100, 200],
+                             "epoch": 0.0, "wall_seconds": 0.0, "examples": [0, 1600, 3200],
+                             "learning_rate": 0.1, "val_error": [0.9, 0.2, 0.05]})
+    trained = pd.DataFrame({"run": "trained", "trial_id": 2, "step": [0, 100, 200],
+                            "epoch": [0.0, 0.5, 1.0], "wall_seconds": [0.0, 1.5, 3.0],
+                            "examples": [0, 1600, 3200], "learning_rate": 0.1,
+                            "val_error": [0.9, 0.3, 0.1]})
+    rows = pd.concat([imported, trained], ignore_index=True)
+
+    def plotted(chart):  # a layer chart may hold its one data frame at the top
+        return chart.data if isinstance(chart.data, pd.DataFrame) else chart.layer[0].data
+    for x in ("epoch", "wall_seconds"):
+        chart = figures.learning_curve_chart(rows, x=x, **CONTEXT)
+        assert plotted(chart)["run"].tolist() == ["trained"] * 3, x
+        trace = figures.training_trace_chart(rows, "learning_rate", x=x, **CONTEXT)
+        assert trace.data["run"].tolist() == ["trained"] * 3, x
+    by_epoch = figures.smith_comparison_chart(rows, **CONTEXT).hconcat[0]
+    assert plotted(by_epoch)["run"].tolist() == ["trained"] * 3
+    by_step = figures.learning_curve_chart(rows, x="step", log_x=False, **CONTEXT)
+    assert len(plotted(by_step)) == 6
+    only_imported = figures.learning_curve_chart(imported, x="epoch", **CONTEXT)
+    assert plotted(only_imported).empty
+    assert "no epoch recorded" in " ".join(only_imported.title.subtitle)
