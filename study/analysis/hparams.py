@@ -18,6 +18,7 @@ from study.analysis.steps import first_beating_rows
 
 EDGE_SCALES = ("log", "reverse_log", "linear", "integer")
 SCATTER_CATEGORIES = ("reached", "not_reached", "diverged")
+SCATTER_OUTCOMES = ("reached", "not_reached", "pruned", "diverged")
 
 
 def _hparam(hparams, name: str, default=np.nan) -> float:
@@ -156,9 +157,10 @@ def search_space_scatter(trials: pd.DataFrame, measurements: pd.DataFrame,
 
     Categories: `reached` (some evaluation strictly beat the target), `diverged`, and
     `not_reached` for the rest, pruned trials included (they stopped before beating the
-    target). Failed (crashed) trials are left out: they carry no information about
-    their hyperparameters."""
-    shown = trials.loc[trials["outcome"] != "failed"]
+    target). Only finished trials are shown: failed (crashed) ones carry no information
+    about their hyperparameters, running ones have no outcome yet, and an abandoned one
+    is re-run with the same hyperparameters as a new trial."""
+    shown = trials.loc[trials["outcome"].isin(SCATTER_OUTCOMES)]
     reached = set(first_beating_rows(shown, measurements, metric=metric, threshold=threshold,
                                      mode=mode)["trial_id"])
     category = np.where(shown["outcome"] == "diverged", "diverged",

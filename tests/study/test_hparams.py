@@ -121,3 +121,19 @@ def test_scatter_categories_and_winner(frames):
     assert scatter.loc["c64-slow", "category"] == "reached"
     assert scatter.loc["c64-slow", "one_minus_momentum"] == pytest.approx(0.01)
     assert scatter["is_winner"].sum() == 4 and scatter.loc["c128-win", "is_winner"]
+
+
+def test_scatter_shows_finished_trials_only(frames):
+    """A running trial has not failed to reach the target yet, and an abandoned one is
+    re-run with the same hyperparameters (its re-run is the trial): neither is a point
+    of the search-space plot, nor counted as 'goal not achieved'."""
+    cells, trials, measurements = frames
+    extra = pd.DataFrame([("c64", "c64-run", 90, "running", {"learning_rate": 0.3, "momentum": 0.9}),
+                          ("c64", "c64-lost", 91, "abandoned", {"learning_rate": 0.2, "momentum": 0.9})],
+                         columns=trials.columns)
+    trials = pd.concat([trials, extra], ignore_index=True)
+    results = steps_to_result(trials, measurements, **TARGET)
+    scatter = search_space_scatter(trials, measurements, results, **TARGET)
+    assert not {"c64-run", "c64-lost"} & set(scatter["trial_id"])
+    counts = scatter.loc[scatter["cell_id"] == "c64", "category"].value_counts().to_dict()
+    assert counts == {"reached": 2, "not_reached": 1, "diverged": 1}
