@@ -301,16 +301,17 @@ def live(body: Callable[..., None], *args, **kwargs) -> None:
 
 def context(info) -> dict:
     """The keyword arguments every figure takes: workload, target, evaluation interval."""
-    return {"workload": info.workload, "target": info.target_text, "eval_every": info.eval_every}
+    return {"workload": info.figure_workload, "target": info.target_text,
+            "eval_every": info.eval_every}
 
 
 def figure_context(info) -> FigureContext:
-    return FigureContext(info.workload, info.target_text, info.eval_every, info.name)
+    return FigureContext(info.figure_workload, info.target_text, info.eval_every, info.name)
 
 
 def header(info, text: str) -> None:
     st.title(f"{text}: {info.name}")
-    st.caption(f"{info.workload} · target {info.target_text} · evaluated every "
+    st.caption(f"{info.figure_workload} · target {info.target_text} · evaluated every "
                f"{info.eval_every} steps")
 
 

@@ -156,10 +156,7 @@ class _FigureWriter:
 
 
 def _context(data: report.CampaignData) -> dict:
-    workload = data.info.workload
-    if isinstance(data.spec, dict) and data.spec.get("eval_intervals"):
-        workload += " (evaluation interval varies: the most common is shown)"
-    return {"workload": workload, "target": data.info.target_text,
+    return {"workload": data.info.figure_workload, "target": data.info.target_text,
             "eval_every": data.info.eval_every}
 
 

@@ -388,7 +388,7 @@ def _write_figure(engine, name: str, output: str, y: str) -> Path:
     if y == "seconds_to_result" and table[y].isna().all() and table["steps_to_result"].notna().any():
         raise UserError(f"campaign {name!r} recorded no training time (imported published data "
                         f"or the NQM's closed forms): use --y steps_to_result or examples_to_result")
-    chart = scaling_chart(table, workload=info.workload,
+    chart = scaling_chart(table, workload=info.figure_workload,
                           target=info.target_text, eval_every=info.eval_every, y=y)
     try:
         return save_chart(chart, output)

@@ -314,7 +314,7 @@ def cmd_interpolate(args) -> int:
         from study.figures import interpolation_chart, interpolation_frame, save_chart
         curves = {k: v for k, v in result.items() if k != "alphas"}
         chart = interpolation_chart(interpolation_frame(result["alphas"], curves),
-                                    workload=info.workload, target=info.target_text,
+                                    workload=info.figure_workload, target=info.target_text,
                                     eval_every=info.eval_every, small_label=small.label,
                                     large_label=large.label, batch_norm=args.batch_norm)
         print(f"figure: {save_chart(chart, args.figure)}")

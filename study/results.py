@@ -6,11 +6,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
 
 from db import queries
+from db.models import Campaign
 from study.analysis.steps import steps_to_result
 
+VARYING_INTERVAL_NOTE = "(evaluation interval varies: the most common is shown)"
 FINISHED = ("reached", "not_reached", "diverged", "failed", "pruned")
 TABLE_COLUMNS = ["batch_size", "optimizer", "schedule", "trials", "running", "planned", "reached",
                  "diverged", "steps_to_result", "examples_to_result", "seconds_to_result",
@@ -26,10 +29,21 @@ class CampaignInfo:
     threshold: float
     mode: str
     eval_every: int
+    # Imported published studies are evaluated at intervals that differ between (and within)
+    # trials; `eval_every` is then only the most common one (spec `eval_intervals`).
+    eval_interval_varies: bool = False
 
     @property
     def target_text(self) -> str:
         return f"{self.metric} {'<' if self.mode == 'min' else '>'} {self.threshold:g}"
+
+    @property
+    def figure_workload(self) -> str:
+        """The workload as figures name it: with a note when the evaluation interval
+        varies, since they state "evaluated every `eval_every` steps"."""
+        if self.eval_interval_varies:
+            return f"{self.workload} {VARYING_INTERVAL_NOTE}"
+        return self.workload
 
 
 def campaign_info(engine: Engine, name: str) -> CampaignInfo | None:
@@ -37,7 +51,22 @@ def campaign_info(engine: Engine, name: str) -> CampaignInfo | None:
     if row is None:
         return None
     return CampaignInfo(int(row["id"]), row["name"], row["workload"], row["target_metric"],
-                        float(row["target_threshold"]), row["target_mode"], int(row["eval_every"]))
+                        float(row["target_threshold"]), row["target_mode"], int(row["eval_every"]),
+                        _eval_interval_varies(engine, int(row["id"])))
+
+
+def _eval_interval_varies(engine: Engine, campaign_id: int) -> bool:
+    """Whether the campaign's spec lists more than one evaluation interval (imports of
+    published data record them as `eval_intervals`: interval -> count)."""
+    with Session(engine) as session:
+        spec = session.execute(select(Campaign.spec).where(Campaign.id == campaign_id)).scalar()
+    if isinstance(spec, str):
+        try:
+            spec = json.loads(spec)
+        except ValueError:
+            return False
+    intervals = spec.get("eval_intervals") if isinstance(spec, dict) else None
+    return isinstance(intervals, dict) and len(intervals) > 1
 
 
 def cell_table(engine: Engine, info: CampaignInfo) -> pd.DataFrame:

@@ -40,7 +40,7 @@ def details(name: str) -> None:
     info = campaign.info
     rate = data.throughput(campaign)
     st.subheader(f"{name}")
-    st.caption(f"{info.workload} · target {info.target_text} · evaluated every "
+    st.caption(f"{info.figure_workload} · target {info.target_text} · evaluated every "
                f"{info.eval_every} steps")
     done = rate.finished / rate.planned if rate.planned else 0.0
     st.progress(min(done, 1.0), text=f"{rate.finished}/{rate.planned} trials finished, "

@@ -145,3 +145,16 @@ def test_curves_leave_out_epochs_and_seconds_that_were_never_recorded():
     only_imported = figures.learning_curve_chart(imported, x="epoch", **CONTEXT)
     assert plotted(only_imported).empty
     assert "no epoch recorded" in " ".join(only_imported.title.subtitle)
+
+
+def test_dashboard_figures_say_when_the_evaluation_interval_varies():
+    """The dashboard's figure context and page captions name the workload with the note
+    that an imported campaign's evaluation interval varies (CampaignInfo)."""
+    from app import common
+    from study.results import CampaignInfo
+    varying = CampaignInfo(1, "shallue/mnist/simple_cnn", "mnist/simple_cnn", "val_error",
+                           0.01, "min", 100, eval_interval_varies=True)
+    assert "evaluation interval varies" in common.context(varying)["workload"]
+    assert "evaluation interval varies" in common.figure_context(varying).line()
+    native = CampaignInfo(2, "demo", "digits_mlp", "val_error", 0.1, "min", 10)
+    assert common.context(native)["workload"] == "digits_mlp"

@@ -183,3 +183,26 @@ def test_worker_on_an_imported_campaign_is_one_line_exit_2(archive, tmp_path, ca
     assert code == 2
     assert err.strip() == ("error: campaign 'shallue/mnist/simple_cnn' holds imported published "
                            "data; it has no trials to run (use results, analyze or the dashboard)")
+
+
+def test_figures_of_imported_campaigns_say_the_evaluation_interval_varies(archive, tmp_path, capsys):
+    """mnist/simple_cnn is evaluated every 100 steps at B=64 and every 50 or 100 at
+    B=128: figures must say the interval varies instead of only 'evaluated every 100
+    steps' (the dashboard's context: tests/app/test_figures_export.py). open_images
+    (every 100) has one interval and says nothing more."""
+    from study import figures
+    from study.results import campaign_info
+    url = f"sqlite:///{tmp_path / 'a.db'}"
+    assert run(capsys, "import-shallue", str(archive[0]), "--storage", url)[0] == 0
+    engine = make_engine(url)
+    varying = campaign_info(engine, "shallue/mnist/simple_cnn")
+    constant = campaign_info(engine, "shallue/open_images/resnet_50")
+    assert varying.eval_interval_varies and not constant.eval_interval_varies
+    line = figures.FigureContext(varying.figure_workload, varying.target_text,
+                                 varying.eval_every).line()
+    assert "evaluation interval varies" in line and "every 100 steps" in line
+    assert constant.figure_workload == "open_images/resnet_50"
+    svg = tmp_path / "steps.svg"
+    assert run(capsys, "figure", "--campaign", "shallue/mnist/simple_cnn", "--output",
+               str(svg), "--storage", url)[0] == 0
+    assert "evaluation interval varies" in svg.read_text()
