@@ -440,6 +440,8 @@ def _unrecorded_note(curves: pd.DataFrame, x: str) -> str:
     if kept:
         return f"no {what} recorded for some runs (imported data or closed-form trials): not shown"
     return f"no {what} recorded (imported data or closed-form trials): choose steps or examples"
+
+
 def learning_curve_chart(curves: pd.DataFrame, *, workload: str, target: str, eval_every: int,
                          x: str = "step", metric: str = "val_error",
                          threshold: float | None = None, log_x: bool | None = None,
