@@ -28,6 +28,7 @@ from trainers.batch_schedules import BatchSizePlan
 from trainers.batches import LoaderBatches, ResidentBatches, Shard
 from trainers.config import Measurement, TrialConfig, TrialResult
 from trainers.data.splits import ArraySplits
+from trainers.models.ghost_bn import normalization_groups
 from trainers.optim import GRAD_CLIP_NORM, clip_gradients, get_optimizer, validate_hparams
 from trainers.probe_hooks import TrialProbes, make_probes
 from trainers.probes.checkpoints import CheckpointBudgetError, save_checkpoint
@@ -221,10 +222,91 @@ def trial_rng(seed: int, device: torch.device, rank: int = 0):
         yield
 
 
+def _trained_batches(config: TrialConfig, train_size: int, shard: Shard) -> dict[int, str]:
+    """Every number of examples one process's update trains on -> why: each epoch's batch
+    size (a batch plan's too), the epoch's last, smaller batch where B does not divide N,
+    and under data parallelism each rank's share of those."""
+    plan = BatchSizePlan(config.batch_size, **config.batch_plan) if config.batch_plan else None
+    global_sizes: dict[int, str] = {}
+    for epoch_index in (0, *plan.milestones) if plan else (0,):
+        batch_size = plan.batch_size(epoch_index) if plan else config.batch_size
+        whole, rest = divmod(train_size, batch_size)
+        if whole:
+            global_sizes.setdefault(batch_size, f"batch size {batch_size}")
+        if rest:
+            global_sizes.setdefault(rest, f"each epoch's last batch holds {rest} of {train_size:,} "
+                                          f"training examples at batch size {batch_size}")
+    sizes: dict[int, str] = {}
+    for size, why in global_sizes.items():
+        for rank in range(shard.world):
+            share = len(range(rank, size, shard.world))
+            sizes.setdefault(share, why if shard.world == 1 else f"{why}, {share} on rank {rank}")
+    return sizes
+
+
+def check_batch_statistics(workload: Workload, config: TrialConfig, train_size: int,
+                           example_shape: Callable[[], tuple[int, ...]], shard: Shard = Shard()) -> None:
+    """Raise ValueError, before any training, where a batch-norm layer would have to
+    normalize a single value per channel: a layer that sees one value per channel per
+    example ((B, C) activations) trained on a batch, or a ghost batch, of one example
+    (ghost_batch_size 1, batch size 1, an epoch's last batch of one example). Batch norm
+    has no statistics there (torch raises "Expected more than 1 value per channel", deep
+    in training); ghost_batch_size 1 on convolutional batch norm is per-example
+    normalization over the spatial positions, which is allowed. `example_shape()` gives
+    one input example's shape; it is asked for (and the model built on the meta device)
+    only when a group of one example can arise at all."""
+    ghost = config.hparams.get("ghost_batch_size")
+    ghost = int(ghost) if ghost else None  # as build_model reads it (0: ordinary batch norm)
+    if ghost is not None and ghost < 1:
+        raise ValueError(f"ghost_batch_size must be a positive integer, got {config.hparams['ghost_batch_size']}")
+    sizes = _trained_batches(config, train_size, shard)
+    if 1 not in sizes and ghost != 1:
+        return
+    with torch.device("meta"):
+        model = workload.build_model(ModelOptions(ghost_batch_size=ghost))
+    values_per_example: dict[str, int] = {}
+    names = {module: name for name, module in model.named_modules()}
+
+    def record(module, inputs):
+        values_per_example[names[module]] = math.prod(inputs[0].shape[2:])
+    hooks = [m.register_forward_pre_hook(record) for m in model.modules()
+             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    try:
+        with torch.no_grad():
+            model.eval()(torch.empty((2, *example_shape()), device="meta"))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for name, values in values_per_example.items():
+        if values != 1:
+            continue
+        layer = model.get_submodule(name)
+        layer_ghost = getattr(layer, "ghost_batch_size", None)
+        for size, why in sorted(sizes.items()):
+            if 1 in normalization_groups(size, layer_ghost):
+                reason = ("ghost_batch_size 1 normalizes each example on its own; use 2 or more"
+                          if layer_ghost == 1 and size > 1 else why)
+                raise ValueError(f"batch-norm layer {name!r} ({type(layer).__name__}) sees one "
+                                 f"value per channel per example and cannot normalize a single "
+                                 f"example: {reason}")
+
+
+def example_shape(data) -> tuple[int, ...]:
+    """One training example's shape: resident tensors, or a folder set's first validation
+    item (the same size; its transforms draw no random numbers, so asking changes no RNG
+    stream of the trial or the caller)."""
+    if hasattr(data, "train_x"):
+        return tuple(data.train_x.shape[1:])
+    return tuple(data.val[0][0].shape)
+
+
 def _train(config: TrialConfig, workload: Workload, device: torch.device, shard: Shard,
            data_cache: DataCache, on_measurement: MeasurementSink, best_so_far: BestSoFar,
            prune: bool) -> TrialResult:
     batches = trial_batches(workload, config, data_cache, device, shard)
+    check_batch_statistics(workload, config, batches.train_size,
+                           lambda: example_shape(data_cache.load(workload, DataOptions.of(config), device)),
+                           shard)
     model = build_model(workload, config, device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)

@@ -86,8 +86,8 @@ from torch.func import functional_call, grad_and_value, stack_module_state, vmap
 
 from trainers.config import Measurement, TrialConfig, TrialResult
 from trainers.cuda_graphs import GraphedStep
-from trainers.loop import (DataCache, StopState, _memory_format, build_model, decide,
-                           measurement_extras, resolve_device, run_trial)
+from trainers.loop import (DataCache, StopState, _memory_format, build_model, check_batch_statistics,
+                           decide, example_shape, measurement_extras, resolve_device, run_trial)
 from trainers.optim import validate_hparams
 from trainers.schedules import get_schedule
 from trainers.stacked import StackedMLP, StackedTrainer, preprocessed_train_x
@@ -139,14 +139,15 @@ def run_trials_vectorized(configs: Sequence[TrialConfig], *, data_cache: DataCac
     `trainers.stacked` when the step is neither compiled nor autocast (CPU by default);
     False forces the torch.func path everywhere. `cuda_graphs` (default: on CUDA; True
     elsewhere is an error) replays small vmapped steps from CUDA graphs.
-    Every config's hyperparameters are checked first (`trainers.optim.validate_hparams`,
-    which `run_trial` raises from): a config its optimizer cannot train with is `failed`
-    at once, with that message, and the others train.
+    Every config is checked first as `run_trial` checks it before training
+    (`trainers.optim.validate_hparams`, `trainers.loop.check_batch_statistics`): a config
+    its optimizer cannot train with, or whose batch norm would normalize a single example,
+    is `failed` at once, with `run_trial`'s message, and the others train.
     """
     cache = data_cache or DataCache()
     steps = {} if step_cache is None else step_cache
     sinks = _Sinks(on_measurement, on_result, best_so_far or (lambda: None), prune)
-    results: list[TrialResult | None] = [_refused(config) for config in configs]
+    results: list[TrialResult | None] = [_refused(config, cache) for config in configs]
     for i, result in enumerate(results):
         if result is not None:
             sinks.result(i, result)
@@ -170,13 +171,22 @@ def run_trials_vectorized(configs: Sequence[TrialConfig], *, data_cache: DataCac
     return results  # type: ignore[return-value]
 
 
-def _refused(config: TrialConfig) -> TrialResult | None:
-    """A failed result for hyperparameters `run_trial` would refuse (it raises before
-    training), else None."""
-    if get_workload(config.workload).simulate is not None:
+def _refused(config: TrialConfig, cache: DataCache) -> TrialResult | None:
+    """A failed result for a config `run_trial` would refuse (it raises before training:
+    hyperparameters its optimizer cannot train with, batch norm on a single example),
+    else None. Refused here, one trial at a time, so that it does not fail the trials
+    stacked or grouped with it."""
+    workload = get_workload(config.workload)
+    if workload.simulate is not None:
         return None
     try:
         validate_hparams(config.optimizer, config.hparams)
+    except ValueError as exc:
+        return TrialResult("failed", 0, 0, 0.0, message=str(exc))
+    # The data as run_trial loads it (a data error raises, as there, instead of failing).
+    data = cache.load(workload, DataOptions.of(config), resolve_device(config.device))
+    try:
+        check_batch_statistics(workload, config, data.train_size, lambda: example_shape(data))
     except ValueError as exc:
         return TrialResult("failed", 0, 0, 0.0, message=str(exc))
     return None

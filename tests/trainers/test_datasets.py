@@ -358,6 +358,12 @@ def test_imagenet_folder_datasets_for_the_dataloader_path(tmp_path):
     assert image.shape == (3, 16, 16)
     in_memory = load_imagenet_splits(tmp_path, resolution=8, val_size=3, num_workers=1)
     assert [folders.val[i][1] for i in range(3)] == in_memory.val_y.tolist()  # same carve
+    # The batch-norm check's example shape draws nothing from the global RNG (a training
+    # item's random crop would, shifting a trial's dropout stream).
+    from trainers.loop import example_shape
+    state = torch.get_rng_state()
+    assert example_shape(folders) == (3, 16, 16)
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 # --- subsets ---------------------------------------------------------------------------------

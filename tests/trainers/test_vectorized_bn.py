@@ -12,7 +12,7 @@ from torch import nn
 import trainers.workloads as workloads_module
 from trainers.config import Target, TrialConfig, TrialResult
 from trainers.loop import DataCache, build_model, run_trial
-from trainers.models.ghost_bn import batch_norm_1d
+from trainers.models.ghost_bn import batch_norm_1d, batch_norm_2d
 from trainers.optim import get_optimizer
 from trainers.vectorized import (_Clock, _make_context, _make_stack, _StepOptions, _train_step,
                                  evaluate_stacked, is_vectorizable, run_trials_vectorized)
@@ -231,3 +231,56 @@ def test_compiled_bn_step_equals_eager(ghost):
     configs = [config(lr, seed, ghost, max_steps=30, device=device) for lr, seed in ((0.1, 5), (0.01, 2))]
     assert_same_runs(vectorized(configs, compile=False, precision="fp32"),
                      vectorized(configs, compile=True, precision="fp32"))
+
+
+@pytest.mark.parametrize("batch_size, ghost, reason", [
+    (64, 1, "ghost_batch_size 1 normalizes each example on its own"),
+    (1, None, "batch size 1"),
+    # 1,197 = 23 x 52 + 1: every epoch ends on a batch of one example.
+    (52, None, "each epoch's last batch holds 1 of 1,197 training examples at batch size 52"),
+    (52, 16, "each epoch's last batch holds 1 of 1,197"),
+], ids=["ghost_1", "batch_1", "last_batch_1", "last_batch_1_ghost"])
+def test_batch_norm_on_a_single_example_is_refused_before_training(batch_size, ghost, reason):
+    """A BatchNorm1d layer (one value per channel per example) cannot normalize one
+    example. Both trainers refuse such a config before it trains, with the same message
+    naming the layer and the cause (not torch's "Expected more than 1 value per channel"
+    at the first such step, possibly an epoch in), and the vectorized trainer fails that
+    trial alone: a good config in the same call trains as run_trial trains it."""
+    bad = config(0.05, 1, ghost, batch_size=batch_size, max_steps=30)
+    measurements = []
+    with pytest.raises(ValueError, match="sees one value per channel per example") as raised:
+        run_trial(bad, data_cache=CACHE, on_measurement=measurements.append)
+    assert reason in str(raised.value) and "'2' (" in str(raised.value) and measurements == []
+    good = config(0.05, 2, 16, batch_size=batch_size if batch_size > 1 else 64, max_steps=30)
+    if batch_size == 52:  # the good one must not end its epochs on one example either
+        good = dataclasses.replace(good, batch_size=64)
+    got = vectorized([bad, good])
+    assert (got[0][0].outcome, got[0][0].steps, got[0][0].message, got[0][1]) == \
+        ("failed", 0, str(raised.value), [])
+    assert_same_runs(sequential([good]), got[1:])
+
+
+def test_ghost_batch_size_1_is_per_example_normalization_on_convolutional_batch_norm():
+    """On BatchNorm2d one example still has H x W values per channel: ghost_batch_size 1
+    is allowed there (instance-style statistics) and trains in both trainers alike."""
+    def cnn(options):
+        return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), batch_norm_2d(4, options.ghost_batch_size),
+                             nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 10))
+    workload = dataclasses.replace(get_workload("digits_mlp"), name="digits_gcnn", build_model=cnn)
+    registry = {**workloads_module.WORKLOADS, "digits_gcnn": workload}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(workloads_module, "WORKLOADS", registry)
+        configs = [config(lr, seed, 1, workload="digits_gcnn", batch_size=8, max_steps=10, eval_every=5)
+                   for lr, seed in ((0.05, 1), (0.02, 2))]
+        expected = sequential(configs)
+        assert [(r.outcome, r.steps) for r, _ in expected] == [("not_reached", 10)] * 2
+        assert_same_runs(expected, vectorized(configs, chunk_size=2))
+
+
+def test_a_negative_ghost_batch_size_fails_that_trial_alone():
+    bad, good = config(0.05, 1, -4, max_steps=10), config(0.05, 2, 16, max_steps=10)
+    with pytest.raises(ValueError, match="ghost_batch_size must be a positive integer"):
+        run_trial(bad, data_cache=CACHE)
+    got = vectorized([bad, good])
+    assert got[0][0].outcome == "failed" and "got -4" in got[0][0].message
+    assert_same_runs(sequential([good]), got[1:])

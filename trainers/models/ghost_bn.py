@@ -38,6 +38,15 @@ def ghost_batches(batch_size: int, ghost: int) -> list[tuple[int, int, int]]:
     return runs
 
 
+def normalization_groups(batch_size: int, ghost: int | None) -> set[int]:
+    """The sizes of the groups of examples a batch-norm layer computes statistics over in
+    a training batch of `batch_size`: the batch itself for plain batch norm (`ghost` None)
+    or a batch no larger than one ghost batch, else its ghost batches."""
+    if ghost is None or batch_size <= ghost:
+        return {batch_size}
+    return {size for _, size, _ in ghost_batches(batch_size, ghost)}
+
+
 class _GhostBatchNorm:
     """Mixin holding the ghost-batch forward; combined with an `nn.BatchNorm*d` class."""
 
