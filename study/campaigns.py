@@ -97,13 +97,36 @@ def check_data(spec: CampaignSpec) -> int:
     from trainers.loop import DataCache
     from trainers.workloads import DataOptions, get_workload
     workload = get_workload(spec.workload)
-    train_size = DataCache().load(workload, DataOptions.of(spec), torch.device("cpu")).train_size
+    data = DataCache().load(workload, DataOptions.of(spec), torch.device("cpu"))
+    train_size = data.train_size
     too_large = [b for b in spec.batch_sizes if b > train_size]
     if too_large:
         raise SpecError(spec.source, "campaign.batch_sizes",
                         f"batch size {', '.join(map(str, too_large))} is larger than the training set of "
                         f"{spec.workload!r} ({train_size} examples)")
+    if workload.simulate is None:
+        _check_batch_norm(spec, workload, data)
     return train_size
+
+
+def _check_batch_norm(spec: CampaignSpec, workload, data) -> None:
+    """Refuse a cell every trial of which the trainer would refuse: a batch-norm layer
+    normalizing a single example (a fixed ghost_batch_size of 1, batch size 1, or an
+    epoch's last batch of one example; `trainers.loop.check_batch_statistics`). A searched
+    ghost_batch_size is left out: the batch sizes alone fail under any ghost size."""
+    from trainers.config import TrialConfig
+    from trainers.loop import check_batch_statistics, example_shape
+    for batch_size, optimizer, schedule in spec.cells():
+        definition = spec.schedule_def(schedule)
+        fixed = {p.name: p.value for p in spec.cell_space(optimizer, schedule)
+                 if p.name == "ghost_batch_size" and p.is_fixed}
+        config = TrialConfig(spec.workload, batch_size, optimizer, definition.lr_schedule,
+                             hparams=fixed, batch_plan=definition.batch_plan)
+        try:
+            check_batch_statistics(workload, config, data.train_size, lambda: example_shape(data))
+        except ValueError as exc:
+            raise SpecError(spec.source, f"cell (batch size {batch_size}, {optimizer}, {schedule})",
+                            f"every trial would fail: {exc}") from None
 
 
 def _create_study(storage, spec: CampaignSpec, name: str, space) -> None:

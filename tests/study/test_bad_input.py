@@ -20,6 +20,8 @@ PASSWORD = "s3cret-Pa55"
 HAS_CUDA = torch.cuda.is_available()
 UNREACHABLE = f"postgresql+psycopg://nobody:{PASSWORD}@127.0.0.1:1/x"
 MNIST_SPEC = TINY_SPEC.replace('workload = "digits_mlp"', 'workload = "mnist10k_mlp"\ndata_dir = "DATA"')
+# Keskar's F1: batch norm over (B, 512) activations, one value per channel per example.
+F1_SPEC = MNIST_SPEC.replace("mnist10k_mlp", "mnist10k_f1").replace("DATA", str(MNIST_T10K))
 
 
 def mutate(old: str, new: str, base: str = TINY_SPEC) -> str:
@@ -53,6 +55,12 @@ CASES = [
     ("empty_choices", "create", other(mutate('momentum = { low = 0.8, high = 0.95, scale = "reverse_log" }',
                                              "momentum = { choices = [] }")), None, None, "non-empty list"),
     ("no_search_space", "create", other(TINY_SPEC.split("[search_space")[0]), None, None, "search_space"),
+    ("batch_norm_on_one_example", "create",
+     other(F1_SPEC.replace("batch_sizes = [16, 64]", "batch_sizes = [16, 19]")),  # 8,000 = 421 x 19 + 1
+     None, None, "cell (batch size 19, momentum, constant): every trial would fail: batch-norm layer"),
+    ("ghost_batch_size_1_on_1d_batch_norm", "create",
+     other(F1_SPEC + "\n[search_space.all]\nghost_batch_size = 1\n"),
+     None, None, "ghost_batch_size 1 normalizes each example on its own"),
     ("val_size_larger_than_train_set", "create", other(mutate("seed = 0", "seed = 0\nval_size = 1497")),
      None, None, "the validation split takes 1497 examples from a training set of 1497"),
     ("zero_max_steps", "create", other(mutate("max_steps = 300", "max_steps = 0")), None, None,
