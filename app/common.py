@@ -44,14 +44,9 @@ def version() -> tuple:
     return _version(url())
 
 
-@st.cache_resource(show_spinner=False)
-def _marks(storage: str) -> dict:
-    return {}
-
-
 @st.cache_data(ttl=CACHE_SECONDS, show_spinner=False, max_entries=64)
 def _campaign_version(storage: str, name: str) -> tuple:
-    return data.campaign_version(_engine(storage), name, _marks(storage))
+    return data.campaign_version(_engine(storage), name, _state(storage))
 
 
 def campaign_version(name: str) -> tuple:
@@ -85,7 +80,8 @@ def _progress(storage: str, name: str, version: tuple):
 @st.cache_resource(show_spinner=False)
 def _state(storage: str) -> data.IncrementalState:
     """The aggregates over measurements kept up to date from the rows written since the
-    last refresh (`data.folded`), shared by every session."""
+    last refresh (`data.folded`) and the campaigns' version marks, shared by every
+    session."""
     return data.IncrementalState()
 
 

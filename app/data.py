@@ -162,26 +162,36 @@ def curves(data: CampaignData, trial_ids) -> pd.DataFrame:
     return rows.reset_index(drop=True)
 
 
-def campaign_version(engine: Engine, name: str, marks: dict) -> tuple:
+def campaign_version(engine: Engine, name: str, state: "IncrementalState") -> tuple:
     """A fingerprint of one campaign that changes when workers write to it (and not when
     they write to another campaign): its trials, cells and probe results
-    (`queries.campaign_trial_version`) and a marker of its newest measurement. `marks`
-    (campaign id -> (database's newest measurement id, marker)) persists between calls:
-    only the measurement rows written since the last call are looked at."""
+    (`queries.campaign_trial_version`) and a marker of its measurements: the newest id and
+    how many rows were found since the first look. Only the rows written since the last
+    call, and those that were missing below the newest id then (`ReadMark`: a PostgreSQL
+    transaction can commit a row far below ids already read), are looked at; the
+    campaign's marks are kept in `state`."""
     row = queries.campaign_by_name(engine, name)
     if row is None:
         return ("none", name)
     cid = int(row["id"])
-    newest = queries.max_measurement_id(engine)
-    seen, mark = marks.get(cid, (None, None))
-    if seen is None or newest < seen:
-        mark = newest  # first look (or a replaced database): start from here
-    elif newest > seen:
-        found = queries.campaign_measurement_max(engine, cid, seen)
-        if found is not None:
-            mark = found
-    marks[cid] = (newest, mark)
-    return (cid, str(row["created_at"]), mark) + queries.campaign_trial_version(engine, cid)
+    with state.versions_lock:
+        held = state.versions.get(cid)  # (ReadMark, marker)
+        newest_before, writers = _before_snapshot(engine)
+        with queries.snapshot(engine) as connection:
+            newest = queries.max_measurement_id(connection)
+            base = held[0] if held is not None and newest >= held[0].newest else None
+            found = present_ids(connection, base)
+            marker = (newest, 0)  # first look (or rows deleted at the top): start from here
+            if base is not None:
+                marker = held[1]
+                count, top = queries.campaign_measurement_max(connection, cid, base.newest,
+                                                              newest, found)
+                if count:
+                    marker = (max(top, marker[0]), marker[1] + count)
+            mark = state.advance(connection, base, newest, writers, newest_before, found)
+            trials = queries.campaign_trial_version(connection, cid)
+        state.versions[cid] = (mark, marker)
+    return (cid, str(row["created_at"]), marker) + trials
 
 
 def _number(value) -> float:
@@ -633,50 +643,159 @@ def interpolations(probes: pd.DataFrame) -> list[Interpolation]:
 
 
 # ---- incremental reads: aggregates over a campaign's measurements kept up to date -----------
-# A refresh re-reads the rows this many ids below the newest: on PostgreSQL a transaction can
-# commit a row whose id is below one already seen (ids are handed out before commit).
-LAG_IDS = 1000
 # After more new rows than this (the dashboard was closed while workers wrote) an aggregate
 # is recomputed in SQL instead of folding the rows in.
 MAX_FOLDED_IDS = 200_000
+# False: an aggregate's first read folds every row in as later reads do, instead of
+# computing it in SQL (the tests compare the fold with the SQL this way).
+FIRST_READ_IN_SQL = True
+
+
+@dataclass(frozen=True)
+class Pending:
+    """Measurement ids found missing below the newest id read ((first, last) ranges) that
+    a transaction open at that read (`writers`: `queries.measurement_writers`, read after
+    it) may still commit. Once none of those transactions is open any more, one more read
+    of the ranges finds every row they committed; the ids still missing then are gone for
+    good (rolled back) and are forgotten."""
+    ranges: tuple
+    writers: frozenset
+
+
+@dataclass(frozen=True)
+class ReadMark:
+    """How far a reader has read bl_measurements: every row with id <= `newest` except the
+    ids in `pending`, which it reads again until they appear or are known never to.
+
+    PostgreSQL draws ids from a sequence before the transaction commits, so a slow
+    transaction commits a row below ids others committed (and a reader read) long before;
+    a rolled-back one leaves ids that never appear. SQLite's writers commit one at a time
+    and in id order: nothing is ever pending there."""
+    newest: int
+    pending: tuple = ()
+
+    @property
+    def ranges(self) -> tuple:
+        return tuple(r for p in self.pending for r in p.ranges)
+
+
+def _without(ranges, found: list[int]) -> tuple:
+    """`ranges` ((first, last) pairs) less the ids in `found` (sorted)."""
+    out, ids = [], np.asarray(found, dtype=np.int64)
+    for first, last in ranges:
+        inside = ids[(ids >= first) & (ids <= last)]
+        start = first
+        for found_id in inside:
+            if found_id > start:
+                out.append((start, int(found_id) - 1))
+            start = int(found_id) + 1
+        if start <= last:
+            out.append((start, last))
+    return tuple(out)
+
+
+def _read_mark(connection, base: ReadMark | None, newest: int, writers: frozenset,
+               newest_before: int, found: list[int]) -> ReadMark:
+    """The ReadMark of a read (on `connection`, one snapshot) of every row with id <=
+    `newest` after the read marked `base` (None: nothing read before), which found the
+    ids `found` of `base.ranges` (`present_ids`). `writers` (`queries.measurement_writers`)
+    and `newest_before` (the newest id) were read before the snapshot, in that order.
+    Ids missing now and below `newest` are pending, with the
+    transactions open after the snapshot; `base`'s pending ids found now are dropped, and
+    so are all of a Pending's once none of its writers was open before the snapshot."""
+    if connection.dialect.name != "postgresql":
+        return ReadMark(newest)
+    kept: list[Pending] = []
+    if base is None:
+        # Ids <= newest_before were drawn before `writers` was read: with no writer open
+        # then, those not visible now never will be; otherwise any id may still come.
+        after = newest_before if not writers else 0
+    else:
+        after = base.newest
+        for pending in base.pending:
+            ranges = _without(pending.ranges, found)
+            if ranges and pending.writers & writers:  # a writer of then is still open
+                kept.append(Pending(ranges, pending.writers))
+    missing = queries.missing_measurement_ids(connection, min(after, newest), newest)
+    if missing:
+        kept.append(Pending(tuple(missing), queries.measurement_writers(connection)))
+    return ReadMark(newest, tuple(kept))
 
 
 @dataclass
 class Folded:
-    """An aggregate over every measurement row of a campaign with id <= `settled_id`."""
-    settled_id: int
+    """An aggregate over every measurement row of a campaign that `mark` says was read."""
+    mark: ReadMark
     value: object
 
 
 class IncrementalState:
-    """The folded aggregates of one storage (key -> Folded), shared by every session of the
-    dashboard, with a lock: two refreshes of one aggregate do not interleave."""
+    """The folded aggregates of one storage (key -> Folded) and the campaigns' version
+    marks, shared by every session of the dashboard, each with a lock: two refreshes of
+    one aggregate do not interleave. `latest`: the newest ReadMark any read made (a
+    first read starts from its pending ids)."""
 
     def __init__(self):
         self.entries: dict = {}
         self.lock = threading.Lock()
+        self.versions: dict = {}
+        self.versions_lock = threading.Lock()
+        self.latest: ReadMark | None = None
+
+    def advance(self, connection, base: ReadMark | None, newest: int, writers: frozenset,
+                newest_before: int, found: list[int] | None = None) -> ReadMark:
+        """`_read_mark`; a first read (`base` None) starts from `latest` (what it read in
+        full is what `latest` says was read, plus its pending ids found now). `found`:
+        `present_ids(connection, base)` when the caller has it."""
+        if base is None and self.latest is not None and self.latest.newest <= newest:
+            base, found = self.latest, None
+        if found is None:
+            found = present_ids(connection, base)
+        mark = _read_mark(connection, base, newest, writers, newest_before, found)
+        latest = self.latest
+        if latest is None or mark.newest >= latest.newest:
+            self.latest = mark
+        return mark
+
+
+def present_ids(connection, mark: ReadMark | None) -> list[int]:
+    """The ids of `mark`'s pending ranges that are visible now (sorted)."""
+    return queries.present_measurement_ids(connection, mark.ranges) if mark else []
+
+
+def _before_snapshot(engine: Engine) -> tuple[int, frozenset]:
+    """(the newest measurement id, then the open writers): read before a snapshot."""
+    newest = queries.max_measurement_id(engine)
+    return newest, queries.measurement_writers(engine)
 
 
 def folded(state: IncrementalState, key, engine: Engine, campaign_id: int, full, fold):
     """The aggregate `key` over all the campaign's measurement rows, now: computed once in
-    SQL (`full(upto_id)`: rows with id <= upto_id), then kept up to date by reading only the
-    rows written since (`queries.measurements_after`) and folding them in (`fold(value,
-    rows)`, which returns a new value). Rows within LAG_IDS of the newest id are folded into
-    the answer but not yet into the stored aggregate, so they are read again next time."""
+    SQL (`full(connection, upto_id)`: rows with id <= upto_id), then kept up to date by
+    reading only the rows written since and those that were missing below the newest id
+    (`ReadMark`, `queries.measurements_after`) and folding them in (`fold(value, rows)`,
+    which returns a new value). Each row is folded in exactly once, all reads of one
+    refresh in one snapshot."""
     with state.lock:
-        newest = queries.max_measurement_id(engine)
         entry = state.entries.get(key)
-        if (entry is None or newest < entry.settled_id
-                or newest - entry.settled_id > MAX_FOLDED_IDS):
-            settled = max(newest - LAG_IDS, 0)
-            entry = Folded(settled, full(settled))
-        tail = queries.measurements_after(engine, campaign_id, entry.settled_id)
-        current = fold(entry.value, tail) if len(tail) else entry.value
-        settle = max(newest - LAG_IDS, entry.settled_id)
-        done = tail.loc[tail["id"] <= settle]
-        value = fold(entry.value, done) if len(done) else entry.value
-        state.entries[key] = Folded(settle, value)
-        return current
+        newest_before, writers = _before_snapshot(engine)
+        with queries.snapshot(engine) as connection:
+            newest = queries.max_measurement_id(connection)
+            if entry is not None and newest < entry.mark.newest:
+                entry = None  # rows deleted at the top (or another database): start afresh
+            if entry is None and not FIRST_READ_IN_SQL:
+                entry = Folded(ReadMark(0), full(connection, 0))
+            base = entry.mark if entry is not None else None
+            found = present_ids(connection, base)
+            if entry is None or newest - base.newest > MAX_FOLDED_IDS:
+                value = full(connection, newest)
+            else:
+                rows = queries.measurements_after(connection, campaign_id, base.newest, newest,
+                                                  found)
+                value = fold(entry.value, rows) if len(rows) else entry.value
+            mark = state.advance(connection, base, newest, writers, newest_before, found)
+        state.entries[key] = Folded(mark, value)
+        return value
 
 
 def _sql_metric(info: CampaignInfo) -> bool:
@@ -704,8 +823,8 @@ def first_beating_rows(engine: Engine, info: CampaignInfo,
     if not _sql_metric(info):
         return None
 
-    def full(upto: int) -> pd.DataFrame:
-        return queries.first_beating_measurements(engine, info.id, info.metric, info.threshold,
+    def full(connection, upto: int) -> pd.DataFrame:
+        return queries.first_beating_measurements(connection, info.id, info.metric, info.threshold,
                                                   info.mode, upto_id=upto)
     key = ("firsts", info.id, info.metric, info.threshold, info.mode)
     return folded(state, key, engine, info.id, full, _fold_firsts(info)).copy()
@@ -789,8 +908,8 @@ def budget_table(engine: Engine, data: CampaignData, budgets: list[float], kind:
     if not _sql_metric(info):
         return None
 
-    def full(upto: int) -> pd.DataFrame:
-        return queries.budget_trial_minima(engine, info.id, info.metric, info.mode, amounts,
+    def full(connection, upto: int) -> pd.DataFrame:
+        return queries.budget_trial_minima(connection, info.id, info.metric, info.mode, amounts,
                                            spent_kind, upto)
     key = ("budget", info.id, info.metric, info.mode, spent_kind, tuple(amounts))
     minima = folded(state, key, engine, info.id, full, _fold_minima(info, amounts, spent_kind))
@@ -838,7 +957,8 @@ def measurement_summary(engine: Engine, info: CampaignInfo,
                         state: IncrementalState) -> MeasurementSummary:
     key = ("epochs", info.id)
     count, max_step, max_epoch, ratios = folded(
-        state, key, engine, info.id, lambda upto: queries.epoch_counts(engine, info.id, upto),
+        state, key, engine, info.id,
+        lambda connection, upto: queries.epoch_counts(connection, info.id, upto),
         _fold_epochs)
     return MeasurementSummary(count, max_step, max_epoch, median_of_counts(ratios))
 
@@ -860,8 +980,8 @@ def probe_summary(engine: Engine, info: CampaignInfo,
     if engine.dialect.name not in ("sqlite", "postgresql"):
         return None
 
-    def full(upto: int) -> tuple:
-        keys, trials, unread = queries.probe_keys_of(engine, info.id, upto)
+    def full(connection, upto: int) -> tuple:
+        keys, trials, unread = queries.probe_keys_of(connection, info.id, upto)
         if unread:  # rows the database could not read as JSON: parsed as the loader does
             rows = pd.DataFrame(unread, columns=["trial_id", "extra"])
             return _fold_probes((keys, trials), rows)

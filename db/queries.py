@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from datetime import datetime
 
 import pandas as pd
-from sqlalchemy import JSON, DateTime, Engine, or_, select, text
+from sqlalchemy import JSON, Connection, DateTime, Engine, bindparam, or_, select, text
 from sqlalchemy.orm import Session
 
 from db.models import Campaign, Cell, Measurement, ProbeResult, Trial, Worker
@@ -209,24 +210,138 @@ def trial_provenance(engine: Engine, trial_id: int) -> dict | None:
 
 
 # ---- per-campaign change detection and SQL-side steps-to-result (dashboard hot paths) ----
-def max_measurement_id(engine: Engine) -> int:
+@contextmanager
+def connected(bind: Engine | Connection):
+    """`bind` itself when it is a Connection (its transaction, hence its snapshot, is the
+    caller's), else a new connection of the engine."""
+    if isinstance(bind, Connection):
+        yield bind
+    else:
+        with bind.connect() as connection:
+            yield connection
+
+
+@contextmanager
+def snapshot(engine: Engine):
+    """A connection whose statements all see one snapshot of the database: a REPEATABLE
+    READ transaction on PostgreSQL; on SQLite a read transaction (the read-only engine's
+    BEGIN), which keeps the snapshot of its first read until it ends. Rolled back."""
+    options = {"isolation_level": "REPEATABLE READ"} if engine.dialect.name == "postgresql" else {}
+    with engine.connect().execution_options(**options) as connection:
+        try:
+            yield connection
+        finally:
+            connection.rollback()
+
+
+def max_measurement_id(bind: Engine | Connection) -> int:
     """The newest measurement id in the database (a primary-key lookup); 0 when none."""
-    with engine.connect() as connection:
+    with connected(bind) as connection:
         return int(connection.exec_driver_sql("SELECT MAX(id) FROM bl_measurements").scalar() or 0)
 
 
-def campaign_measurement_max(engine: Engine, campaign_id: int, after_id: int) -> int | None:
-    """The newest id among the campaign's measurements with id > `after_id` (None when there
-    is none): walks only the rows written since `after_id` (primary-key range)."""
-    sql = ("SELECT MAX(m.id) FROM bl_measurements m JOIN bl_trials t ON t.id = m.trial_id "
-           "JOIN bl_cells c ON c.id = t.cell_id WHERE m.id > :after AND c.campaign_id = :cid")
-    with engine.connect() as connection:
-        value = connection.execute(text(sql), {"after": int(after_id),
-                                               "cid": int(campaign_id)}).scalar()
-    return None if value is None else int(value)
+def measurement_writers(bind: Engine | Connection) -> frozenset[str]:
+    """PostgreSQL: the transactions that may still commit bl_measurements rows, by virtual
+    transaction id: those holding (or waiting for) the lock every INSERT takes on the table
+    before its ids are drawn from the sequence, and keeps until the transaction ends.
+    Live (pg_locks is no snapshot). Empty on SQLite, whose writers commit one at a time and
+    in id order (a row never appears below an id already visible)."""
+    if bind.dialect.name != "postgresql":
+        return frozenset()
+    sql = ("SELECT DISTINCT virtualtransaction FROM pg_locks WHERE locktype = 'relation' "
+           "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+           "AND relation = to_regclass('bl_measurements') AND mode = 'RowExclusiveLock'")
+    with connected(bind) as connection:
+        return frozenset(str(v) for v in connection.exec_driver_sql(sql).scalars())
 
 
-def campaign_trial_version(engine: Engine, campaign_id: int) -> tuple:
+def missing_measurement_ids(bind: Engine | Connection, after_id: int,
+                            upto_id: int) -> list[tuple[int, int]]:
+    """The ranges (first, last) of ids in (after_id, upto_id] with no visible
+    bl_measurements row, read off the primary key alone."""
+    if upto_id <= after_id:
+        return []
+    bounds = {"after": int(after_id), "upto": int(upto_id)}
+    inner = ("SELECT id, LEAD(id) OVER (ORDER BY id) AS next_id FROM bl_measurements "
+             "WHERE id > :after AND id <= :upto")
+    with connected(bind) as connection:
+        low, high = connection.execute(text(
+            "SELECT MIN(id), MAX(id) FROM bl_measurements WHERE id > :after AND id <= :upto"),
+            bounds).one()
+        if low is None:
+            return [(int(after_id) + 1, int(upto_id))]
+        holes = connection.execute(text(
+            f"SELECT id + 1, next_id - 1 FROM ({inner}) AS ids WHERE next_id > id + 1 "
+            "ORDER BY id"), bounds).all()
+    ranges = [(int(after_id) + 1, int(low) - 1)] if low > after_id + 1 else []
+    ranges += [(int(a), int(b)) for a, b in holes]
+    if high < upto_id:
+        ranges.append((int(high) + 1, int(upto_id)))
+    return ranges
+
+
+def _in_ranges(connection: Connection, ranges) -> tuple[str, dict]:
+    """(a FROM item `g` with columns first_id, last_id holding `ranges`, its parameters)."""
+    if connection.dialect.name == "postgresql":
+        return ("unnest(CAST(:firsts AS BIGINT[]), CAST(:lasts AS BIGINT[])) AS g(first_id, last_id)",
+                {"firsts": [int(a) for a, _ in ranges], "lasts": [int(b) for _, b in ranges]})
+    values = " UNION ALL ".join(f"SELECT :f{i} AS first_id, :l{i} AS last_id"
+                                for i in range(len(ranges)))
+    params = {f"f{i}": int(a) for i, (a, _) in enumerate(ranges)}
+    params.update({f"l{i}": int(b) for i, (_, b) in enumerate(ranges)})
+    return f"({values}) AS g", params
+
+
+def present_measurement_ids(bind: Engine | Connection, ranges) -> list[int]:
+    """The ids of the visible bl_measurements rows within the (first, last) `ranges`
+    (each an index range scan), sorted."""
+    if not ranges:
+        return []
+    with connected(bind) as connection:
+        source, params = _in_ranges(connection, ranges)
+        sql = (f"SELECT m.id FROM {source} JOIN bl_measurements m "
+               "ON m.id BETWEEN g.first_id AND g.last_id ORDER BY m.id")
+        return [int(v) for v in connection.execute(text(sql), params).scalars()]
+
+
+def _campaign_rows(select_list: str, campaign_id: int, after_id: int, upto_id: int | None,
+                   ids) -> tuple[str, dict]:
+    """(SQL, parameters; run it through `_query`) for the campaign's measurements with after_id < id <= upto_id (no
+    upper bound when None) or an id in `ids` (below after_id): primary-key lookups, each
+    row joined to the campaign's trials."""
+    joins = "JOIN bl_trials t ON t.id = m.trial_id JOIN bl_cells c ON c.id = t.cell_id"
+    params = {"after": int(after_id), "cid": int(campaign_id)}
+    upper = ""
+    if upto_id is not None:
+        upper, params["upto"] = " AND m.id <= :upto", int(upto_id)
+    sql = (f"SELECT {select_list} FROM bl_measurements m {joins} WHERE m.id > :after{upper} "
+           "AND c.campaign_id = :cid")
+    if ids:
+        params["ids"] = sorted(int(i) for i in ids)
+        sql += (f" UNION ALL SELECT {select_list} FROM bl_measurements m {joins} "
+                "WHERE m.id IN :ids AND c.campaign_id = :cid")
+    return sql, params
+
+
+def _query(sql: str, params: dict):
+    """text(sql), its `ids` parameter (if any) a list expanded into IN (...)."""
+    query = text(sql)
+    return query.bindparams(bindparam("ids", expanding=True)) if "ids" in params else query
+
+
+def campaign_measurement_max(bind: Engine | Connection, campaign_id: int, after_id: int,
+                             upto_id: int | None = None, ids=()) -> tuple[int, int | None]:
+    """How many of the campaign's measurements have after_id < id <= upto_id or an id in
+    `ids` (below after_id), and the newest of their ids (None when there is none): walks
+    only those ids of the primary key."""
+    sql, params = _campaign_rows("m.id", campaign_id, after_id, upto_id, ids)
+    with connected(bind) as connection:
+        count, newest = connection.execute(
+            _query(f"SELECT COUNT(*), MAX(id) FROM ({sql}) AS found_rows", params), params).one()
+    return int(count), None if newest is None else int(newest)
+
+
+def campaign_trial_version(engine: Engine | Connection, campaign_id: int) -> tuple:
     """A fingerprint of one campaign's campaign row, cells, trials and probe results: what
     `data_version` checks, restricted to the campaign (bl_trials rows of its cells only)."""
     sql = ("SELECT (SELECT COUNT(*) FROM bl_cells WHERE campaign_id = :cid), "
@@ -236,7 +351,7 @@ def campaign_trial_version(engine: Engine, campaign_id: int) -> tuple:
            "SUM(CASE WHEN t.outcome = 'abandoned' THEN 1 ELSE 0 END), MAX(t.trial_number), "
            "SUM(CASE WHEN t.outcome = 'reached' THEN 1 ELSE 0 END) "
            "FROM bl_trials t JOIN bl_cells c ON c.id = t.cell_id WHERE c.campaign_id = :cid")
-    with engine.connect() as connection:
+    with connected(engine) as connection:
         row = connection.execute(text(sql), {"cid": int(campaign_id)}).one()
     return tuple(str(v) for v in row)
 
@@ -246,7 +361,7 @@ SQL_METRICS = {"val_error": "m.val_error", "val_loss": "m.val_loss",
                "train_loss": "m.train_loss", "val_accuracy": "(1.0 - m.val_error)"}
 
 
-def first_beating_measurements(engine: Engine, campaign_id: int, metric: str,
+def first_beating_measurements(engine: Engine | Connection, campaign_id: int, metric: str,
                                threshold: float, mode: str,
                                upto_id: int | None = None) -> pd.DataFrame | None:
     """Per trial of the campaign (any outcome), its first measurement whose `metric`
@@ -269,7 +384,7 @@ def first_beating_measurements(engine: Engine, campaign_id: int, metric: str,
            "JOIN bl_cells c ON c.id = t.cell_id WHERE c.campaign_id = :cid) "
            f"AND {beats} GROUP BY m.trial_id) f ON f.tid = m.trial_id AND f.first_step = m.step "
            f"WHERE {beats} ORDER BY m.trial_id, m.step")
-    with engine.connect() as connection:
+    with connected(engine) as connection:
         params = {"cid": int(campaign_id), "thr": float(threshold)}
         if upto_id is not None:
             params["upto"] = int(upto_id)
@@ -290,22 +405,23 @@ MEASUREMENT_COLUMNS = ["trial_id", "step", "examples", "epoch", "wall_seconds", 
                        "extra"]
 
 
-def measurements_after(engine: Engine, campaign_id: int, after_id: int) -> pd.DataFrame:
-    """The campaign's measurements with id > `after_id` (a primary-key range: the rows
-    written since), `measurements_fast`'s columns plus `id`, `cell_id` and the cell's
-    `cell_batch_size`,
+def measurements_after(bind: Engine | Connection, campaign_id: int, after_id: int,
+                       upto_id: int | None = None, ids=()) -> pd.DataFrame:
+    """The campaign's measurements with after_id < id <= upto_id (no upper bound when
+    None) or an id in `ids` (below after_id: rows that were missing when last read and
+    have appeared since), through the primary key: the rows written since.
+    `measurements_fast`'s columns plus `id`, `cell_id` and the cell's `cell_batch_size`,
     ordered by id; `extra` still the stored JSON text."""
-    sql = ("SELECT m.id, m." + ", m.".join(MEASUREMENT_COLUMNS) + ", t.cell_id, c.batch_size AS "
-           "cell_batch_size FROM bl_measurements m JOIN bl_trials t ON t.id = m.trial_id "
-           "JOIN bl_cells c ON c.id = t.cell_id WHERE m.id > :after AND c.campaign_id = :cid "
-           "ORDER BY m.id")
-    with engine.connect() as connection:
-        result = connection.execute(text(sql), {"after": int(after_id), "cid": int(campaign_id)})
+    select_list = ("m.id, m." + ", m.".join(MEASUREMENT_COLUMNS) + ", t.cell_id, "
+                   "c.batch_size AS cell_batch_size")
+    sql, params = _campaign_rows(select_list, campaign_id, after_id, upto_id, ids)
+    with connected(bind) as connection:
+        result = connection.execute(_query(f"{sql} ORDER BY 1", params), params)
         frame = pd.DataFrame(result.cursor.fetchall(), columns=list(result.keys()))
     return _with_floats(frame)
 
 
-def budget_trial_minima(engine: Engine, campaign_id: int, metric: str, mode: str,
+def budget_trial_minima(engine: Engine | Connection, campaign_id: int, metric: str, mode: str,
                         budgets: list[float], kind: str, upto_id: int) -> pd.DataFrame | None:
     """Per trial of the campaign (any outcome) the best `metric` among its rows with
     id <= `upto_id` and step (kind "steps") or examples seen (kind "examples": the row's
@@ -337,7 +453,7 @@ def budget_trial_minima(engine: Engine, campaign_id: int, metric: str, mode: str
                  "ON c.id = t.cell_id WHERE c.campaign_id = :cid")
     params = {"cid": int(campaign_id), "upto": int(upto_id)}
     params.update({f"b{i}": float(b) for i, b in enumerate(budgets)})
-    with engine.connect() as connection:
+    with connected(engine) as connection:
         result = connection.execute(text(sql), params)
         frame = pd.DataFrame(result.cursor.fetchall(), columns=list(result.keys()))
         result = connection.execute(text(cells_sql), {"cid": int(campaign_id)})
@@ -349,7 +465,7 @@ def budget_trial_minima(engine: Engine, campaign_id: int, metric: str, mode: str
     return frame
 
 
-def epoch_counts(engine: Engine, campaign_id: int, upto_id: int) -> tuple[int, float, float, pd.Series]:
+def epoch_counts(engine: Engine | Connection, campaign_id: int, upto_id: int) -> tuple[int, float, float, pd.Series]:
     """Of the campaign's measurements with id <= `upto_id`: how many, the largest step and
     epoch (NaN ignored), and how often each value of examples / epoch occurs among rows
     with epoch > 0 and examples recorded (a Series: ratio -> count), from which
@@ -364,7 +480,7 @@ def epoch_counts(engine: Engine, campaign_id: int, upto_id: int) -> tuple[int, f
            f"MAX(CASE WHEN {finite}1 = 1 THEN m.epoch END) FROM bl_measurements m "
            f"WHERE {trials} GROUP BY {ratio}")
     params = {"cid": int(campaign_id), "upto": int(upto_id)}
-    with engine.connect() as connection:
+    with connected(engine) as connection:
         groups = connection.execute(text(sql), params).all()
     steps = [float(g[2]) for g in groups if g[2] is not None]
     epochs = [float(g[3]) for g in groups if g[3] is not None]
@@ -378,7 +494,7 @@ def epoch_counts(engine: Engine, campaign_id: int, upto_id: int) -> tuple[int, f
             float("nan") if max_epoch is None else float(max_epoch), counts)
 
 
-def probe_keys_of(engine: Engine, campaign_id: int, upto_id: int) -> tuple[set, set, list] | None:
+def probe_keys_of(engine: Engine | Connection, campaign_id: int, upto_id: int) -> tuple[set, set, list] | None:
     """From the campaign's measurements with id <= `upto_id`, through the database's JSON
     functions: the keys of `extra` objects that hold a number in some row, the trials
     with a non-empty `extra` object, and the `extra` texts the database could not read as
@@ -402,7 +518,7 @@ def probe_keys_of(engine: Engine, campaign_id: int, upto_id: int) -> tuple[set, 
     sql = (f"SELECT m.trial_id, j.key, MAX(CASE WHEN {numeric} THEN 1 ELSE 0 END) {each} "
            f"AND m.trial_id IN ({trials}) AND m.id <= :upto GROUP BY m.trial_id, j.key")
     params = {"cid": int(campaign_id), "upto": int(upto_id)}
-    with engine.connect() as connection:
+    with connected(engine) as connection:
         rows = connection.execute(text(sql), params).all()
         unread = ([(int(r[0]), r[1]) for r in
                    connection.execute(text(bad.format(trials=trials)), params)] if bad else [])
@@ -411,13 +527,13 @@ def probe_keys_of(engine: Engine, campaign_id: int, upto_id: int) -> tuple[set, 
     return keys, with_probes, unread
 
 
-def measurements_of_trials(engine: Engine, trial_ids) -> pd.DataFrame:
+def measurements_of_trials(engine: Engine | Connection, trial_ids) -> pd.DataFrame:
     """`measurements_fast`'s columns for the given trials only, ordered by (trial_id, step)."""
     ids = sorted({int(t) for t in trial_ids})
     columns = ["trial_id", "step", "examples", "epoch", "wall_seconds", "eval_seconds",
                "learning_rate", "batch_size", "train_loss", "val_loss", "val_error", "extra"]
     rows = []
-    with engine.connect() as connection:
+    with connected(engine) as connection:
         for start in range(0, len(ids), 500):
             chunk = ids[start:start + 500]
             params = {f"t{i}": t for i, t in enumerate(chunk)}

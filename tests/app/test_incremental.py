@@ -47,7 +47,7 @@ def test_campaign_version_changes_only_for_that_campaign(dashboard_db, tmp_path)
     path = tmp_path / "copy.db"
     shutil.copy(dashboard_db.removeprefix("sqlite:///"), path)
     engine = _engine(f"sqlite:///{path}")
-    marks: dict = {}
+    marks = data.IncrementalState()
     names = data.campaign_names(engine)
     before = {n: data.campaign_version(engine, n, marks) for n in names}
     assert {n: data.campaign_version(engine, n, marks) for n in names} == before

@@ -32,11 +32,11 @@ def db_url(request, tmp_path):
     return build_database(server.create_database(f"aggregates_{next(_names)}"))
 
 
-@pytest.fixture(params=[0, 1000], ids=["lag0", "lag1000"])
+@pytest.fixture(params=[True, False], ids=["sql_first", "fold_all"])
 def lag(request, monkeypatch):
-    """LAG_IDS 0: the first read is the SQL aggregate, later rows are folded in; 1000 (more
-    rows than the test database has): every row goes through the fold."""
-    monkeypatch.setattr(data, "LAG_IDS", request.param)
+    """sql_first: the first read is the SQL aggregate, later rows are folded in; fold_all:
+    every row goes through the fold."""
+    monkeypatch.setattr(data, "FIRST_READ_IN_SQL", request.param)
     return request.param
 
 
