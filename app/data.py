@@ -1027,18 +1027,26 @@ def campaign_trials(engine: Engine, campaign_id: int,
                     state: IncrementalState) -> pd.DataFrame:
     """`study.report.campaign_trials`, reading only the trials added since the last call
     and those that were running then (workers update a trial row only while it runs:
-    `WHERE outcome = 'running'`); read whole the first time, or when the row count says
-    a trial was deleted."""
+    `WHERE outcome = 'running'`; a running row that is gone was deleted: a prefetched
+    slot given back); read whole the first time, or when the row count (read in the same
+    snapshot) says a row is missing: one committed late, below the newest id read (a
+    PostgreSQL transaction draws its ids before it commits)."""
     key = ("trials", int(campaign_id))
     with state.lock:
         snapshot = state.entries.get(key)
         frame = None
         if snapshot is not None:
-            changed = queries.trials_fast(engine, campaign_id, after_id=snapshot.max_id,
-                                          ids=snapshot.running)
+            with queries.snapshot(engine) as connection:
+                changed = queries.trials_fast(connection, campaign_id,
+                                              after_id=snapshot.max_id, ids=snapshot.running)
+                count = queries.trial_count(connection, campaign_id)
             changed["hparams"] = changed["hparams"].map(_as_dict)
-            frame = _merged_trials(snapshot.frame, changed) if len(changed) else snapshot.frame
-            if len(frame) != queries.trial_count(engine, campaign_id):
+            frame = snapshot.frame
+            gone = set(snapshot.running) - set(changed["trial_id"].astype(int))
+            if gone:
+                frame = frame.loc[~frame["trial_id"].isin(gone)].reset_index(drop=True)
+            frame = _merged_trials(frame, changed) if len(changed) else frame
+            if len(frame) != count:
                 frame = None
         if frame is None:
             frame = report_campaign_trials(engine, campaign_id)

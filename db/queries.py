@@ -44,7 +44,7 @@ def trials(engine: Engine, campaign_id: int) -> pd.DataFrame:
     return _frame(engine, _trials_query(campaign_id))
 
 
-def trials_fast(engine: Engine, campaign_id: int, *, after_id: int | None = None,
+def trials_fast(engine: Engine | Connection, campaign_id: int, *, after_id: int | None = None,
                 ids=()) -> pd.DataFrame:
     """What `trials` returns (same columns, values and order) without building ORM rows:
     the driver's rows, with JSON and timestamps converted as SQLAlchemy would. With
@@ -59,10 +59,10 @@ def trials_fast(engine: Engine, campaign_id: int, *, after_id: int | None = None
     return _core_frame(engine, query)
 
 
-def trial_count(engine: Engine, campaign_id: int) -> int:
+def trial_count(engine: Engine | Connection, campaign_id: int) -> int:
     sql = ("SELECT COUNT(*) FROM bl_trials t JOIN bl_cells c ON c.id = t.cell_id "
            "WHERE c.campaign_id = :cid")
-    with engine.connect() as connection:
+    with connected(engine) as connection:
         return int(connection.execute(text(sql), {"cid": int(campaign_id)}).scalar() or 0)
 
 
@@ -126,12 +126,12 @@ def _frame(engine: Engine, query) -> pd.DataFrame:
         return pd.DataFrame(result.all(), columns=list(result.keys()))
 
 
-def _core_frame(engine: Engine, query) -> pd.DataFrame:
+def _core_frame(engine: Engine | Connection, query) -> pd.DataFrame:
     """`_frame` for large results: the Core statement's raw driver rows (no ORM or
     result-processing per row); JSON text is parsed (each distinct text once) and SQLite's
     timestamp text turned into datetimes, as SQLAlchemy's types do."""
     columns = list(query.selected_columns)
-    with engine.connect() as connection:
+    with connected(engine) as connection:
         result = connection.execute(query)
         names = list(result.keys())
         rows = result.cursor.fetchall()

@@ -150,3 +150,38 @@ def test_a_first_read_after_a_late_row_counts_it_once(pg_url):
     _assert_exact(reader, state, state)
     writer.dispose()
     reader.dispose()
+
+
+def _new_trial(connection, cell_id: int, number: int) -> int:
+    return connection.execute(insert(Trial).returning(Trial.id), [dict(
+        cell_id=cell_id, optuna_trial_id=1000 + number, trial_number=number,
+        outcome="running", hparams={}, config={}, seed=number)]).scalar_one()
+
+
+def test_trials_stay_exact_when_a_late_claim_meets_a_given_back_slot(pg_url):
+    """Two workers claim trial rows; the one that drew the lower id commits last. Before
+    it does, a third worker gives back a prefetched slot (deletes its running row). The
+    incremental trials frame must equal a full read: the late row in it, the deleted one
+    not (the row count alone cannot tell: one row more, one row less)."""
+    writer, reader = make_engine(pg_url), make_engine(pg_url, read_only=True)
+    state = data.IncrementalState()
+    cid = int(queries.campaign_by_name(reader, CAMPAIGN)["id"])
+    frame = data.campaign_trials(reader, cid, state)
+    cell = int(frame["cell_id"].iloc[0])
+    with writer.connect() as slow:
+        transaction = slow.begin()
+        late = _new_trial(slow, cell, 101)  # a claim whose transaction is slow
+        with writer.begin() as connection:
+            _new_trial(connection, cell, 102)
+            given_back = _new_trial(connection, cell, -1)  # a prefetched slot
+        assert late < given_back
+        pdt.assert_frame_equal(data.campaign_trials(reader, cid, state),
+                               data.report_campaign_trials(reader, cid))
+        with writer.begin() as connection:  # the slot is given back: its row deleted
+            connection.execute(Trial.__table__.delete().where(Trial.id == given_back))
+        transaction.commit()
+    got = data.campaign_trials(reader, cid, state)
+    assert late in set(got["trial_id"]) and given_back not in set(got["trial_id"])
+    pdt.assert_frame_equal(got, data.report_campaign_trials(reader, cid))
+    writer.dispose()
+    reader.dispose()
