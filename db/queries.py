@@ -162,11 +162,13 @@ def _parse_json_values(values: list) -> list:
 # ---- for the dashboard: cheap change detection, fast bulk loads, one trial's provenance ----
 def data_version(engine: Engine) -> tuple:
     """A cheap fingerprint that changes whenever workers write: campaigns, cells, trials
-    (count, newest id, latest finish, how many run), newest measurement and probe result.
-    The dashboard keys its caches on it (MAX(id) is an index lookup; the one scan is over
-    bl_trials, not bl_measurements)."""
+    (count, newest id, latest finish, how many run), newest measurement, probe results
+    (newest id and count: a PostgreSQL transaction can commit a row below the newest id).
+    The dashboard keys its caches on it (MAX(id) is an index lookup; the scans are over
+    bl_trials and bl_probe_results, not bl_measurements)."""
     sql = ("SELECT (SELECT MAX(id) FROM bl_campaigns), (SELECT COUNT(*) FROM bl_cells), "
            "(SELECT MAX(id) FROM bl_measurements), (SELECT MAX(id) FROM bl_probe_results), "
+           "(SELECT COUNT(*) FROM bl_probe_results), "
            "COUNT(*), MAX(id), MAX(finished_at), "
            "SUM(CASE WHEN outcome = 'running' THEN 1 ELSE 0 END), "
            "SUM(CASE WHEN outcome = 'abandoned' THEN 1 ELSE 0 END), MAX(trial_number) "
@@ -346,6 +348,7 @@ def campaign_trial_version(engine: Engine | Connection, campaign_id: int) -> tup
     `data_version` checks, restricted to the campaign (bl_trials rows of its cells only)."""
     sql = ("SELECT (SELECT COUNT(*) FROM bl_cells WHERE campaign_id = :cid), "
            "(SELECT MAX(id) FROM bl_probe_results WHERE campaign_id = :cid), "
+           "(SELECT COUNT(*) FROM bl_probe_results WHERE campaign_id = :cid), "
            "COUNT(*), MAX(t.id), MAX(t.finished_at), "
            "SUM(CASE WHEN t.outcome = 'running' THEN 1 ELSE 0 END), "
            "SUM(CASE WHEN t.outcome = 'abandoned' THEN 1 ELSE 0 END), MAX(t.trial_number), "

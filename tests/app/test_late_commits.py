@@ -185,3 +185,28 @@ def test_trials_stay_exact_when_a_late_claim_meets_a_given_back_slot(pg_url):
     pdt.assert_frame_equal(got, data.report_campaign_trials(reader, cid))
     writer.dispose()
     reader.dispose()
+
+
+def test_a_late_probe_result_changes_the_versions(pg_url):
+    """`batchlab probe` runs store their results each in one transaction: the one that
+    drew the lower id may commit last. The Dynamics page's caches (keyed on the data
+    version and the campaign's version) must see it."""
+    from db.models import ProbeResult
+    writer, reader = make_engine(pg_url), make_engine(pg_url, read_only=True)
+    state = data.IncrementalState()
+    cid = int(queries.campaign_by_name(reader, CAMPAIGN)["id"])
+
+    def probe(connection, value):
+        connection.execute(insert(ProbeResult), [dict(campaign_id=cid, kind="sharpness",
+                                                      params={}, result={"sharpness": value})])
+    with writer.connect() as slow:
+        transaction = slow.begin()
+        probe(slow, 1.0)
+        with writer.begin() as connection:
+            probe(connection, 2.0)
+        before = (queries.data_version(reader), data.campaign_version(reader, CAMPAIGN, state))
+        transaction.commit()
+    after = (queries.data_version(reader), data.campaign_version(reader, CAMPAIGN, state))
+    assert after[0] != before[0] and after[1] != before[1]
+    writer.dispose()
+    reader.dispose()
