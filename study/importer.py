@@ -49,6 +49,7 @@ from sqlalchemy.orm import Session
 
 from db.models import Campaign, Cell, Measurement, Trial, utcnow
 from db.schema import ensure_schema
+from study.analysis.steps import beats
 from study.shallue import (MEASUREMENTS_FILE, METADATA_FILE, STUDY_FILE, Goal, _measurement_frame,
                            search_space)
 
@@ -222,9 +223,9 @@ def _first_beating_step(frame: pd.DataFrame, goal: Goal) -> int | None:
     if frame is None or goal.metric not in frame.columns:
         return None
     values = frame[goal.metric].to_numpy(float)
-    with np.errstate(invalid="ignore"):
-        beats = values < goal.threshold if goal.mode == "min" else values > goal.threshold
-    steps = frame["step"].to_numpy()[beats]
+    # As stored: a non-finite value is NULL, which never beats the goal.
+    beating = beats(values, goal.threshold, goal.mode) & np.isfinite(values)
+    steps = frame["step"].to_numpy()[beating]
     return int(steps.min()) if steps.size else None
 
 

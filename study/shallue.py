@@ -153,7 +153,9 @@ def select_trials(trials: dict[int, dict], num_trials: int | None, *,
 
 
 def _measurement_frame(data: bytes, trial_id: str, batch_size: int) -> pd.DataFrame:
-    frame = pd.read_csv(io.BytesIO(data))
+    # A non-finite value is no measurement (the importer stores it as NULL): it never
+    # beats a goal and is no best value.
+    frame = pd.read_csv(io.BytesIO(data)).replace([np.inf, -np.inf], np.nan)
     frame = frame.rename(columns={c: METRIC_NAMES.get(c, c.replace("/", "_")) for c in frame})
     return frame.assign(trial_id=trial_id, examples=frame["step"] * batch_size,
                         wall_seconds=np.nan)

@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 from db.engine import make_engine
 from db.models import Campaign, Cell, Measurement, Trial
 from study.cli import main
+from study.shallue import Goal, read_shallue
 from tests.study.shallue_fixtures import make_tar, write_study
 
 LR = lambda trial_id: {"learning_rate": 0.01 * trial_id, "momentum": 0.99}  # noqa: E731
@@ -206,3 +207,20 @@ def test_figures_of_imported_campaigns_say_the_evaluation_interval_varies(archiv
     assert run(capsys, "figure", "--campaign", "shallue/mnist/simple_cnn", "--output",
                str(svg), "--storage", url)[0] == 0
     assert "evaluation interval varies" in svg.read_text()
+
+
+def test_an_infinite_value_never_beats_the_goal(tmp_path, capsys):
+    """inf is stored as NULL, which never beats a goal in SQL: the importer's own
+    steps-to-result must not count it either (here maximising, where inf > goal)."""
+    root = tmp_path / "data"
+    ap = pd.DataFrame({"step": [100, 200], "val/average_precision": [float("inf"), 0.35],
+                       "train/cross_entropy_error": [2.0, 1.0]})
+    write_study(root, "open_images/resnet_50", "momentum", 1024, {3: ("COMPLETE", ap, LR(3))})
+    url = f"sqlite:///{tmp_path / 'inf.db'}"
+    assert run(capsys, "import-shallue", str(root), "--storage", url)[0] == 0
+    with Session(make_engine(url)) as session:
+        trial = session.scalars(select(Trial)).one()
+        assert (trial.steps_to_result, trial.best_metric) == (200, 0.35)
+    assert results(capsys, url, "shallue/open_images/resnet_50")["steps_to_result"].tolist() == [200]
+    read = read_shallue(root, goal=Goal("val_average_precision", 0.31, "max"))
+    assert read.trials["steps_to_result"].tolist() == [200]
