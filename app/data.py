@@ -646,9 +646,6 @@ def interpolations(probes: pd.DataFrame) -> list[Interpolation]:
 # After more new rows than this (the dashboard was closed while workers wrote) an aggregate
 # is recomputed in SQL instead of folding the rows in.
 MAX_FOLDED_IDS = 200_000
-# False: an aggregate's first read folds every row in as later reads do, instead of
-# computing it in SQL (the tests compare the fold with the SQL this way).
-FIRST_READ_IN_SQL = True
 
 
 @dataclass(frozen=True)
@@ -733,9 +730,12 @@ class IncrementalState:
     """The folded aggregates of one storage (key -> Folded) and the campaigns' version
     marks, shared by every session of the dashboard, each with a lock: two refreshes of
     one aggregate do not interleave. `latest`: the newest ReadMark any read made (a
-    first read starts from its pending ids)."""
+    first read starts from its pending ids). `first_read_in_sql` False: an aggregate's
+    first read folds every row in as later reads do, instead of computing it in SQL (the
+    tests compare the fold with the SQL this way)."""
 
-    def __init__(self):
+    def __init__(self, first_read_in_sql: bool = True):
+        self.first_read_in_sql = first_read_in_sql
         self.entries: dict = {}
         self.lock = threading.Lock()
         self.versions: dict = {}
@@ -783,7 +783,7 @@ def folded(state: IncrementalState, key, engine: Engine, campaign_id: int, full,
             newest = queries.max_measurement_id(connection)
             if entry is not None and newest < entry.mark.newest:
                 entry = None  # rows deleted at the top (or another database): start afresh
-            if entry is None and not FIRST_READ_IN_SQL:
+            if entry is None and not state.first_read_in_sql:
                 entry = Folded(ReadMark(0), full(connection, 0))
             base = entry.mark if entry is not None else None
             found = present_ids(connection, base)

@@ -33,10 +33,9 @@ def db_url(request, tmp_path):
 
 
 @pytest.fixture(params=[True, False], ids=["sql_first", "fold_all"])
-def lag(request, monkeypatch):
-    """sql_first: the first read is the SQL aggregate, later rows are folded in; fold_all:
-    every row goes through the fold."""
-    monkeypatch.setattr(data, "FIRST_READ_IN_SQL", request.param)
+def first_read_in_sql(request):
+    """True: the first read is the SQL aggregate, later rows are folded in; False: every
+    row goes through the fold."""
     return request.param
 
 
@@ -103,9 +102,9 @@ def _assert_light_equals_full(engine, state):
     return light
 
 
-def test_incremental_first_rows_equal_the_query_after_writes(db_url, lag):
+def test_incremental_first_rows_equal_the_query_after_writes(db_url, first_read_in_sql):
     engine = _engine(db_url)
-    state = data.IncrementalState()
+    state = data.IncrementalState(first_read_in_sql)
     before = _assert_light_equals_full(engine, state)
     _write(db_url, _ties_and_nan(db_url))
     after = _assert_light_equals_full(engine, state)
@@ -127,9 +126,9 @@ def _assert_budgets_equal(engine, state):
     return full
 
 
-def test_budget_table_equals_best_under_budget(db_url, lag):
+def test_budget_table_equals_best_under_budget(db_url, first_read_in_sql):
     engine = _engine(db_url)
-    state = data.IncrementalState()
+    state = data.IncrementalState(first_read_in_sql)
     _assert_budgets_equal(engine, state)
     _write(db_url, _ties_and_nan(db_url))
     full = _assert_budgets_equal(engine, state)
@@ -149,9 +148,9 @@ def _assert_summary_equal(engine, state):
     assert got.examples_per_epoch == data.examples_per_epoch(m)
 
 
-def test_measurement_summary_equals_full_load(db_url, lag):
+def test_measurement_summary_equals_full_load(db_url, first_read_in_sql):
     engine = _engine(db_url)
-    state = data.IncrementalState()
+    state = data.IncrementalState(first_read_in_sql)
     _assert_summary_equal(engine, state)
     trial = _trials(db_url)[(16, 0)][0]
     _write(db_url, [{"trial_id": trial, "step": 7, "val_error": 0.5, "examples": 333,
@@ -177,9 +176,9 @@ def _assert_probes_equal(engine, state):
     return keys
 
 
-def test_probe_summary_equals_parsing_every_row(db_url, lag):
+def test_probe_summary_equals_parsing_every_row(db_url, first_read_in_sql):
     engine = _engine(db_url)
-    state = data.IncrementalState()
+    state = data.IncrementalState(first_read_in_sql)
     assert _assert_probes_equal(engine, state) == ["distance_from_init", "noise_scale"]
     trials = _trials(db_url)
     rows = [{"trial_id": trials[(32, 0)][0], "step": 5, "val_error": 0.5,
@@ -260,14 +259,14 @@ def _maximising_campaign(url) -> int:
     return campaign_id
 
 
-def test_nan_never_beats_a_maximising_target(db_url, lag):
+def test_nan_never_beats_a_maximising_target(db_url, first_read_in_sql):
     """PostgreSQL sorts NaN above every number, so `1 - NaN > 0.9` held there and the NaN
     evaluation at step 10 was taken for the result; as in Python, NaN beats nothing."""
     campaign_id = _maximising_campaign(db_url)
     engine = _engine(db_url)
     firsts = queries.first_beating_measurements(engine, campaign_id, "val_accuracy", 0.9, "max")
     assert firsts[["step", "val_error"]].to_dict("records") == [{"step": 20, "val_error": 0.05}]
-    state = data.IncrementalState()
+    state = data.IncrementalState(first_read_in_sql)
     for _ in range(2):  # the first read, then a refresh folding in nothing new
         light = data.load_light_incremental(engine, "acc", state)
         assert light.results()["steps_to_result"].tolist() == [20]
