@@ -11,7 +11,8 @@ runs the worker's storage jobs in order while the main thread trains. While grou
 trains, it writes group i-1's last measurements, finishes its rows and tells Optuna (one
 transaction per trial where the points were enqueued), then reaps, claims the next slots
 and (quasi-random / random samplers, whose points are all enqueued at creation) asks and
-records their trials; prefetched rows are heartbeated like running ones. A stop gives a
+records their trials; prefetched rows are heartbeated like running ones, and so are
+the rows of concluded trials until their finish job has run. A stop gives a
 prefetched slot that never trained back (row deleted, point re-queued as the same attempt
 with the same seed) and abandons the trials in training as before. Pruning reads the
 cell's best from a cache (see CellBest).
@@ -262,7 +263,10 @@ class CampaignWorker:
         self.measurements = MeasurementBuffer(flush_seconds)
         self.pipeline: StoragePipeline | None = None
         self._live: dict[int, Live] = {}  # row id -> what a stop must undo
-        self._live_lock = threading.Lock()  # the main and the storage thread both change it
+        # Rows of trials concluded in training whose finish job has not run yet: no longer
+        # the stop's to undo, still running in storage, so still heartbeated.
+        self._unfinished: set[int] = set()
+        self._live_lock = threading.Lock()  # the main and the storage thread both change them
         self._finishing: list = []  # futures of finish + tell jobs: True if the trial counts
         self._done = 0
         self._untold: Counter = Counter()  # cell id -> this worker's trials trained, not yet told
@@ -401,6 +405,8 @@ class CampaignWorker:
         if result.outcome == "reached":
             self.best.reached(claim.cell_id, result.steps_to_result)
         rows = self.measurements.take()
+        with self._live_lock:  # heartbeated until its finish job has run
+            self._unfinished.add(claim.row_id)
         self._finishing.append(self.pipeline.submit(
             "finishing the trial", self._finish_and_tell, claim, trial, result, rows))
         self._untrack(claim.row_id)
@@ -464,12 +470,18 @@ class CampaignWorker:
     def _track(self, claim: Claim) -> None:
         with self._live_lock:
             self._live[claim.row_id] = Live(claim)
-            self.heartbeat.trial_row_ids = frozenset(self._live)
+            self._beat_rows()
 
     def _untrack(self, row_id: int) -> None:
         with self._live_lock:
             self._live.pop(row_id, None)
-            self.heartbeat.trial_row_ids = frozenset(self._live)
+            self._beat_rows()
+
+    def _beat_rows(self) -> None:
+        """The rows the heartbeat stamps: claimed ones, and concluded ones until their finish
+        job has run (it may wait behind a slow job; a reaper must not take a live worker's
+        finished trial meanwhile). Called with `_live_lock` held."""
+        self.heartbeat.trial_row_ids = frozenset(self._live) | frozenset(self._unfinished)
 
     def _train(self, claims: list[Claim], configs: list[TrialConfig], conclude) -> dict[int, TrialResult]:
         """Train the configs (one: `run_trial`; several: vectorized), concluding each trial
@@ -590,6 +602,8 @@ class CampaignWorker:
         finally:
             with self._live_lock:
                 self._untold[claim.cell_id] -= 1
+                self._unfinished.discard(claim.row_id)
+                self._beat_rows()
         if not finished:
             self.log(f"[worker {self.worker_id}] trial row {claim.row_id} was abandoned by a reaper "
                      f"while this worker was silent; its result is discarded and it is re-run")

@@ -332,3 +332,27 @@ def test_workers_draw_different_tpe_points(tmp_path):
         points += [tuple(sorted(trial.params.items()))
                    for _, trial, _ in worker._ask_group(worker._claim_group(3)).started]
     assert len(points) == 6 and len(set(points)) == 6
+
+
+def test_a_trial_waiting_for_its_finish_is_still_heartbeated(tmp_path):
+    """A trial's result waits in the storage thread's queue behind the jobs before it (here
+    a slow prepare of the next trial, such as an ask waiting for a re-queued point). Its
+    row must keep its heartbeat meanwhile: the worker is alive, and a reaper (its own,
+    before its next claim) must not abandon the finished trial and discard its result."""
+    url, engine = campaign(tmp_path, spec_text("slow", batch_sizes=(16,), trials_per_cell=2,
+                                               max_steps=20, eval_every=10), "slow")
+    logged = []
+    worker = CampaignWorker(engine, url, "slow", device="cpu", log=logged.append,
+                            heartbeat_seconds=0.2, grace_seconds=1.0)
+    prepare, calls = worker._prepare, []
+
+    def slow_prepare(room):
+        calls.append(room)
+        if len(calls) == 1:  # prepared while the first trial trains, and longer than the grace
+            time.sleep(3.5)
+        return prepare(room)
+    worker._prepare = slow_prepare
+    assert worker.run() == 2
+    rows = trial_rows(engine, campaign_info(engine, "slow").id)
+    assert rows["outcome"].tolist() == ["not_reached", "not_reached"], (rows, logged)
+    assert not any("abandoned" in line for line in logged), logged
