@@ -8,12 +8,14 @@
 - `MeasurementBuffer`: evaluations queued by the main thread and written in one
   executemany per batch, at most `flush_seconds` after the previous batch.
 - `CellBest`: the cells' best steps-to-result for pruning, read from storage at most
-  every `refresh_seconds` (in the background) and updated at once by this worker's own
-  results. Another worker's result reaches it up to `refresh_seconds` (plus the queue)
-  late: pruning then stops a trial a little later than it could, never earlier, since a
-  cell's best only ever decreases. Steps-to-result is unchanged: it is the fewest steps
-  at which a trial beat the target, and a trial is pruned only at or after a step some
-  other trial already reached at.
+  every `refresh_seconds` (in the background) and updated by this worker's own results
+  as soon as their finish jobs have recorded them (the worker waits for that job before
+  its next pruning decision in the cell: a reaper may have taken the trial's row, and
+  its result then never counts). Another worker's result reaches it up to
+  `refresh_seconds` (plus the queue) late: pruning then stops a trial a little later
+  than it could, never earlier, since a cell's best only ever decreases. Steps-to-result
+  is unchanged: it is the fewest steps at which a trial beat the target, and a trial is
+  pruned only at or after a step some other, recorded, trial reached at.
 
 This module imports no torch.
 """
@@ -131,20 +133,53 @@ class MeasurementBuffer:
 
 class CellBest:
     """The best (fewest) steps-to-result of each cell, as pruning reads it after every
-    evaluation: min(last value read from storage, this worker's own reached results)."""
+    evaluation: min(last value read from storage, this worker's own reached results that
+    are recorded)."""
 
     def __init__(self, refresh_seconds: float = 1.0, clock: Callable[[], float] = time.monotonic):
         self.refresh_seconds, self._clock = refresh_seconds, clock
         self._lock = threading.Lock()
         self._stored: dict[int, tuple[int | None, float]] = {}  # cell -> (value, read at)
         self._own: dict[int, int] = {}
+        # cell -> this worker's reached results whose finish job has not said yet whether
+        # they were recorded: (steps to result, that job's future)
+        self._unrecorded: dict[int, list[tuple[int, Future]]] = {}
         self._refreshing: set[int] = set()
 
     def value(self, cell_id: int) -> int | None:
+        """The cell's best as far as it is recorded (an own result whose finish job has
+        not run yet does not count: see `unrecorded`)."""
         with self._lock:
+            self._settle(cell_id)
             candidates = [v for v in (self._stored.get(cell_id, (None, 0.0))[0], self._own.get(cell_id))
                           if v is not None]
         return min(candidates) if candidates else None
+
+    def unrecorded(self, cell_id: int) -> list[Future]:
+        """The finish jobs, still running or queued, of this worker's reached results in the
+        cell that would lower its value: wait for them before a pruning decision."""
+        with self._lock:
+            self._settle(cell_id)
+            stored = [v for v in (self._stored.get(cell_id, (None, 0.0))[0], self._own.get(cell_id))
+                      if v is not None]
+            current = min(stored) if stored else None
+            return [future for steps, future in self._unrecorded.get(cell_id, ())
+                    if current is None or steps < current]
+
+    def _settle(self, cell_id: int) -> None:
+        # An own result counts once its finish job returned True (its row was finished);
+        # False (a reaper had taken the row) or a failure: it never counts.
+        waiting = []
+        for steps, future in self._unrecorded.get(cell_id, ()):
+            if not future.done():
+                waiting.append((steps, future))
+            elif future.exception() is None and future.result():
+                own = self._own.get(cell_id)
+                self._own[cell_id] = steps if own is None else min(own, steps)
+        if waiting:
+            self._unrecorded[cell_id] = waiting
+        else:
+            self._unrecorded.pop(cell_id, None)
 
     def claim_refresh(self, cell_id: int) -> bool:
         """True (and a refresh is then in flight) if the stored value is missing or older
@@ -168,8 +203,9 @@ class CellBest:
         with self._lock:
             self._refreshing.discard(cell_id)
 
-    def reached(self, cell_id: int, steps_to_result: int) -> None:
-        """One of this worker's trials reached the target: pruning sees it at once."""
+    def reached(self, cell_id: int, steps_to_result: int, recorded: Future) -> None:
+        """One of this worker's trials reached the target; `recorded`, its finish job, says
+        whether its row was finished (True: it counts from then on, without a read) or
+        had been taken by a reaper (False: its result is discarded and never counts)."""
         with self._lock:
-            own = self._own.get(cell_id)
-            self._own[cell_id] = steps_to_result if own is None else min(own, steps_to_result)
+            self._unrecorded.setdefault(cell_id, []).append((steps_to_result, recorded))

@@ -215,7 +215,8 @@ class CampaignWorker:
     and (for samplers whose points are enqueued at creation) asks and records its trial;
     measurements are written in batches at most `flush_seconds` apart, always before
     their trial is finished; the cell's best steps for pruning is re-read at most every
-    `best_refresh_seconds` (this worker's own results count at once)."""
+    `best_refresh_seconds` (this worker's own results count once recorded, which the
+    next pruning decision in their cell waits for)."""
 
     def __init__(self, engine: Engine, storage_url: str, campaign_name: str, *,
                  device: str = "auto", max_trials: int | None = None, log: Log = print,
@@ -402,13 +403,13 @@ class CampaignWorker:
         """Hand a trial's result to the pipeline: its last measurements, its row and the
         tell are written behind the next trial's training, in that order."""
         claim, trial, _ = entry
-        if result.outcome == "reached":
-            self.best.reached(claim.cell_id, result.steps_to_result)
         rows = self.measurements.take()
         with self._live_lock:  # heartbeated until its finish job has run
             self._unfinished.add(claim.row_id)
-        self._finishing.append(self.pipeline.submit(
-            "finishing the trial", self._finish_and_tell, claim, trial, result, rows))
+        finished = self.pipeline.submit("finishing the trial", self._finish_and_tell, claim, trial, result, rows)
+        self._finishing.append(finished)
+        if result.outcome == "reached":  # counts for pruning once recorded (see _best)
+            self.best.reached(claim.cell_id, result.steps_to_result, finished)
         self._untrack(claim.row_id)
 
     def _buffer_measurement(self, row_id: int, m: Measurement) -> None:
@@ -418,9 +419,15 @@ class CampaignWorker:
 
     def _best(self, cell_id: int) -> int | None:
         """The cell's best steps for pruning: cached; a stale value is refreshed in the
-        background and this evaluation uses the cached one."""
+        background and this evaluation uses the cached one. This worker's own reached
+        result that would lower it is waited for until its finish job has recorded it
+        (usually done by then): if a reaper took its row meanwhile, it never counts, and a
+        trial pruned against it would be censored where the cell has no such result. The
+        wait keeps the pruning decisions those of the results, whatever the timing."""
         if self.best.claim_refresh(cell_id):
             self.pipeline.submit("reading the cell's best", self._refresh_best, cell_id)
+        for recorded in self.best.unrecorded(cell_id):
+            self._wait(recorded)
         return self.best.value(cell_id)
 
     def _wait(self, future):

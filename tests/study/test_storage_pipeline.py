@@ -8,6 +8,7 @@ from __future__ import annotations
 import textwrap
 import threading
 import time
+from concurrent.futures import Future
 
 import optuna
 import pytest
@@ -97,16 +98,35 @@ def test_measurement_buffer_batches_by_time_and_size():
     assert buffer.take() == [{"step": 80}] and buffer.take() == []
 
 
-def test_cell_best_counts_own_results_at_once_and_refreshes_at_most_every_interval():
+def finish_job(recorded=None) -> Future:
+    future = Future()
+    if recorded is not None:
+        future.set_result(recorded)
+    return future
+
+
+def test_cell_best_counts_own_results_once_recorded_and_refreshes_at_most_every_interval():
     now = [0.0]
     best = CellBest(refresh_seconds=1.0, clock=lambda: now[0])
     assert best.value(7) is None
     assert best.claim_refresh(7) and not best.claim_refresh(7)  # one refresh in flight
     best.store(7, 90)
     assert best.value(7) == 90 and not best.claim_refresh(7)
-    best.reached(7, 60)
-    assert best.value(7) == 60  # this worker's own result, no read needed
-    best.reached(7, 80)
+    pending = finish_job()
+    best.reached(7, 60, pending)
+    assert best.value(7) == 90 and best.unrecorded(7) == [pending]  # not recorded yet
+    pending.set_result(True)
+    assert best.value(7) == 60 and best.unrecorded(7) == []  # recorded: no read needed
+    best.reached(7, 80, finish_job())
+    assert best.value(7) == 60 and best.unrecorded(7) == []  # would not lower it
+    taken = finish_job()
+    best.reached(7, 50, taken)
+    assert best.unrecorded(7) == [taken]
+    taken.set_result(False)  # a reaper had taken the row: the result never counts
+    assert best.value(7) == 60 and best.unrecorded(7) == []
+    broken = finish_job()
+    broken.set_exception(RuntimeError("finishing failed"))
+    best.reached(7, 30, broken)
     assert best.value(7) == 60
     now[0] = 1.5
     assert best.claim_refresh(7)
@@ -356,3 +376,35 @@ def test_a_trial_waiting_for_its_finish_is_still_heartbeated(tmp_path):
     rows = trial_rows(engine, campaign_info(engine, "slow").id)
     assert rows["outcome"].tolist() == ["not_reached", "not_reached"], (rows, logged)
     assert not any("abandoned" in line for line in logged), logged
+
+
+def test_pruning_never_uses_an_own_result_that_a_reaper_took(tmp_path):
+    """A worker prunes its next trials against its own reached result at once, before the
+    storage thread has recorded it. If a reaper took that trial's row meanwhile (the worker
+    was considered dead: cut off from the database for longer than the grace), the result
+    is discarded and never counts: a trial pruned against it was censored where the cell
+    had no such result. Every pruned trial must be recorded at or after a step some
+    recorded trial of its cell reached at."""
+    from study.recovery import abandon_trial
+    from study.worker import best_steps
+    url, engine = campaign(tmp_path, FIXED.replace("batch_sizes = [16, 64]", "batch_sizes = [16]"), "taken")
+    worker = CampaignWorker(engine, url, "fixed", device="cpu", log=lambda line: None)
+    storage = optuna_storage(url)
+    finish_trial, taken, pruned = worker._finish_trial, [], []
+
+    def finish_after_a_reaper(row_id, result, rows=(), trial=None):
+        if result.outcome == "reached" and not taken:  # the reaper wins the race for the row
+            taken.append(row_id)
+            assert abandon_trial(engine, storage, row_id, "worker lost: no heartbeat for 61 s")
+        finished = finish_trial(row_id, result, rows, trial)
+        if finished and result.outcome == "pruned":  # what the cell had when it was recorded
+            pruned.append((result.steps, best_steps(engine, cell_id)))
+        return finished
+    cell_id = int(queries.cells(engine, campaign_info(engine, "fixed").id)["cell_id"][0])
+    worker._finish_trial = finish_after_a_reaper
+    assert worker.run() == 4
+    rows = trial_rows(engine, campaign_info(engine, "fixed").id)
+    assert taken and rows.set_index("id").loc[taken[0], "outcome"] == "abandoned"
+    for steps, best in pruned:
+        assert best is not None and best <= steps, (pruned, rows)
+    check_exact_accounting(engine, url, campaign_info(engine, "fixed").id, 4)
