@@ -294,9 +294,13 @@ def _settle(storage: optuna.storages.BaseStorage, row) -> bool:
         except UpdateFinishedTrialError:
             return False
     # abandoned, or never recorded: re-run the same point
-    if row.row_id is None:  # never recorded: its attempt number is in Optuna's attributes
+    if row.row_id is None:
+        # Never recorded, so never run: queued again as the same attempt (its number is in
+        # Optuna's attributes), as a worker gives back a point it popped and did not
+        # record. The abandoned attempt it re-runs, if any, still waits for a row with
+        # that number (`rerun_pending`).
         attempt = int(storage.get_trial(row.trial_id).user_attrs.get(ATTEMPT_ATTR, 1))
-        return requeue(storage, row.trial_id, row.study_name, first_row_id=None, attempt=attempt,
+        return requeue(storage, row.trial_id, row.study_name, first_row_id=None, attempt=attempt - 1,
                        seed=None)
     return requeue(storage, row.trial_id, row.study_name, first_row_id=row.attempt_of or row.row_id,
                    attempt=row.attempt, seed=row.seed)

@@ -400,6 +400,45 @@ def test_reaper_settles_a_trial_killed_between_claim_and_ask(tmp_path):
     assert states == [("FAIL", point), ("WAITING", point)]
 
 
+def test_a_rerun_popped_by_a_worker_that_died_before_recording_it_keeps_its_attempt(tmp_path):
+    """A lost trial's re-run (attempt 2) is popped by a worker that dies before recording
+    it. The sweep re-queues the point as the same attempt (as a worker giving a popped
+    point back does): it was never run, and the abandoned attempt 1 still waits for its
+    attempt-2 row. Queued as attempt 3 instead, attempt 1 looked pending for ever and
+    every later TPE ask in the cell waited REQUEUE_WAIT_SECONDS for a point that never
+    came."""
+    from study.tuning import pop_queued
+    url = f"sqlite:///{tmp_path / 'popdead.db'}"
+    engine, info = create(url, spec_text("popdead", batch_sizes=(16,), trials_per_cell=2, max_steps=20)
+                          + '\n[sampler]\nkind = "tpe"\n')
+    storage = optuna_storage(url)
+    cell = queries.cells(engine, info.id).iloc[0]
+    cell_id = int(cell["cell_id"])
+    space = distributions(parse_spec(_spec_text(engine, info.id), "db").cell_space("momentum", "constant"))
+    first = running_trial(engine, url, info, "ghost")
+    assert abandon_trial(engine, storage, first, "lost")
+    [claim] = claim_cell(engine, info.id, "ghost2")
+    [popped] = pop_queued(storage, cell["study_name"], space, 1)  # ... and the worker dies here
+    assert popped.user_attrs[ATTEMPT_ATTR] == 2 and popped.user_attrs[ATTEMPT_OF_ATTR] == first
+    age_heartbeat(engine, claim.row_id, 30)
+    assert [r.trial_row_id for r in reap_lost_trials(engine, storage, info.id, 0.5)] == [claim.row_id]
+    time.sleep(0.6)  # the Optuna trial must also be older than the grace period
+    reap_lost_trials(engine, storage, info.id, 0.5)
+    study = optuna.load_study(study_name=cell["study_name"], storage=storage)
+    [waiting] = [t for t in study.trials if t.state.name == "WAITING"]
+    assert waiting.user_attrs[ATTEMPT_ATTR] == 2 and waiting.user_attrs[ATTEMPT_OF_ATTR] == first
+    assert CampaignWorker(engine, url, "popdead", device="cpu", log=lambda line: None).run() == 2
+    assert not rerun_pending(engine, cell_id)
+    rows = trial_rows(engine, info.id).set_index("id")
+    rerun = rows[rows["attempt_of"] == first]
+    assert rerun["attempt"].tolist() == [2] and rerun["outcome"].tolist() == ["not_reached"]
+    assert rerun["seed"].tolist() == [rows.loc[first, "seed"]]
+    assert json.loads(rerun["hparams"].iloc[0])["learning_rate"] == popped.params["learning_rate"]
+    assert sorted(rows["outcome"]) == ["abandoned", "abandoned", "not_reached", "not_reached"]
+    states = sorted(t.state.name for t in study.trials)
+    assert states == ["FAIL", "FAIL", "PRUNED", "PRUNED"], states  # not_reached is told PRUNED
+
+
 # ----- real worker processes ------------------------------------------------------------
 @pytest.mark.slow
 def test_sigterm_abandons_and_a_new_worker_resumes_with_identical_measurements(tmp_path):
