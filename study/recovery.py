@@ -29,7 +29,7 @@ from typing import Callable, Iterable, Mapping
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
-from sqlalchemy import DateTime, Engine, bindparam, func, select, text, update
+from sqlalchemy import DateTime, Engine, bindparam, case, func, select, text, update
 from sqlalchemy.orm import Session
 
 from db.models import Cell, Trial, Worker
@@ -86,8 +86,10 @@ class Heartbeat:
                 # Only running rows: a trial reaped while this worker was cut off stays dead.
                 session.execute(update(Trial).where(Trial.id.in_(rows), Trial.outcome == "running")
                                 .values(heartbeat_at=func.current_timestamp()))
+            # A worker marked lost while cut off from the database is back: running again.
             session.execute(update(Worker).where(Worker.id == self.worker_id)
-                            .values(heartbeat_at=func.current_timestamp()))
+                            .values(heartbeat_at=func.current_timestamp(),
+                                    status=case((Worker.status == "lost", "running"), else_=Worker.status)))
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):

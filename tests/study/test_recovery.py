@@ -382,6 +382,30 @@ def test_a_heartbeat_during_the_storage_threads_transaction_does_not_deadlock(lo
         assert connection.execute(text("SELECT current_trial_id FROM bl_workers")).scalar() == rows[-1]
 
 
+def test_a_worker_marked_lost_that_beats_again_is_running_again(tmp_path):
+    """A live worker cut off from the database for longer than the grace is marked `lost`
+    (and loses its trial to a re-run); once its heartbeats get through again it carries
+    on with the campaign, and its row must say so: the dashboard counts only `running`
+    workers as live, and a `lost` one stayed `lost` until it exited."""
+    url = f"sqlite:///{tmp_path / 'back.db'}"
+    engine, info = create(url, spec_text("back", batch_sizes=(16,), trials_per_cell=1))
+    with Session(engine) as session, session.begin():
+        session.add(Worker(id="w", campaign_id=info.id, host="h", pid=1, device="cpu"))
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE bl_workers SET heartbeat_at = :t"),
+                           {"t": _utc_now_naive() - timedelta(seconds=120)})
+    reap_lost_trials(engine, optuna_storage(url), info.id, 60.0)
+
+    def status() -> str:
+        with engine.connect() as connection:
+            return connection.execute(text("SELECT status FROM bl_workers")).scalar()
+    assert status() == "lost"
+    Heartbeat(engine, "w", 1.0, log=print).beat()  # the database is reachable again
+    assert status() == "running"
+    reap_lost_trials(engine, optuna_storage(url), info.id, 60.0)
+    assert status() == "running"
+
+
 def test_reaper_settles_a_trial_killed_between_claim_and_ask(tmp_path):
     """A worker that died after Optuna gave it a point but before it recorded the point:
     its row is abandoned by heartbeat, its Optuna trial is swept and its point re-queued."""
