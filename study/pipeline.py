@@ -9,9 +9,11 @@
   executemany per batch, at most `flush_seconds` after the previous batch.
 - `CellBest`: the cells' best steps-to-result for pruning, read from storage at most
   every `refresh_seconds` (in the background) and updated by this worker's own results
-  as soon as their finish jobs have recorded them (the worker waits for that job before
-  its next pruning decision in the cell: a reaper may have taken the trial's row, and
-  its result then never counts). Another worker's result reaches it up to
+  at once while its heartbeats get through (its concluded trials' rows are stamped until
+  their finish jobs run, so no reaper takes them), else once their finish jobs have
+  recorded them (the worker waits for that job before its next pruning decision in the
+  cell: a reaper may have taken the trial's row, and its result then never counts).
+  Another worker's result reaches it up to
   `refresh_seconds` (plus the queue) late: pruning then stops a trial a little later
   than it could, never earlier, since a cell's best only ever decreases. Steps-to-result
   is unchanged: it is the fewest steps at which a trial beat the target, and a trial is
@@ -146,13 +148,15 @@ class CellBest:
         self._unrecorded: dict[int, list[tuple[int, Future]]] = {}
         self._refreshing: set[int] = set()
 
-    def value(self, cell_id: int) -> int | None:
-        """The cell's best as far as it is recorded (an own result whose finish job has
-        not run yet does not count: see `unrecorded`)."""
+    def value(self, cell_id: int, *, unrecorded: bool = False) -> int | None:
+        """The cell's best as far as it is recorded; with `unrecorded`, also counting this
+        worker's reached results whose finish job has not run yet (see `unrecorded`)."""
         with self._lock:
             self._settle(cell_id)
             candidates = [v for v in (self._stored.get(cell_id, (None, 0.0))[0], self._own.get(cell_id))
                           if v is not None]
+            if unrecorded:
+                candidates += [steps for steps, _ in self._unrecorded.get(cell_id, ())]
         return min(candidates) if candidates else None
 
     def unrecorded(self, cell_id: int) -> list[Future]:

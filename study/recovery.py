@@ -22,6 +22,7 @@ This module imports no torch: `batchlab status` reaps without loading it.
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Callable, Iterable, Mapping
@@ -63,18 +64,24 @@ class Heartbeat:
         # Rows of the trials running in this worker (several when they train vectorized);
         # replaced as a whole by the worker, read by the heartbeat thread.
         self.trial_row_ids: frozenset[int] = frozenset()
+        self._last_beat = float("-inf")  # time.monotonic() of the last beat that committed
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{worker_id}", daemon=True)
 
     def start(self) -> None:
+        self._last_beat = time.monotonic()  # the worker's row was just written
         self._thread.start()
+
+    def fresh(self, within_seconds: float) -> bool:
+        """Whether a beat (or the start) committed within the last `within_seconds`."""
+        return time.monotonic() - self._last_beat < within_seconds
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
 
     def beat(self) -> None:
-        """One heartbeat now (also called by the worker at each claim).
+        """One heartbeat now.
 
         Trial rows first, then the worker row: the order of every transaction that
         updates both (the worker marks trials started and finishes them on its storage
@@ -90,6 +97,7 @@ class Heartbeat:
             session.execute(update(Worker).where(Worker.id == self.worker_id)
                             .values(heartbeat_at=func.current_timestamp(),
                                     status=case((Worker.status == "lost", "running"), else_=Worker.status)))
+        self._last_beat = time.monotonic()
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):

@@ -400,8 +400,15 @@ def test_a_worker_marked_lost_that_beats_again_is_running_again(tmp_path):
         with engine.connect() as connection:
             return connection.execute(text("SELECT status FROM bl_workers")).scalar()
     assert status() == "lost"
-    Heartbeat(engine, "w", 1.0, log=print).beat()  # the database is reachable again
+    heartbeat = Heartbeat(engine, "w", 1.0, log=print)
+    assert not heartbeat.fresh(3600.0)  # no beat has committed yet
+    heartbeat.beat()  # the database is reachable again
     assert status() == "running"
+    assert heartbeat.fresh(3600.0) and not heartbeat.fresh(0.0)
+    cut_off = Heartbeat(make_engine(f"sqlite:///{tmp_path / 'empty.db'}"), "w", 1.0, log=print)  # no tables
+    with pytest.raises(Exception):
+        cut_off.beat()
+    assert not cut_off.fresh(3600.0)  # a beat that failed is no sign of life
     reap_lost_trials(engine, optuna_storage(url), info.id, 60.0)
     assert status() == "running"
 

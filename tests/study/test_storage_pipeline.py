@@ -395,6 +395,7 @@ def test_pruning_never_uses_an_own_result_that_a_reaper_took(tmp_path):
     def finish_after_a_reaper(row_id, result, rows=(), trial=None):
         if result.outcome == "reached" and not taken:  # the reaper wins the race for the row
             taken.append(row_id)
+            time.sleep(1.0)  # a slow finish: the next trial evaluates meanwhile
             assert abandon_trial(engine, storage, row_id, "worker lost: no heartbeat for 61 s")
         finished = finish_trial(row_id, result, rows, trial)
         if finished and result.outcome == "pruned":  # what the cell had when it was recorded
@@ -402,6 +403,7 @@ def test_pruning_never_uses_an_own_result_that_a_reaper_took(tmp_path):
         return finished
     cell_id = int(queries.cells(engine, campaign_info(engine, "fixed").id)["cell_id"][0])
     worker._finish_trial = finish_after_a_reaper
+    worker.heartbeat.fresh = lambda within_seconds: False  # cut off: no beat gets through
     assert worker.run() == 4
     rows = trial_rows(engine, campaign_info(engine, "fixed").id)
     assert taken and rows.set_index("id").loc[taken[0], "outcome"] == "abandoned"
