@@ -1,0 +1,41 @@
+"""bench/trial_throughput.py: what each method's timed runs contain."""
+from __future__ import annotations
+
+import torch
+
+import bench.trial_throughput as throughput
+from trainers.loop import DataCache
+from trainers.workloads import DataOptions, Workload, get_workload
+
+
+def test_strong_baseline_normalises_the_training_set_before_its_timed_trials(monkeypatch):
+    """The strong baseline is documented as a TensorDataset over the training set
+    normalised once up front: its timed trials must not normalise the whole training
+    set again, trial after trial (batchlab's stacked path keeps its float copy from the
+    warm-up too)."""
+    args = throughput.parse_args(["--steps", "2", "--batch-sizes", "16", "--ks", "2", "--repeats", "2",
+                                  "--sequential-trials", "2", "--no-vmap-rows"])
+    warming = [False]
+    real_warm_up = throughput.warm_up
+
+    def flagged_warm_up(*a, **kw):
+        warming[0] = True
+        try:
+            return real_warm_up(*a, **kw)
+        finally:
+            warming[0] = False
+    monkeypatch.setattr(throughput, "warm_up", flagged_warm_up)
+    timed_sizes = []
+    real_preprocess = Workload.preprocess
+
+    def counting_preprocess(self, x):
+        if not warming[0]:
+            timed_sizes.append(len(x))
+        return real_preprocess(self, x)
+    monkeypatch.setattr(Workload, "preprocess", counting_preprocess)
+    cache = DataCache()
+    train_size = cache.get(get_workload("digits_mlp"), DataOptions(None, False), torch.device("cpu")).train_size
+    rows, _ = throughput.bench_cell("digits_mlp", 16, args, cache, {})
+    assert [method for method, _ in rows][1].startswith("baseline, strong")
+    assert timed_sizes, "the timed runs preprocess their batches and validation sets"
+    assert train_size not in timed_sizes, timed_sizes
