@@ -5,7 +5,10 @@ CUDA the typical baseline draws its weights on the CPU and moves the model, as
 `Net().to(device)` does, so only its initial values differ) for the same fixed number of
 steps with momentum SGD at the same batch size, and evaluates once on the validation set
 at the end; the target is `val_error < 0`, which no trial can beat, so nothing stops early
-and the work is identical. Two baselines, both
+and the steps, data and evaluations are identical. The arithmetic is not on CUDA:
+batchlab's methods run its default there (`precision="auto"`: bf16 autocast, and
+channels_last for convnets), the baselines fp32, as a plain loop is written; the header
+says which. Two baselines, both
 `optimizer.zero_grad(); loss.backward(); step()` over a `DataLoader(..., shuffle=True)`:
 
 - "typical": the data pipeline of Optuna's and PyTorch's MNIST examples, a torchvision-style
@@ -137,6 +140,15 @@ def baseline_trial(config: TrialConfig, cache: DataCache, typical: bool = False,
         return (logits.argmax(1).cpu() != splits.val_y).float().mean().item()
 
 
+def precision_note(device: torch.device) -> str:
+    """Which arithmetic each method runs on `device` (TrialConfig's default precision,
+    "auto", is what run_trial and run_trials_vectorized use here)."""
+    if device.type == "cuda":
+        return ("precision: batchlab sequential and vectorized bf16 autocast (its default, "
+                "precision 'auto'); both baselines fp32")
+    return "precision: fp32 for every method"
+
+
 def timed(run: Callable[[], object], device: torch.device, repeats: int) -> float:
     """Best wall seconds of `repeats` runs (synchronised on CUDA)."""
     best = float("inf")
@@ -242,7 +254,7 @@ def main(argv=None) -> None:
           f"{datetime.datetime.now().isoformat(timespec='seconds')}")
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     print(f"steps per trial: {args.steps}, momentum SGD, one validation pass per trial; "
-          f"load average at start: {load}\n")
+          f"{precision_note(device)}; load average at start: {load}\n")
     workloads = (args.workloads.split(",") if args.workloads
                  else ["digits_mlp"] + (["mnist10k_mlp"] if args.data_dir else []))
     cache, step_cache = DataCache(), {}

@@ -39,3 +39,14 @@ def test_strong_baseline_normalises_the_training_set_before_its_timed_trials(mon
     assert [method for method, _ in rows][1].startswith("baseline, strong")
     assert timed_sizes, "the timed runs preprocess their batches and validation sets"
     assert train_size not in timed_sizes, timed_sizes
+
+
+def test_the_header_says_which_arithmetic_each_method_runs(capsys):
+    """On CUDA batchlab runs bf16 autocast by default and the baselines fp32: the same
+    steps, not the same arithmetic, so the printed run must say so (on CPU all fp32)."""
+    assert "bf16" in throughput.precision_note(torch.device("cuda"))
+    assert "baselines fp32" in throughput.precision_note(torch.device("cuda"))
+    throughput.main(["--steps", "2", "--batch-sizes", "16", "--ks", "2", "--repeats", "1",
+                     "--sequential-trials", "1", "--no-vmap-rows"])
+    header = capsys.readouterr().out.split("\n\n")[0]
+    assert "precision: fp32 for every method" in header, header
