@@ -30,7 +30,7 @@ batchlab campaign in SQL (--from-storage, e.g. Shallue's published data imported
 Without S, two readings still hold: the column "min per 1,000 S" (what 1,000 more steps of
 S cost at that batch size, over its cells and trials; the lower estimate is linear in S),
 and the last line, the S that fits the whole study into 30 minutes at every batch size
-alike. --measure-batch-sizes times only some batch sizes (each costs a compilation on
+alike (or, where even the upper estimate fits, that every S up to max_steps does). --measure-batch-sizes times only some batch sizes (each costs a compilation on
 CUDA) and interpolates the others' costs as S is interpolated.
 Assumptions, not modelled: every optimizer costs what the first one measured does; one
 worker on one device; every trial-step costs the full-K rate (a group that shrinks as its
@@ -149,12 +149,15 @@ def minutes_per_kilostep(cost: Cost, *, cells: int, trials: int, eval_every: int
 
 
 def flat_steps_within(costs: dict[int, Cost], minutes: float, *, cells_per_batch: int, trials: int,
-                      eval_every: int) -> float:
-    """The S that, at every batch size alike, makes the lower estimate take `minutes`."""
+                      eval_every: int, max_steps: int | None = None) -> float:
+    """The S that, at every batch size alike, makes the lower estimate take `minutes`;
+    at most `max_steps`: no trial trains past the budget, so where even that fits (the
+    upper bound takes `minutes` or less), every S up to the budget does."""
     setup = sum(cells_per_batch * math.ceil(trials / c.k) * c.setup_s for c in costs.values()) / 60
     slope = sum(minutes_per_kilostep(c, cells=cells_per_batch, trials=trials, eval_every=eval_every)
                 for c in costs.values()) / 1000
-    return max(0.0, (minutes - setup) / slope)
+    steps = max(0.0, (minutes - setup) / slope)
+    return steps if max_steps is None else min(steps, float(max_steps))
 
 
 # ----- S from storage ----------------------------------------------------------------
@@ -393,9 +396,13 @@ def main(argv=None) -> None:
         print(f"\ntotal: lower {verdict(sum(lowers) / 60)}, upper {verdict(upper)} "
               f"vs the {TARGET_MINUTES:g}-minute target (compilation and storage not included)")
     flat = flat_steps_within(costs, TARGET_MINUTES, cells_per_batch=len(args.optimizers),
-                             trials=args.trials, eval_every=spec.eval_every)
-    print(f"{TARGET_MINUTES:g} minutes cover S(B) up to {flat:,.0f} steps at every batch size alike "
-          f"(lower estimate: every trial stops at S)")
+                             trials=args.trials, eval_every=spec.eval_every, max_steps=spec.max_steps)
+    if flat >= spec.max_steps:
+        print(f"{TARGET_MINUTES:g} minutes cover every S(B) up to the budget of {spec.max_steps:,} steps "
+              f"(the upper estimate, every trial running the whole budget, fits)")
+    else:
+        print(f"{TARGET_MINUTES:g} minutes cover S(B) up to {flat:,.0f} steps at every batch size alike "
+              f"(lower estimate: every trial stops at S)")
     print("load average at end: " + ", ".join(f"{v:.1f}" for v in os.getloadavg()))
     if args.run or Path(args.data_dir).exists():
         run_study(spec, args, max(c.k for c in costs.values()))

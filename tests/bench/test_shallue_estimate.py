@@ -155,3 +155,28 @@ def test_untimed_batch_sizes_are_interpolated(tmp_path, capsys):
     assert re.search(r"^30 minutes cover S\(B\) up to [\d,]+ steps", out, re.M), out
     with pytest.raises(SystemExit, match="names none"):
         main(["--batch-sizes", "16", "--measure-batch-sizes", "32", "--data-dir", str(tmp_path)])
+
+
+def test_the_s_that_fits_is_capped_by_the_budget(tmp_path, capsys):
+    """Where even the upper bound (every trial runs all max_steps) fits the 30 minutes,
+    no S above max_steps exists to quote: trials never train past the budget."""
+    # 1 ms per trial-step, no evaluation cost: 1 minute holds 60,000 trial-steps.
+    one = {16: Cost(k=1, step_ms=1.0, eval_ms=0.0)}
+    assert flat_steps_within(one, 1, cells_per_batch=1, trials=1, eval_every=1000) == pytest.approx(60_000)
+    assert flat_steps_within(one, 1, cells_per_batch=1, trials=1, eval_every=1000, max_steps=1000) == 1000
+    assert flat_steps_within(one, 1, cells_per_batch=1, trials=1, eval_every=1000,
+                             max_steps=100_000) == pytest.approx(60_000)
+    # A study small enough to fit whole: the printed line says so instead of an S > budget.
+    text = (load_spec(parse_args([]).campaign).text
+            .replace("max_steps = 100000", "max_steps = 40"))
+    campaign = tmp_path / "small.toml"
+    campaign.write_text(text)
+    main(["--campaign", str(campaign), "--batch-sizes", "16", "--steps", "2", "--trials", "1",
+          "--repeats", "1", "--k", "1", "--train-size", "256", "--val-size", "64",
+          "--data-dir", str(tmp_path / "absent")])
+    out = capsys.readouterr().out
+    assert "max_steps 40" in out, out
+    upper = float(re.search(r"^total: upper ([\d.]+) min", out, re.M)[1])
+    assert upper < 30, out
+    line = re.search(r"^30 minutes cover .*$", out, re.M)[0]
+    assert line.startswith("30 minutes cover every S(B) up to the budget of 40 steps"), line
