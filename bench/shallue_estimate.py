@@ -282,6 +282,21 @@ def study_spec_text(spec, args) -> str:
     return text
 
 
+def study_command(folder: Path, args, k_max: int, on_cuda: bool) -> list[str]:
+    """`batchlab run` of the study's campaign file with one worker. On CUDA its groups are
+    sized as the estimate sized them: `--trials-at-once auto` (the worker's default) fixes
+    each cell's K once, at the start, with `auto_k`, i.e. `choose_k` as `worker_k` asked it;
+    a fixed number would make the worker claim that many in every cell and let
+    `run_trials_vectorized` split them by `choose_k` again mid-study, with the memory the
+    worker's own steps hold by then (smaller stacks, more compiled variants, than timed).
+    On CPU, where `auto` trains one trial at a time, the estimate's largest K (--k or
+    `choose_k`; groups above a cell's `choose_k` are split to it, as timed)."""
+    at_once = "auto" if on_cuda and not args.k else str(k_max)
+    return [sys.executable, "-m", "study.cli", "run", str(folder / "study.toml"), "--workers", "1",
+            "--device", args.device, "--storage", f"sqlite:///{folder / 'study.db'}",
+            "--trials-at-once", at_once]
+
+
 def run_study(spec, args, k_max: int) -> None:
     from trainers.data.errors import DataError
     from trainers.workloads import DataOptions, get_workload
@@ -292,9 +307,8 @@ def run_study(spec, args, k_max: int) -> None:
         return
     folder = Path(tempfile.mkdtemp(prefix="shallue_study_"))
     (folder / "study.toml").write_text(study_spec_text(spec, args))
-    command = [sys.executable, "-m", "study.cli", "run", str(folder / "study.toml"), "--workers", "1",
-               "--device", args.device, "--storage", f"sqlite:///{folder / 'study.db'}",
-               "--trials-at-once", str(k_max)]
+    from trainers.loop import resolve_device
+    command = study_command(folder, args, k_max, resolve_device(args.device).type == "cuda")
     print("\nthe real study:\n  batchlab " + shlex.join(command[3:]))
     if args.run:
         start = time.perf_counter()

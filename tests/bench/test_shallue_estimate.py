@@ -10,7 +10,8 @@ import pytest
 
 from bench.shallue_estimate import (Cost, cell_steps, estimate, flat_steps_within, interpolate,
                                     interpolate_cost, main, minutes_per_kilostep, parse_args,
-                                    parse_steps, run_study, steps_from_storage, study_spec_text)
+                                    parse_steps, run_study, steps_from_storage, study_command,
+                                    study_spec_text)
 from study.cli import main as batchlab
 from study.spec import load_spec
 from tests.study.shallue_fixtures import write_study
@@ -180,3 +181,18 @@ def test_the_s_that_fits_is_capped_by_the_budget(tmp_path, capsys):
     assert upper < 30, out
     line = re.search(r"^30 minutes cover .*$", out, re.M)[0]
     assert line.startswith("30 minutes cover every S(B) up to the budget of 40 steps"), line
+
+
+def test_the_real_study_sizes_its_groups_as_the_worker_default_does_on_cuda(tmp_path):
+    """The estimate times each batch size at the K `choose_k` gives it (as the worker's
+    default, --trials-at-once auto, fixes per cell at its start). The real study must run
+    that way too, not with the largest K forced on every cell (which the trainer then
+    splits by choose_k mid-study). On CPU, where auto trains one at a time, the estimate's
+    K is passed; an explicit --k is passed everywhere."""
+    at_once = lambda command: command[command.index("--trials-at-once") + 1]
+    cuda = parse_args(["--device", "cuda"])
+    command = study_command(tmp_path, cuda, 32, on_cuda=True)
+    assert at_once(command) == "auto"
+    assert command[command.index("run") + 1] == str(tmp_path / "study.toml")
+    assert at_once(study_command(tmp_path, parse_args(["--device", "cuda", "--k", "8"]), 8, on_cuda=True)) == "8"
+    assert at_once(study_command(tmp_path, parse_args([]), 4, on_cuda=False)) == "4"
