@@ -236,13 +236,38 @@ def parse_args(argv=None):
                         help="compile the vectorized step from its first step (default: on CUDA only)")
     parser.add_argument("--workloads", default=None,
                         help="comma-separated workloads, e.g. digits_mlp,mnist10k_mlp,mnist10k_simple_cnn (default: "
-                             "digits_mlp, plus mnist10k_mlp where --data-dir is given)")
+                             "digits_mlp, plus mnist10k_mlp where --data-dir is given); single-channel, "
+                             "unaugmented ones only, whose work the baselines reproduce")
     parser.add_argument("--no-vmap-rows", dest="vmap_rows", action="store_false",
                         help="skip the torch.func (vmap) path rows; the default vectorized rows "
                              "use the stacked-MLP fast path where it applies (CPU, not compiled)")
     parser.add_argument("--no-graph-rows", dest="graph_rows", action="store_false",
                         help="on CUDA, skip the rows without CUDA graphs and with the eager step in graphs")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for name in (args.workloads or "").split(","):
+        why = name and unreproduced(name)
+        if why:
+            parser.error(f"--workloads: {name}: {why}")
+    return args
+
+
+def unreproduced(name: str) -> str | None:
+    """Why the baselines cannot do `name`'s work (None where they do): they train on
+    resident single-channel images, no augmentation (the typical one hands each to PIL
+    as an 'L' image)."""
+    from trainers.workloads import WORKLOADS
+    workload = WORKLOADS.get(name)
+    if workload is None:
+        return f"unknown workload; choose one of: {', '.join(sorted(WORKLOADS))}"
+    if workload.simulate is not None:
+        return "a closed form, not a training loop"
+    if workload.load_folders is not None:
+        return "streamed through a DataLoader from folders, not resident tensors"
+    if workload.augment is not None:
+        return "batchlab would augment every batch (crops, flips) and the baselines do not"
+    if isinstance(workload.mean, tuple):
+        return "several image channels; the typical baseline's PIL pipeline is single-channel"
+    return None
 
 
 def main(argv=None) -> None:

@@ -1,6 +1,7 @@
 """bench/trial_throughput.py: what each method's timed runs contain."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 import bench.trial_throughput as throughput
@@ -50,3 +51,20 @@ def test_the_header_says_which_arithmetic_each_method_runs(capsys):
                      "--sequential-trials", "1", "--no-vmap-rows"])
     header = capsys.readouterr().out.split("\n\n")[0]
     assert "precision: fp32 for every method" in header, header
+
+
+
+def test_workloads_whose_work_the_baselines_do_not_reproduce_are_refused(capsys):
+    """The baselines feed single-channel images without augmentation: on a CIFAR
+    workload the typical baseline's PIL 'L' pipeline cannot even build its inputs, and
+    batchlab would crop and flip every batch while neither baseline does (unequal work).
+    Such a workload is a usage error (exit 2) naming why, before any data is read."""
+    for name, reason in (("cifar10_resnet8", "augment"), ("nqm", "closed form"),
+                         ("imagenet_resnet50", "DataLoader"), ("no_such", "unknown workload")):
+        with pytest.raises(SystemExit) as exit_info:
+            throughput.parse_args(["--workloads", f"mnist10k_mlp,{name}"])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2
+        assert name in err and reason in err, (name, err)
+    args = throughput.parse_args(["--workloads", "digits_mlp,mnist10k_simple_cnn,mnist10k_f1"])
+    assert args.workloads == "digits_mlp,mnist10k_simple_cnn,mnist10k_f1"
