@@ -30,8 +30,9 @@ batchlab campaign in SQL (--from-storage, e.g. Shallue's published data imported
 Without S, two readings still hold: the column "min per 1,000 S" (what 1,000 more steps of
 S cost at that batch size, over its cells and trials; the lower estimate is linear in S),
 and the last line, the S that fits the whole study into 30 minutes at every batch size
-alike (or, where even the upper estimate fits, that every S up to max_steps does). --measure-batch-sizes times only some batch sizes (each costs a compilation on
-CUDA) and interpolates the others' costs as S is interpolated.
+alike (or, where even the upper estimate fits, that every S up to max_steps does).
+--measure-batch-sizes times only some batch sizes (each costs a compilation on CUDA) and
+interpolates the others' costs as S is interpolated.
 Assumptions, not modelled: every optimizer costs what the first one measured does; one
 worker on one device; every trial-step costs the full-K rate (a group that shrinks as its
 trials stop runs smaller, less efficient stacks, and on the torch.func path stopped trials
