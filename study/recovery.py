@@ -33,6 +33,7 @@ from optuna.trial import TrialState
 from sqlalchemy import DateTime, Engine, bindparam, case, func, select, text, update
 from sqlalchemy.orm import Session
 
+from db import queries
 from db.models import Cell, Trial, Worker
 from study.retry import call_with_retry
 
@@ -173,6 +174,8 @@ def requeue(storage: optuna.storages.BaseStorage, optuna_trial_id: int, study_na
             return False
     except UpdateFinishedTrialError:
         return False  # another reaper (or the sweep) got here first
+    if not frozen.params:
+        return True  # an ask that drew no point (not batchlab's): nothing to run again
     # A trial that never got its row still carries its attempt's attributes in Optuna.
     first_row_id = first_row_id if first_row_id is not None else frozen.user_attrs.get(ATTEMPT_OF_ATTR)
     seed = seed if seed is not None else frozen.user_attrs.get(SEED_ATTR)
@@ -254,7 +257,7 @@ def _mark_workers_lost(engine: Engine, campaign_id: int, now: datetime, grace_se
 
 # Optuna's own tables (trials, studies: stable since Optuna 1.x), joined to batchlab's.
 _RUNNING_OPTUNA_TRIALS = text("""
-SELECT t.trial_id, t.datetime_start, s.study_name, b.id AS row_id, b.outcome,
+SELECT t.trial_id, c.id AS cell_id, s.study_name, b.id AS row_id, b.outcome,
        b.steps_to_result, b.attempt, b.attempt_of, b.seed
 FROM trials t
 JOIN studies s ON s.study_id = t.study_id
@@ -274,26 +277,45 @@ WHERE c.campaign_id = :campaign_id AND t.state = 'WAITING'
 def settle_optuna_trials(engine: Engine, storage: optuna.storages.BaseStorage, campaign_id: int,
                          grace_seconds: float) -> int:
     """Optuna trials still RUNNING whose batchlab row is finished or abandoned (their worker
-    died between two steps), or that no row names after the grace period (their worker
-    died between asking Optuna and recording the trial): tell the recorded outcome, or
-    fail them and enqueue their parameters again. Returns how many were settled."""
-    rows = call_with_retry(lambda: _unsettled(engine, campaign_id, grace_seconds),
-                           what="sweeping Optuna trials")
+    died between two steps), or that no row names in a cell where no live worker is
+    between asking Optuna and recording the trial (theirs died there): tell the recorded
+    outcome, or fail them and enqueue their parameters again. Returns how many were
+    settled."""
+    rows, asking = call_with_retry(lambda: _unsettled(engine, campaign_id, grace_seconds),
+                                   what="sweeping Optuna trials")
     settled = 0
     for row in rows:
-        if row.row_id is None and not _older_than(row.datetime_start, grace_seconds):
-            continue  # a live worker between ask and recording the trial
+        if row.row_id is None and row.cell_id in asking:
+            continue  # perhaps a live worker's ask, on its way to the worker's row
         settled += call_with_retry(lambda: _settle(storage, row), what="settling an Optuna trial")
     return settled
 
 
 def _unsettled(engine: Engine, campaign_id: int, grace_seconds: float):
-    # A row finished or abandoned within the grace period is left to its own worker (or
-    # reaper), which tells Optuna in its next step.
-    with Session(engine) as session:
-        cutoff = database_now(session) - timedelta(seconds=grace_seconds)
-        return session.execute(_RUNNING_OPTUNA_TRIALS, {"campaign_id": campaign_id,
-                                                        "cutoff": cutoff}).all()
+    """The RUNNING Optuna trials to settle, and the cells where a live worker holds a
+    claimed row it has not recorded an Optuna trial in, both read in one snapshot.
+
+    A worker commits its claimed rows before it asks Optuna and names the trial in its row
+    after: so an Optuna trial no row names, seen in the same snapshot as no such row of a
+    live worker in its cell (heartbeat within the longer of `grace_seconds` and the
+    worker's own grace, on the database's clock), is an orphan. (Optuna's datetime_start
+    is the asking machine's local time, which says nothing to a reaper elsewhere.) A row
+    finished or abandoned within the grace period is left to its own worker (or reaper),
+    which tells Optuna in its next step."""
+    with queries.snapshot(engine) as connection:
+        now = database_now(connection)
+        cutoff = now - timedelta(seconds=grace_seconds)
+        rows = connection.execute(_RUNNING_OPTUNA_TRIALS, {"campaign_id": campaign_id,
+                                                           "cutoff": cutoff}).all()
+        claims = connection.execute(
+            select(Trial.cell_id, Trial.heartbeat_at, Worker.grace_seconds)
+            .join(Cell, Cell.id == Trial.cell_id).outerjoin(Worker, Worker.id == Trial.worker_id)
+            .where(Cell.campaign_id == campaign_id, Trial.outcome == "running",
+                   Trial.optuna_trial_id < 0)).all() if any(r.row_id is None for r in rows) else []
+    asking = {claim.cell_id for claim in claims if claim.heartbeat_at is not None
+              and (_utc(now) - _utc(claim.heartbeat_at)).total_seconds()
+              <= max(grace_seconds, claim.grace_seconds or 0.0)}
+    return rows, asking
 
 
 def _settle(storage: optuna.storages.BaseStorage, row) -> bool:
@@ -328,15 +350,6 @@ def _optuna_state(outcome: str, steps_to_result: int | None):
 def _utc(moment: datetime) -> datetime:
     # PostgreSQL returns aware datetimes, SQLite naive ones (in UTC): compare them as naive UTC.
     return moment.astimezone(timezone.utc).replace(tzinfo=None) if moment.tzinfo else moment
-
-
-def _older_than(started: datetime | str | None, seconds: float) -> bool:
-    # Optuna stamps datetime_start with the asking machine's local clock (naive).
-    if started is None:
-        return True
-    if isinstance(started, str):
-        started = datetime.fromisoformat(started)
-    return (datetime.now() - started.replace(tzinfo=None)).total_seconds() > seconds
 
 
 def fail_orphaned_asks(engine: Engine, storage: optuna.storages.BaseStorage, campaign_id: int) -> int:

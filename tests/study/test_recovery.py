@@ -431,6 +431,32 @@ def test_reaper_settles_a_trial_killed_between_claim_and_ask(tmp_path):
     assert states == [("FAIL", point), ("WAITING", point)]
 
 
+def test_a_live_workers_ask_is_not_swept_whatever_the_clocks_say(any_url):
+    """Between a live worker's ask and its recording of the point, the Optuna trial is
+    RUNNING and no row names it. Optuna stamps its start with the asking machine's local
+    clock: a reaper whose clock reads hours ahead (another time zone, a wrong clock) took
+    it for an orphan, failed it and queued its point again, so the point ran twice and the
+    worker's tell was lost. What tells a live ask from an orphan is the worker's claimed,
+    unrecorded row and its heartbeat, on the database's clock."""
+    engine, info = create(any_url, spec_text("clocks", batch_sizes=(16,), trials_per_cell=2))
+    storage = optuna_storage(any_url)
+    [claim] = claim_cell(engine, info.id, "alive")
+    study = optuna.load_study(study_name=claim.study_name, storage=storage)
+    asked = study.ask(fixed_distributions=distributions(
+        parse_spec(_spec_text(engine, info.id), "db").cell_space("momentum", "constant")))
+    with engine.begin() as connection:  # started "a day ago" by the asking machine's clock
+        connection.execute(text("UPDATE trials SET datetime_start = :t WHERE trial_id = :id"),
+                           {"t": datetime.now() - timedelta(days=1), "id": asked._trial_id})
+    assert reap_lost_trials(engine, storage, info.id, 60.0) == []
+    assert storage.get_trial(asked._trial_id).state == optuna.trial.TrialState.RUNNING
+    # The worker dies before recording: once its row's heartbeat is older than the grace,
+    # the ask is an orphan and its point is queued again.
+    age_heartbeat(engine, claim.row_id, 120)
+    assert [r.trial_row_id for r in reap_lost_trials(engine, storage, info.id, 60.0)] == [claim.row_id]
+    assert storage.get_trial(asked._trial_id).state == optuna.trial.TrialState.FAIL
+    assert [t.state.name for t in study.get_trials()] == ["FAIL", "WAITING", "WAITING"]
+
+
 def test_a_rerun_popped_by_a_worker_that_died_before_recording_it_keeps_its_attempt(tmp_path):
     """A lost trial's re-run (attempt 2) is popped by a worker that dies before recording
     it. The sweep re-queues the point as the same attempt (as a worker giving a popped

@@ -299,10 +299,12 @@ def test_tpe_asks_after_the_cells_previous_trials_are_told(tmp_path, batch_sizes
     assert len(rows) == trials and (rows["outcome"] == "not_reached").all()
 
 
-def test_an_ask_retried_after_a_lost_acknowledgement_is_failed_once_the_campaign_is_complete(tmp_path):
+def test_an_ask_no_row_names_is_settled_by_the_sweep_or_once_the_campaign_is_complete(tmp_path):
     """A database restart can swallow the acknowledgement of an ask whose commit went
-    through; the retried ask leaves an Optuna trial RUNNING that no row names. Once no
-    slot is free and no row runs, the worker that finds the campaign complete fails it."""
+    through; the retried ask leaves an Optuna trial RUNNING that no row names. With no
+    live worker's unrecorded row in its cell, the sweep settles it (this one drew no point:
+    failed, nothing re-queued). Once no slot is free and no row runs, the worker that finds
+    the campaign complete fails any such trial left."""
     from study.recovery import fail_orphaned_asks
     url, engine = campaign(tmp_path, spec_text("orphan", batch_sizes=(16,), trials_per_cell=1,
                                                max_steps=10, eval_every=10), "orphan")
@@ -315,6 +317,9 @@ def test_an_ask_retried_after_a_lost_acknowledgement_is_failed_once_the_campaign
     states = [t.state.name for t in study.trials]
     assert states.count("RUNNING") == 0 and states.count("FAIL") == 1, states
     check_exact_accounting(engine, url, info.id, 1)
+    late = study.ask()  # after the last trial: complete, so no worker can be asking
+    assert fail_orphaned_asks(engine, storage, info.id) == 1
+    assert storage.get_trial(late._trial_id).state.name == "FAIL"
 
 
 def test_a_point_requeued_after_its_cells_last_ask_is_failed_once_the_campaign_is_complete(tmp_path):
