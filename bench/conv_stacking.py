@@ -20,7 +20,6 @@ Prints ms per trial-step per method (best of --repeats timings of --iters steps)
 from __future__ import annotations
 
 import argparse
-import datetime
 import platform
 import time
 
@@ -28,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad_and_value, stack_module_state, vmap
 
+from bench.versions import versions_line
 from trainers.models.convnets import SimpleCNN
 
 
@@ -117,8 +117,7 @@ def main(argv=None) -> None:
         torch.backends.cudnn.benchmark = True
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
     print(f"device: {device} ({name})")
-    print(f"torch {torch.__version__}, python {platform.python_version()}, "
-          f"{datetime.datetime.now().isoformat(timespec='seconds')}; "
+    print(f"{versions_line()}; "
           f"{'bf16 autocast, cudnn.benchmark' if dtype else 'fp32'}, eager\n")
     print("| batch | K | method | ms per trial-step | vs vmap |\n|---:|---:|---|---:|---:|")
     for batch, k in args.cells:

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import functools
 import json
 import os
@@ -59,6 +58,8 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from bench.versions import versions_line
 
 DEFAULT_DATA_DIR = "/work/shared/datasets/mnist-t10k"
 TARGET_SHARE = 0.05
@@ -424,8 +425,7 @@ def main(argv=None) -> None:
     print(f"device: cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"{torch.get_num_threads()} torch threads; load average {os.getloadavg()[0]:.1f} at start, "
           f"shared with other processes)")
-    print(f"torch {torch.__version__}, optuna {optuna.__version__}, python {platform.python_version()}, "
-          f"{datetime.datetime.now().isoformat(timespec='seconds')}")
+    print(versions_line())
     print(f"campaign: {args.workload}, momentum, {args.sampler}, batch sizes {args.batch_sizes}, {args.trials} trials "
           f"per cell, max_steps {args.max_steps}, eval_every {args.eval_every}, target val_error < "
           f"{args.target}, prune {'off' if args.no_prune else 'on'}", flush=True)

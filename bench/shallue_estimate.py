@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import math
 import os
@@ -63,6 +62,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench.versions import versions_line
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SPEC = ROOT / "examples" / "shallue2018" / "mnist_simple_cnn.toml"
@@ -361,8 +362,7 @@ def main(argv=None) -> None:
     name = (torch.cuda.get_device_name(device) if device.type == "cuda"
             else platform.processor() or platform.machine())
     print(f"device: {device} ({name}, {torch.get_num_threads()} CPU threads)")
-    print(f"torch {torch.__version__}, python {platform.python_version()}, "
-          f"{datetime.datetime.now().isoformat(timespec='seconds')}; load average "
+    print(f"{versions_line()}; load average "
           + ", ".join(f"{v:.1f}" for v in os.getloadavg()))
     cells = len(args.batch_sizes) * len(args.optimizers)
     print(f"study: {spec.workload}, batch sizes {args.batch_sizes[0]}..{args.batch_sizes[-1]} "

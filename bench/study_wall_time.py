@@ -36,7 +36,6 @@ its trials/s over the baseline's, measured in the same run.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
@@ -48,6 +47,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from bench.versions import versions_line
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA_DIR = "/work/shared/datasets/mnist-t10k"
@@ -266,12 +267,10 @@ def main(argv=None) -> None:
     if args.baseline_child:
         baseline_child(args.baseline_child, args.baseline_storage, args.threads)
         return
-    import torch
     print(f"device: cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"{args.threads} torch thread(s) per method; "
           f"load average {os.getloadavg()[0]:.1f} at start, shared with other processes)")
-    print(f"torch {torch.__version__}, python {platform.python_version()}, "
-          f"{datetime.datetime.now().isoformat(timespec='seconds')}")
+    print(versions_line())
     print(f"campaign: {args.workload}, batch sizes {args.batch_sizes}, optimizers {args.optimizers}, "
           f"{args.trials} trials per cell ({_cells(args) * args.trials} trials), max_steps {args.max_steps}, "
           f"eval_every {args.eval_every}, target val_error < {args.target}\n", flush=True)

@@ -39,7 +39,6 @@ against the baseline measured in the same run (best of --repeats).
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import platform
 import time
@@ -51,6 +50,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchvision import transforms
 
+from bench.versions import versions_line
 from trainers.config import Target, TrialConfig
 from trainers.loop import DataCache, build_model, resolve_device, run_trial
 from trainers.vectorized import run_trials_vectorized
@@ -275,8 +275,7 @@ def main(argv=None) -> None:
     device = resolve_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     print(f"device: {device} ({name}, {torch.get_num_threads()} CPU threads)")
-    print(f"torch {torch.__version__}, python {platform.python_version()}, "
-          f"{datetime.datetime.now().isoformat(timespec='seconds')}")
+    print(versions_line())
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     print(f"steps per trial: {args.steps}, momentum SGD, one validation pass per trial; "
           f"{precision_note(device)}; load average at start: {load}\n")
