@@ -320,6 +320,11 @@ def main(argv=None) -> int:
         totals = build(args.path)
         totals["padded"] = _pad(args.path, 5_000_000)
         print(f"built {args.path}: {totals}", flush=True)
+    # A database built by an older batchlab is upgraded first, as `batchlab dashboard` does;
+    # otherwise every page would time the "schema is out of date" notice instead.
+    from db.engine import make_engine
+    from db.schema import ensure_schema
+    ensure_schema(make_engine(f"sqlite:///{args.path}"))
     con = sqlite3.connect(args.path)
     trials, rows = (con.execute("SELECT COUNT(*) FROM bl_trials").fetchone()[0],
                     con.execute("SELECT COUNT(*) FROM bl_measurements").fetchone()[0])
