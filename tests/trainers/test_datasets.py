@@ -198,6 +198,26 @@ def test_download_failure_is_one_data_error_line(tmp_path, monkeypatch):
         download_module.download_cifar10(tmp_path)
 
 
+def test_mnist_download_failure_message_is_one_line(tmp_path, monkeypatch):
+    """torchvision's MNIST reports every mirror it tried on lines of their own; the
+    DataError must still be the one line that the CLI prints."""
+    import torchvision.datasets as tvd
+
+    def offline(**kwargs):
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\n"
+                           "Tried https://ossci-datasets.s3.amazonaws.com/mnist/, got:\n"
+                           "<urlopen error [Errno -2] Name or service not known>\n")
+
+    monkeypatch.setattr(tvd, "MNIST", offline)
+    with pytest.raises(DataError) as info:
+        download_module.download_mnist(tmp_path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert ("downloading MNIST failed (Error downloading train-images-idx3-ubyte.gz: Tried "
+            "https://ossci-datasets.s3.amazonaws.com/mnist/, got: <urlopen error [Errno -2] "
+            "Name or service not known>); download it") in message
+
+
 # --- the real MNIST t10k files -------------------------------------------------------------
 
 def test_real_t10k_files_load():

@@ -34,7 +34,8 @@ def _torchvision_download(name: str, root: str | Path, make: Callable[..., objec
     try:
         make(root=str(root), download=True)
     except Exception as exc:  # network errors, checksum errors, disk full: one clear line
-        raise DataError(f"{root}: downloading {name} failed ({exc}); download it where you have "
+        reason = " ".join(str(exc).split())  # torchvision's MNIST lists each mirror on a line
+        raise DataError(f"{root}: downloading {name} failed ({reason}); download it where you have "
                         f"internet and copy the files into {root}") from exc
 
 
