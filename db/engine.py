@@ -117,11 +117,16 @@ def configure_sqlite(engine: Engine, *, read_only: bool = False) -> None:
         connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
+# Many workers on many machines: a small pool per process, connections checked before
+# use so a database restart costs a reconnect, not a crash. Also the pool of Optuna's
+# storage (study.tuning.optuna_storage): a worker holds both (docs/distributed.md).
+POSTGRES_POOL = {"pool_size": 2, "max_overflow": 2, "pool_pre_ping": True, "pool_recycle": 1800}
+# An unreachable host fails in seconds, not after the OS's minutes.
+POSTGRES_CONNECT_TIMEOUT_SECONDS = 10
+
+
 def _postgres_engine(parsed, read_only: bool) -> Engine:
-    # Many workers on many machines: a small pool per process, connections checked
-    # before use so a database restart costs a reconnect, not a crash.
-    # connect_timeout: an unreachable host fails in seconds, not after the OS's minutes.
-    connect_args = {"connect_timeout": 10}
+    connect_args = {"connect_timeout": POSTGRES_CONNECT_TIMEOUT_SECONDS}
     if read_only:
         # Read-only at the session level, not only per transaction: the transaction that
         # follows one a statement ended (COMMIT) is read-only too. (A session can still
@@ -130,8 +135,7 @@ def _postgres_engine(parsed, read_only: bool) -> Engine:
         given = parsed.query.get("options", "")
         given = " ".join(given) if isinstance(given, tuple) else given
         connect_args["options"] = f"{given} -c default_transaction_read_only=on".strip()
-    engine = create_engine(parsed, pool_size=2, max_overflow=2, pool_pre_ping=True,
-                           pool_recycle=1800, connect_args=connect_args)
+    engine = create_engine(parsed, **POSTGRES_POOL, connect_args=connect_args)
     if read_only:
         @event.listens_for(engine, "begin")
         def _read_only(connection):

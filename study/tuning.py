@@ -24,7 +24,8 @@ from scipy.stats import qmc
 from sqlalchemy import bindparam, func, insert, inspect, select, text, update
 from sqlalchemy.pool import QueuePool
 
-from db.engine import configure_sqlite, connect, make_engine
+from db.engine import (POSTGRES_CONNECT_TIMEOUT_SECONDS, POSTGRES_POOL, configure_sqlite, connect,
+                       make_engine)
 from study.spec import Param
 
 REVERSE_PREFIX = "one_minus_"
@@ -99,7 +100,8 @@ def optuna_storage(url: str) -> optuna.storages.RDBStorage:
     is_sqlite = url.startswith("sqlite")
     # SQLite: pooled like batchlab's own engine (db.engine), for the same reason.
     engine_kwargs = ({"poolclass": QueuePool, "pool_size": 4, "max_overflow": 8} if is_sqlite
-                     else {"pool_pre_ping": True, "pool_size": 2, "max_overflow": 2})
+                     else {**POSTGRES_POOL,
+                           "connect_args": {"connect_timeout": POSTGRES_CONNECT_TIMEOUT_SECONDS}})
     engine = make_engine(url)  # validates the URL with batchlab's error messages
     try:
         with _first_use_lock(engine):

@@ -213,3 +213,23 @@ def test_concurrent_enqueues_queue_every_point_once(url):
     study = optuna.load_study(study_name="cell", storage=storage)
     assert [t.system_attrs["fixed_params"] for t in study.trials] == POINTS
     assert [t.number for t in study.trials] == list(range(len(POINTS)))
+
+
+def test_optuna_pool_on_postgresql_has_the_connect_timeout_of_batchlabs(postgres_url):
+    """docs/distributed.md: both of a worker's pools (batchlab's and Optuna's) connect with
+    connect_timeout=10, so an unreachable server fails in seconds, not the OS's minutes.
+    Optuna's engine used to be built without it."""
+    from db.engine import make_engine
+    storage = optuna_storage(postgres_url)
+    ours = make_engine(postgres_url)
+    try:
+        with storage.engine.connect() as connection:
+            optuna_params = connection.connection.dbapi_connection.info.get_parameters()
+        with ours.connect() as connection:
+            our_params = connection.connection.dbapi_connection.info.get_parameters()
+    finally:
+        storage.engine.dispose()
+        ours.dispose()
+    assert our_params.get("connect_timeout") == "10"
+    assert optuna_params.get("connect_timeout") == "10"
+    assert (storage.engine.pool.size(), storage.engine.pool._max_overflow) == (2, 2)
