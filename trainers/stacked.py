@@ -14,6 +14,9 @@ weight is (K, out, in), its bias (K, out)):
   independent, so each trial's gradient is its own mean-loss gradient);
 - optimizer: torch.optim's formulas (the same as `trainers.vectorized._UPDATES`), written
   in place on the stacked tensors with the per-trial hyperparameters as (K, 1, ..., 1);
+  plain momentum has the backward add the gradients straight into the scaled momentum
+  buffers (`baddbmm_`): the largest tensors of a step are then written and read once less
+  (a step at B = 16 about 12% faster with K = 8, 20% with K = 32, 2-core CPU);
 - data: the training set is preprocessed (uint8 -> normalised float) once (the caller
   keeps it across groups) and every step gathers all K trials' batches with one
   `index_select` (preprocessing is elementwise, so the values equal per-batch
@@ -114,12 +117,20 @@ class StackedMLP:
             saved.append(h)
         return h
 
-    def backward(self, params: dict[str, torch.Tensor], saved: list,
-                 grad_logits: torch.Tensor, classes_first: bool = False) -> dict[str, torch.Tensor]:
+    def backward(self, params: dict[str, torch.Tensor], saved: list, grad_logits: torch.Tensor,
+                 classes_first: bool = False,
+                 into: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Gradients of every parameter (stacked layout) from d objective / d logits
         (K, B, classes), or (K, classes, B) with `classes_first`: autograd's formulas for
         Linear and ReLU, written out so the weight gradients come out contiguous in
-        (K, out, in) and the first layer's input gradient is never formed."""
+        (K, out, in) and the first layer's input gradient is never formed.
+
+        With `into` (parameter name -> a tensor of its stacked shape), every gradient is
+        added to that tensor in place and `into` is returned: a weight gradient by its
+        matmul itself (`baddbmm_`), so it is never written out and read back. The sum is
+        the separate `into + gradient` bit for bit where the matmul does not split the
+        batch axis into blocks (MKL on this CPU: batches up to 256 at least), otherwise
+        equal up to rounding (the partial sums accumulate in `into`)."""
         grads: dict[str, torch.Tensor] = {}
         grad = grad_logits
         last = len(self.layers) - 1
@@ -131,13 +142,22 @@ class StackedMLP:
             weight_name, bias_name = names  # type: ignore[misc]
             inputs = saved[position - 1]  # (K, B, in)
             out_first = classes_first and position == last  # grad (K, out, B)
-            grads[weight_name] = torch.bmm(grad if out_first else grad.transpose(1, 2),
-                                           inputs)  # (K, out, in)
+            grad_t = grad if out_first else grad.transpose(1, 2)  # (K, out, B)
+            if into is None:
+                grads[weight_name] = torch.bmm(grad_t, inputs)  # (K, out, in)
+            else:
+                into[weight_name].baddbmm_(grad_t, inputs)
             if bias_name is not None:
-                grads[bias_name] = grad.sum(dim=2 if out_first else 1)  # (K, out)
+                bias_grad = grad.sum(dim=2 if out_first else 1)  # (K, out)
+                if into is None:
+                    grads[bias_name] = bias_grad
+                else:
+                    into[bias_name].add_(bias_grad)
             if position > 1:
                 grad = torch.bmm(grad.transpose(1, 2) if out_first else grad,
                                  params[weight_name])  # (K, B, in)
+        if into is not None:
+            return into
         return {name: grads[name] for name in params}
 
 
@@ -197,11 +217,7 @@ class StackedTrainer:
             grad_logits, = torch.autograd.grad(loss_sums.sum() / b, [logits])
         with torch.no_grad():
             # The last saved tensor is `logits` itself, whose gradient is grad_logits.
-            grads = self.model.backward(params, saved, grad_logits)
-            if "grad_clip_norm" in hparams:
-                from trainers.vectorized import _clip_per_trial
-                grads = _clip_per_trial(grads, hparams["grad_clip_norm"])
-            self.update(params, grads, opt_state, hparams, row)
+            self._backward_and_update(params, opt_state, hparams, row, saved, grad_logits)
         return loss_sums.detach()
 
     @torch.no_grad()
@@ -220,12 +236,28 @@ class StackedTrainer:
         grad.scatter_add_(1, target, torch.full(target.shape, -1.0, dtype=grad.dtype,
                                                 device=grad.device))
         grad.div_(b)
-        grads = self.model.backward(params, saved, grad, classes_first=True)
+        self._backward_and_update(params, opt_state, hparams, row, saved, grad, classes_first=True)
+        return loss_sums
+
+    def _backward_and_update(self, params, opt_state, hparams, row, saved, grad_logits,
+                             classes_first: bool = False) -> None:
+        """The gradients from d objective / d logits, then the optimizer's update in place.
+        Plain momentum (no weight decay, no clipping) never forms the gradients: the buffers
+        are scaled by the momentum and the backward adds the gradients into them,
+        buf <- m * buf + g as torch.optim computes it, one pass over the gradients fewer."""
+        if self.optimizer == "momentum" and "weight_decay" not in hparams and "grad_clip_norm" not in hparams:
+            buffers = opt_state["momentum_buffer"]
+            for buf in buffers.values():
+                buf.mul_(_per_trial(hparams["momentum"], buf))
+            self.model.backward(params, saved, grad_logits, classes_first, into=buffers)
+            for n, p in params.items():
+                p.addcmul_(_per_trial(row["lr"], p).neg(), buffers[n])
+            return
+        grads = self.model.backward(params, saved, grad_logits, classes_first)
         if "grad_clip_norm" in hparams:
             from trainers.vectorized import _clip_per_trial
             grads = _clip_per_trial(grads, hparams["grad_clip_norm"])
         self.update(params, grads, opt_state, hparams, row)
-        return loss_sums
 
     @torch.no_grad()
     def evaluate(self, params, x: torch.Tensor, y: torch.Tensor,

@@ -56,6 +56,43 @@ def test_hand_written_backward_equals_autograd(classes_first):
         for name, p in model.named_parameters():
             torch.testing.assert_close(grads[name][i], p.grad, rtol=1e-5, atol=1e-6)
             assert grads[name].is_contiguous()
+    # `into`: the gradients are added to the given tensors in place (the weights' by baddbmm_).
+    start = {name: torch.randn_like(g) for name, g in grads.items()}
+    into = {name: t.clone() for name, t in start.items()}
+    assert layers.backward(params, saved, upstream, classes_first=classes_first, into=into) is into
+    for name, g in grads.items():
+        torch.testing.assert_close(into[name], start[name] + g, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("batch", [16, 600])
+def test_momentum_accumulated_into_buffers_equals_the_separate_update(batch):
+    """Plain momentum lets the backward add the gradients into the scaled buffers; with
+    weight decay (here 0, which changes nothing) the gradients are formed and applied by
+    `_momentum`. Both make the same parameters and buffers over a few steps."""
+    from trainers.workloads import get_workload
+    from types import SimpleNamespace
+    torch.manual_seed(0)
+    workload = get_workload("digits_mlp")
+    models = [MLP(64, (32, 16), 10) for _ in range(3)]
+    start, _ = torch.func.stack_module_state(models)
+    splits = SimpleNamespace(train_x=torch.zeros(1, 64, dtype=torch.uint8), train_y=torch.zeros(1))
+    trainer = stacked_module.StackedTrainer(StackedMLP.of(models[0]), workload, "momentum", splits)
+    hparams = {"momentum": torch.tensor([0.9, 0.5, 0.0])}
+    runs = []
+    for extra in ({}, {"weight_decay": torch.zeros(3)}):
+        params = {n: p.detach().clone() for n, p in start.items()}
+        state = {"momentum_buffer": {n: torch.zeros_like(p) for n, p in params.items()}}
+        generator = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            x = torch.randn(3, batch, 64, generator=generator)
+            y = torch.randint(0, 10, (3, batch), generator=generator)
+            trainer.step(params, state, {**hparams, **extra}, {"lr": torch.tensor([0.1, 0.2, 0.3])}, x, y)
+        runs.append((params, state["momentum_buffer"]))
+    (params, buffers), (expected_params, expected_buffers) = runs
+    assert any(not torch.equal(params[n], start[n]) for n in params)
+    for name in params:
+        torch.testing.assert_close(buffers[name], expected_buffers[name], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(params[name], expected_params[name], rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("optimizer", ["momentum", "adam"])
