@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import sqlite3
+import time
 from pathlib import Path
 
 from sqlalchemy import URL, Connection, Engine, create_engine, event
@@ -104,7 +106,7 @@ def configure_sqlite(engine: Engine, *, read_only: bool = False) -> None:
         cursor = dbapi_connection.cursor()
         cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
         if not read_only:
-            cursor.execute("PRAGMA journal_mode = WAL")  # readers run beside one writer
+            _use_wal(cursor)  # readers run beside one writer
             cursor.execute("PRAGMA synchronous = NORMAL")
         cursor.execute("PRAGMA foreign_keys = ON")
         cursor.close()
@@ -115,6 +117,28 @@ def configure_sqlite(engine: Engine, *, read_only: bool = False) -> None:
         # deferred transactions that both read then write would deadlock, and SQLite
         # answers that with an immediate "database is locked" instead of waiting.
         connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+
+
+def _use_wal(cursor) -> None:
+    """Switch the file to WAL (persistent: once per file, a no-op after).
+
+    The switch needs the exclusive lock. Connections switching at once (workers or
+    creates starting together on a file Optuna made in rollback mode) each hold a shared
+    lock while they ask for it: SQLite sees a deadlock and answers "database is locked"
+    at once, without its busy handler. Retried here for the busy timeout instead."""
+    if cursor.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal":
+        return
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    pause = 0.001
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(2 * pause, 0.05)
 
 
 # Many workers on many machines: a small pool per process, connections checked before

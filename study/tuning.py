@@ -110,6 +110,9 @@ def optuna_storage(url: str) -> optuna.storages.RDBStorage:
         engine.dispose()
     if is_sqlite:
         configure_sqlite(storage.engine)
+        # RDBStorage's own connections, pooled before the line above, lack the busy
+        # timeout and BEGIN IMMEDIATE: closed, so every later one is configured.
+        storage.engine.dispose()
     return storage
 
 

@@ -233,3 +233,21 @@ def test_optuna_pool_on_postgresql_has_the_connect_timeout_of_batchlabs(postgres
     assert our_params.get("connect_timeout") == "10"
     assert optuna_params.get("connect_timeout") == "10"
     assert (storage.engine.pool.size(), storage.engine.pool._max_overflow) == (2, 2)
+
+
+def test_every_connection_of_optunas_sqlite_pool_is_configured(tmp_path):
+    """Optuna's SQLite connections wait for the lock (db.engine.configure_sqlite) and take
+    it at BEGIN. The connections RDBStorage opened while it initialised went back to the
+    pool unconfigured (pysqlite's 5 s timeout, deferred transactions) and were reused."""
+    from db.engine import SQLITE_BUSY_TIMEOUT_MS
+    storage = optuna_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    # raw: a pool checkout without the BEGIN IMMEDIATE a Connection's first statement takes
+    connections = [storage.engine.raw_connection() for _ in range(4)]  # the pool's size
+    try:
+        for connection in connections:
+            assert connection.execute("PRAGMA busy_timeout").fetchone()[0] == SQLITE_BUSY_TIMEOUT_MS
+            assert connection.dbapi_connection.isolation_level is None  # BEGIN IMMEDIATE
+    finally:
+        for connection in connections:
+            connection.close()
+        storage.engine.dispose()
