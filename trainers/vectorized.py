@@ -505,30 +505,80 @@ def _run_group(configs: list[TrialConfig], indices: list[int], cache: DataCache,
     train_size, batch_size = splits.train_size, first.batch_size
     started = time.perf_counter()
     while True:
-        stack.orders = torch.stack([torch.randperm(train_size, device=device, generator=g)
-                                    for g in stack.generators])  # (K, N)
-        for start in range(0, train_size, batch_size):
-            if trainer is not None:
-                count = _train_step_stacked(trainer, stack, clock, start, batch_size)
-            else:
-                count = _train_step(context, stack, clock, start, batch_size)
-            clock.step += 1
-            clock.examples += count
-            clock.interval_count += count
-            if clock.step % first.eval_every and clock.step < first.max_steps:
-                continue
-            _sync(device)
-            elapsed = time.perf_counter() - started
-            clock.train_seconds += elapsed
-            if trainer is None and context.options.tiered and _compiles_per_stack_size(context, batch_size):
-                context.tiers.spend(_variant(batch_size, stack), elapsed)
-            _evaluate_and_decide(context, stack, clock, sinks, train_size, first, trainer)
-            started = time.perf_counter()
-            if not stack.running():
-                return [trial.result for trial in trials]  # type: ignore[misc]
-            # The stacked path does not mask: a stopped trial leaves the stack at once.
-            stack = _maybe_compact(stack, always=trainer is not None,
-                                   powers_of_two=_compiles_per_stack_size(context, batch_size))
+        if trainer is not None:
+            _train_interval_stacked(trainer, stack, clock, first, train_size)
+        else:
+            _train_interval(context, stack, clock, first, train_size)
+        _sync(device)
+        elapsed = time.perf_counter() - started
+        clock.train_seconds += elapsed
+        if trainer is None and context.options.tiered and _compiles_per_stack_size(context, batch_size):
+            context.tiers.spend(_variant(batch_size, stack), elapsed)
+        _evaluate_and_decide(context, stack, clock, sinks, train_size, first, trainer)
+        started = time.perf_counter()
+        if not stack.running():
+            return [trial.result for trial in trials]  # type: ignore[misc]
+        # The stacked path does not mask: a stopped trial leaves the stack at once.
+        stack = _maybe_compact(stack, always=trainer is not None,
+                               powers_of_two=_compiles_per_stack_size(context, batch_size))
+
+
+def _steps_to_evaluation(clock: _Clock, config: TrialConfig) -> int:
+    """Steps from the clock's to the next evaluation (every `eval_every` steps, and the last)."""
+    return min((clock.step // config.eval_every + 1) * config.eval_every, config.max_steps) - clock.step
+
+
+def _epoch_orders(generators: list[torch.Generator], train_size: int,
+                  device: torch.device) -> torch.Tensor:
+    """A new epoch's permutation of the training set per trial, from its own generator: (K, N)."""
+    return torch.stack([torch.randperm(train_size, device=device, generator=g) for g in generators])
+
+
+def _train_interval(context: _Context, stack: _Stack, clock: _Clock, config: TrialConfig,
+                    train_size: int) -> None:
+    """The steps up to the next evaluation, every trial at every step. An epoch starts
+    where the examples seen so far are a multiple of the training set (its last batch
+    is the remainder)."""
+    for _ in range(_steps_to_evaluation(clock, config)):
+        start = clock.examples % train_size
+        if start == 0:
+            stack.orders = _epoch_orders(stack.generators, train_size, stack.active.device)
+        count = _train_step(context, stack, clock, start, config.batch_size)
+        clock.step += 1
+        clock.examples += count
+        clock.interval_count += count
+
+
+def _train_interval_stacked(trainer: StackedTrainer, stack: _Stack, clock: _Clock,
+                            config: TrialConfig, train_size: int) -> None:
+    """`_train_interval` on the fast path (trainers.stacked), in place, one sub-stack of
+    trials after another (`StackedTrainer.parts`): trials are independent between
+    evaluations, and a sub-stack whose parameters and optimizer state stay in the CPU's
+    cache from step to step trains faster than the whole stack streamed from memory at
+    every step. Each trial sees the same batches, scalars and generator draws as in
+    `_train_interval`: its permutations come from its own generator, and the sub-stacks
+    train in step order."""
+    batch_size, device = config.batch_size, stack.active.device
+    schedule, examples = [], clock.examples  # (start in the epoch, per-step scalars) per step
+    for step in range(clock.step, clock.step + _steps_to_evaluation(clock, config)):
+        start = examples % train_size
+        schedule.append((start, stack.tables.row(step)))
+        examples += min(batch_size, train_size - start)
+    if stack.orders is None:
+        stack.orders = torch.empty(len(stack.trials), train_size, dtype=torch.int64, device=device)
+    for part in trainer.parts(stack.params):
+        params = {n: p[part] for n, p in stack.params.items()}
+        opt_state = {s: {n: t[part] for n, t in state.items()} for s, state in stack.opt_state.items()}
+        hparams = {n: h[part] for n, h in stack.hparams.items()}
+        generators, orders, losses = stack.generators[part], stack.orders[part], stack.interval_loss[part]
+        for start, row in schedule:
+            if start == 0:
+                orders.copy_(_epoch_orders(generators, train_size, device))
+            x, y = trainer.batch(orders[:, start:start + batch_size], generators)
+            losses += trainer.step(params, opt_state, hparams, {n: r[part] for n, r in row.items()}, x, y)
+    clock.step += len(schedule)
+    clock.interval_count += examples - clock.examples
+    clock.examples = examples
 
 
 def _stacked_trainer(context: _Context, model: nn.Module, splits, steps: dict) -> StackedTrainer | None:
@@ -912,16 +962,6 @@ def _train_step(context: _Context, stack: _Stack, clock: _Clock, start: int, bat
     stack.params, stack.buffers, stack.opt_state, loss_sums = step(
         stack.params, stack.buffers, stack.opt_state, stack.hparams, row, x, y, active)
     stack.interval_loss = stack.interval_loss + loss_sums.float()
-    return int(index.shape[1])
-
-
-def _train_step_stacked(trainer: StackedTrainer, stack: _Stack, clock: _Clock, start: int,
-                        batch_size: int) -> int:
-    """`_train_step` on the fast path (trainers.stacked): updates the stack in place."""
-    index = stack.orders[:, start:start + batch_size]  # (K, b)
-    x, y = trainer.batch(index, stack.generators)
-    row = stack.tables.row(clock.step)  # name -> (K,)
-    stack.interval_loss += trainer.step(stack.params, stack.opt_state, stack.hparams, row, x, y)
     return int(index.shape[1])
 
 

@@ -179,3 +179,42 @@ def test_stacked_without_the_preprocessed_copy_equals_sequential(monkeypatch):
     configs = [config("momentum", {"learning_rate": lr, "momentum": 0.9}, seed, max_steps=30)
                for seed, lr in ((1, 0.05), (2, 0.1))]
     assert_same_runs(sequential(configs), vectorized(configs, stacked=True, step_cache={}))
+
+
+@pytest.mark.parametrize("optimizer", ["momentum", "adam"])
+def test_sub_stacks_train_as_the_whole_stack(optimizer, monkeypatch):
+    """Between evaluations the trials train one cache-sized sub-stack after another
+    (here one trial each, through epoch boundaries inside an evaluation interval and
+    the compaction after a divergence): the same runs as the whole stack at once, and
+    as run_trial."""
+    configs = CELLS[optimizer]
+    whole = vectorized(configs, chunk_size=4, stacked=True)
+    sizes = []
+    parts = stacked_module.StackedTrainer.parts
+
+    def spy(self, params):
+        sizes.extend(s.stop - s.start for s in parts(self, params))
+        return parts(self, params)
+    monkeypatch.setattr(stacked_module.StackedTrainer, "parts", spy)
+    monkeypatch.setattr(stacked_module, "_SUBSTACK_BYTES", 1)
+    split = vectorized(configs, chunk_size=4, stacked=True)
+    assert sizes and set(sizes) == {1}
+    assert_same_runs(sequential(configs), split)
+    assert_same_runs(whole, split)  # equal up to rounding (K = 1 and K = 4 matmuls round apart)
+
+
+def test_parts_split_the_stack_evenly_within_the_byte_budget(monkeypatch):
+    from types import SimpleNamespace
+    trainer = stacked_module.StackedTrainer(StackedMLP.of(MLP(4, (3,), 2)), WORKLOADS["digits_mlp"],
+                                            "momentum", SimpleNamespace(train_x=None, train_y=None))
+    params = {"w": torch.zeros(32, 100, 10), "b": torch.zeros(32, 24)}  # 4 KiB per trial
+    monkeypatch.setattr(stacked_module, "_SUBSTACK_BYTES", 4096 * 3 * 11)  # x 3 with momentum
+    assert trainer.parts(params) == [slice(0, 8), slice(8, 16), slice(16, 24), slice(24, 32)]
+    assert trainer.parts({n: p[:20] for n, p in params.items()}) == [slice(0, 7), slice(7, 14),
+                                                                     slice(14, 20)]
+    monkeypatch.setattr(stacked_module, "_SUBSTACK_BYTES", 4096 * 3 * 32)
+    assert trainer.parts(params) == [slice(0, 32)]
+    monkeypatch.setattr(stacked_module, "_SUBSTACK_BYTES", 1)
+    assert trainer.parts(params) == [slice(k, k + 1) for k in range(32)]
+    on_meta = {n: p.to("meta") for n, p in params.items()}  # any device but the CPU
+    assert trainer.parts(on_meta) == [slice(0, 32)]
