@@ -106,8 +106,8 @@ class StackedMLP:
         for position, (kind, names) in enumerate(self.layers[1:], start=1):
             if saved is not None:
                 saved.append(h)
-            if kind == "relu":
-                h = torch.relu(h)
+            if kind == "relu":  # in place: backward needs a ReLU's output, not its input
+                h = torch.relu_(h)
                 continue
             weight_name, bias_name = names  # type: ignore[misc]
             weight = params[weight_name]  # (K, out, in)
@@ -117,10 +117,10 @@ class StackedMLP:
                      else torch.bmm(weight, h.transpose(1, 2)))
             elif h.dim() == 2:  # shared input: one matmul for every trial's first layer
                 k, out_features = weight.shape[0], weight.shape[1]
-                flat = h @ weight.reshape(k * out_features, -1).t()  # (B, K * out)
+                weights = weight.reshape(k * out_features, -1).t()  # (in, K * out)
+                flat = (torch.addmm(params[bias_name].reshape(-1), h, weights) if bias_name is not None
+                        else h @ weights)  # (B, K * out), with the bias as nn.Linear adds it
                 h = flat.view(h.shape[0], k, out_features).transpose(0, 1)
-                if bias_name is not None:
-                    h = h + params[bias_name].unsqueeze(1)
             elif bias_name is not None:
                 h = torch.baddbmm(params[bias_name].unsqueeze(1), h, weight.transpose(1, 2))
             else:
@@ -183,6 +183,12 @@ def preprocessed_train_x(workload: Workload, splits) -> torch.Tensor | None:
 
 def _per_trial(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.view(-1, *([1] * (like.dim() - 1)))
+
+
+def _by_rank(values: torch.Tensor, tensors) -> dict[int, torch.Tensor]:
+    """(K,) values as a (K, 1, ..., 1) view per rank of `tensors` (stacked parameters:
+    weights and biases, two ranks, however many layers)."""
+    return {rank: values.view(-1, *([1] * (rank - 1))) for rank in {t.dim() for t in tensors}}
 
 
 class StackedTrainer:
@@ -276,11 +282,13 @@ class StackedTrainer:
         buf <- m * buf + g as torch.optim computes it, one pass over the gradients fewer."""
         if self.optimizer == "momentum" and "weight_decay" not in hparams and "grad_clip_norm" not in hparams:
             buffers = opt_state["momentum_buffer"]
+            momentum = _by_rank(hparams["momentum"], params.values())
+            neg_lr = _by_rank(row["lr"].neg(), params.values())
             for buf in buffers.values():
-                buf.mul_(_per_trial(hparams["momentum"], buf))
+                buf.mul_(momentum[buf.dim()])
             self.model.backward(params, saved, grad_logits, classes_first, into=buffers)
             for n, p in params.items():
-                p.addcmul_(_per_trial(row["lr"], p).neg(), buffers[n])
+                p.addcmul_(neg_lr[p.dim()], buffers[n])
             return
         grads = self.model.backward(params, saved, grad_logits, classes_first)
         if "grad_clip_norm" in hparams:
