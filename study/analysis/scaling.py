@@ -7,9 +7,10 @@ training examples at a vanishing batch size, B_crit (examples per update) the ba
 where the curve turns from perfect scaling to diminishing returns.
 
 Regime rule (`classify_regimes`), per (optimizer, schedule) group, batch sizes ascending:
-- maximal data parallelism: from the first batch size p on which every later neighbour
-  pair's steps intervals overlap (the next batch size brings no reduction beyond noise) to
-  the largest batch size; needs at least one such overlapping pair.
+- maximal data parallelism: from the first batch size p on which no batch size's steps
+  interval lies wholly below a smaller one's (no reduction beyond noise between any two of
+  them: neighbours alone could each overlap while the steps still fall many-fold) to the
+  largest batch size; needs at least one such pair.
 - perfect scaling: the remaining batch sizes with B <= perfect_fraction * B_crit (default
   1/4). There the fitted curve is within 25% of perfect scaling (S(B) B / E_min =
   1 + B / B_crit <= 1.25) and its local log-log slope -B_crit / (B + B_crit) is <= -0.8.
@@ -172,25 +173,29 @@ def local_slopes(batch_sizes, steps) -> np.ndarray:
     return slopes
 
 
-def _overlaps_next(low: np.ndarray, high: np.ndarray) -> np.ndarray:
-    """Whether the next batch size's interval reaches up to this one's (no significant
-    reduction). NaN interval ends (unbounded above, or no result) count as overlapping
-    because a reduction cannot be shown."""
-    overlap = np.zeros(len(low), dtype=bool)
-    with np.errstate(invalid="ignore"):
-        overlap[:-1] = ~(high[1:] < low[:-1])
-    return overlap
+def _no_later_reduction(low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """Whether every larger batch size's steps interval reaches up to this one's (no
+    significant reduction from here on). NaN interval ends (unbounded above, or no result)
+    count as reaching because a reduction cannot be shown; the largest batch size has no
+    larger one and gives False."""
+    later_high = np.full(len(high), -np.inf)  # the lowest upper end above each batch size
+    if len(high) > 1:
+        upper = np.nan_to_num(high[1:], nan=np.inf)
+        later_high[:-1] = np.minimum.accumulate(upper[::-1])[::-1]
+    return later_high >= np.nan_to_num(low, nan=-np.inf)
 
 
 def plateau_start(low, high) -> int | None:
-    """Index of the first batch size from which every next batch size's steps interval
-    overlaps the previous one's (no further reduction within noise); None if the last
-    pair still shows a reduction or there are fewer than two batch sizes."""
-    overlap = _overlaps_next(np.asarray(low, dtype=float), np.asarray(high, dtype=float))
-    if len(overlap) < 2 or not overlap[-2]:
+    """Index of the first batch size from which no larger batch size's steps interval lies
+    wholly below any smaller one's within that range (no further reduction beyond noise,
+    between any two of them, not only neighbours: a chain of small overlapping steps can
+    add up to a large reduction); None if the largest batch size still brings a reduction
+    or there are fewer than two batch sizes."""
+    reaching = _no_later_reduction(np.asarray(low, dtype=float), np.asarray(high, dtype=float))
+    if len(reaching) < 2 or not reaching[-2]:
         return None
-    start = len(overlap) - 2
-    while start > 0 and overlap[start - 1]:
+    start = len(reaching) - 2
+    while start > 0 and reaching[start - 1]:
         start -= 1
     return start
 

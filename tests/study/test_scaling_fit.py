@@ -77,6 +77,19 @@ def test_plateau_starts_where_every_next_interval_overlaps():
     assert plateau_start([400, 200, 100], [420, 210, 105]) is None
 
 
+def test_a_chain_of_overlapping_neighbours_is_no_plateau():
+    """The NQM's momentum cells (12 trials, so wide bootstrap intervals) fell 80-fold from
+    B = 256 to 2^20 while every interval overlapped the next one's: labelled maximal data
+    parallelism from 256 on. The plateau starts where no later interval is wholly lower."""
+    low = np.array([23688, 9109, 1930, 416, 303, 297, 297.0])
+    high = np.array([78739, 75636, 16277, 2435, 2388, 2377, 1641.0])
+    assert plateau_start(low, high) == 3  # 416 .. 2435 against 297 .. 1641: no reduction
+    # A NaN upper end (no resample reached) or lower end cannot show a reduction.
+    assert plateau_start([100, 50, 48], [120, np.nan, 52]) == 1
+    assert plateau_start([100, np.nan, 48], [120, np.nan, 52]) == 1
+    assert plateau_start([100.0], [120.0]) is None
+
+
 def test_regime_labels_follow_the_stated_rule():
     b = np.array([16, 32, 64, 128, 256, 512, 1024])
     s = np.array([6400, 3200, 1600, 900, 600, 590, 580.0])
@@ -119,12 +132,14 @@ def test_classify_regimes_reports_boundaries_per_group():
     assert table["perfect_boundary"].iloc[0] == pytest.approx(B_CRIT / 4, rel=1e-6)
     assert table.loc[256, "regime"] == "perfect_scaling"
     assert table.loc[512, "regime"] == "diminishing_returns"
-    # +-10% intervals of S(B) and S(2B) overlap iff 1.1 (1 + r/2) >= 0.9 (1 + r), r = B_crit/B,
-    # i.e. B >= 1.75 B_crit: the plateau starts at the first power of two above, 2 B_crit.
+    # S falls with B, so from B on no interval lies below another iff the largest batch
+    # size's reaches B's: 1.1 (1 + 1/32) >= 0.9 (1 + B_crit/B) (B_max = 32 B_crit), i.e.
+    # B >= 3.84 B_crit: the plateau starts at the first power of two above, 4 B_crit.
+    # (Neighbours alone overlap from 1.75 B_crit on, where S is still 1.45x S(B_max).)
     plateau = table["plateau_batch_size"].iloc[0]
-    assert plateau == 2 * B_CRIT
+    assert plateau == 4 * B_CRIT
     assert table.loc[plateau:, "regime"].eq("maximal_data_parallelism").all()
-    assert table.loc[B_CRIT, "regime"] == "diminishing_returns"
+    assert table.loc[2 * B_CRIT, "regime"] == "diminishing_returns"
     assert table.loc[16, "slope_to_next"] == pytest.approx(
         np.log2(_curve(32) / _curve(16)), rel=1e-12)
 
