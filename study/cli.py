@@ -14,7 +14,7 @@ from pathlib import Path
 
 from db.engine import StorageError, check_connection, make_engine, redact, storage_url
 from study.cli_extra import add_commands
-from study.errors import UserError
+from study.errors import CampaignNotFound, UserError
 from study import probe_cli
 
 USER_ERROR = 2
@@ -80,12 +80,13 @@ def _quiet_libraries() -> None:
 
 
 def _is_user_error(exc: Exception) -> bool:
+    if isinstance(exc, (UserError, StorageError, CampaignNotFound)):
+        return True
+    # These modules import torch: only for an error the reading commands cannot raise.
     from study.campaigns import CampaignConflict
     from study.spec import SpecError
-    from study.worker import CampaignNotFound
     from trainers.data.errors import DataError
-    return isinstance(exc, (UserError, SpecError, StorageError, CampaignConflict,
-                            CampaignNotFound, DataError))
+    return isinstance(exc, (SpecError, CampaignConflict, DataError))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -363,7 +364,6 @@ def _print_results(engine, name: str, fmt: str) -> None:
 
 def _info(engine, name: str):
     from study.results import campaign_info
-    from study.worker import CampaignNotFound
     from db.schema import ensure_schema
     ensure_schema(engine)
     info = campaign_info(engine, name)

@@ -129,8 +129,7 @@ def cmd_analyze(args) -> int:
     from study import report
     from study.analyze import AnalyzeOptions, analyze_campaign
     from study.cli import _engine
-    from study.errors import UserError
-    from study.worker import CampaignNotFound
+    from study.errors import CampaignNotFound, UserError
     if args.resamples < 1:
         raise UserError(f"--resamples {args.resamples} must be >= 1")
     _, engine = _engine(args)

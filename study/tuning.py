@@ -12,7 +12,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import numpy as np
 import optuna
@@ -26,7 +26,9 @@ from sqlalchemy.pool import QueuePool
 
 from db.engine import (POSTGRES_CONNECT_TIMEOUT_SECONDS, POSTGRES_POOL, configure_sqlite, connect,
                        make_engine)
-from study.spec import Param
+
+if TYPE_CHECKING:  # study.spec imports the trainers' registries, and with them torch:
+    from study.spec import Param  # `batchlab status` reaps through this module without it
 
 REVERSE_PREFIX = "one_minus_"
 

@@ -35,6 +35,7 @@ from sqlalchemy.orm import Session
 
 from db.models import Campaign, Cell, Measurement as MeasurementRow, Trial, Worker, utcnow
 from db.schema import ensure_schema
+from study.errors import CampaignNotFound
 from study import provenance
 from study.distributed import announce, launched_ranks
 from study.importer import IMPORTED_SAMPLER
@@ -52,10 +53,6 @@ from trainers.loop import DataCache, resolve_device, run_trial
 from trainers.workloads import DataOptions, get_workload
 
 Log = Callable[[str], None]
-
-
-class CampaignNotFound(Exception):
-    pass
 
 
 class Interrupted(Exception):

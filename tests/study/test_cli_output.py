@@ -54,3 +54,15 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(known_db, command):
     err = process.stderr.read().decode()
     assert process.wait(timeout=120) == 141, err
     assert err == ""
+
+
+@pytest.mark.parametrize("command", [["results", "--campaign", CAMPAIGN], ["status", *NO_REAPING],
+                                     ["status", "--campaign", "nope", *NO_REAPING]])
+def test_reading_commands_do_not_import_torch(known_db, command):
+    """status (which also reaps lost trials), results and their "no campaign" error read SQL
+    only: importing torch would double their time (~2 s of a ~4 s `batchlab status`)."""
+    script = ("import sys; from study.cli import main; code = main(sys.argv[1:]); "
+              "print('torch imported' if 'torch' in sys.modules else 'no torch', code)")
+    done = subprocess.run([sys.executable, "-c", script, *command, "--storage", known_db],
+                          capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip().splitlines()[-1] == f"no torch {2 if 'nope' in command else 0}", done.stderr
