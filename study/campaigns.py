@@ -1,6 +1,7 @@
 """Creating campaigns: the campaign row, its cells, and one Optuna study per cell."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import optuna
@@ -110,23 +111,41 @@ def check_data(spec: CampaignSpec) -> int:
 
 
 def _check_batch_norm(spec: CampaignSpec, workload, data) -> None:
-    """Refuse a cell every trial of which the trainer would refuse: a batch-norm layer
-    normalizing a single example (a fixed ghost_batch_size of 1, batch size 1, or an
-    epoch's last batch of one example; `trainers.loop.check_batch_statistics`). A searched
-    ghost_batch_size is left out: the batch sizes alone fail under any ghost size."""
+    """Refuse a cell whose trials the trainer would refuse: a batch-norm layer normalizing
+    a single example (`trainers.loop.check_batch_statistics`). Every trial fails with a
+    fixed ghost_batch_size of 1, batch size 1, or an epoch's last batch of one example;
+    a searched ghost_batch_size that can be 1 (the trainer reads int(value)) fails the
+    trials that draw it, each a lost slot: its range must start at 2."""
     from trainers.config import TrialConfig
     from trainers.loop import check_batch_statistics, example_shape
     for batch_size, optimizer, schedule in spec.cells():
         definition = spec.schedule_def(schedule)
-        fixed = {p.name: p.value for p in spec.cell_space(optimizer, schedule)
-                 if p.name == "ghost_batch_size" and p.is_fixed}
+        ghost = next((p for p in spec.cell_space(optimizer, schedule) if p.name == "ghost_batch_size"), None)
         config = TrialConfig(spec.workload, batch_size, optimizer, definition.lr_schedule,
-                             hparams=fixed, batch_plan=definition.batch_plan)
+                             hparams={"ghost_batch_size": ghost.value} if ghost is not None and ghost.is_fixed
+                             else {}, batch_plan=definition.batch_plan)
+        where = f"cell (batch size {batch_size}, {optimizer}, {schedule})"
         try:
             check_batch_statistics(workload, config, data.train_size, lambda: example_shape(data))
         except ValueError as exc:
-            raise SpecError(spec.source, f"cell (batch size {batch_size}, {optimizer}, {schedule})",
-                            f"every trial would fail: {exc}") from None
+            raise SpecError(spec.source, where, f"every trial would fail: {exc}") from None
+        if ghost is None or ghost.is_fixed or not _can_be_one(ghost):
+            continue
+        try:
+            check_batch_statistics(workload, dataclasses.replace(config, hparams={"ghost_batch_size": 1}),
+                                   data.train_size, lambda: example_shape(data))
+        except ValueError as exc:
+            raise SpecError(spec.source, where,
+                            f"ghost_batch_size can be drawn as 1 (its search space starts below 2), "
+                            f"and every trial that draws it would fail: {exc}") from None
+
+
+def _can_be_one(param) -> bool:
+    """Whether a searched value can reach the trainer as 1 (it reads int(value))."""
+    if param.choices is not None:
+        return any(isinstance(c, (int, float)) and not isinstance(c, bool) and int(c) == 1
+                   for c in param.choices)
+    return param.low is not None and param.low < 2
 
 
 def _create_study(storage, spec: CampaignSpec, name: str, space) -> None:

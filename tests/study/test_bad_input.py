@@ -61,6 +61,14 @@ CASES = [
     ("ghost_batch_size_1_on_1d_batch_norm", "create",
      other(F1_SPEC + "\n[search_space.all]\nghost_batch_size = 1\n"),
      None, None, "ghost_batch_size 1 normalizes each example on its own"),
+    ("searched_ghost_batch_size_reaching_1", "create",
+     other(F1_SPEC + "\n[search_space.all]\nghost_batch_size = { low = 1, high = 16, scale = \"log\", integer = true }\n"),
+     None, None, "cell (batch size 16, momentum, constant): ghost_batch_size can be drawn as 1 (its "
+     "search space starts below 2), and every trial that draws it would fail: batch-norm layer "
+     "'net.2' (GhostBatchNorm1d)"),
+    ("ghost_batch_size_choices_with_1", "create",
+     other(F1_SPEC + "\n[search_space.all]\nghost_batch_size = { choices = [1, 8] }\n"),
+     None, None, "ghost_batch_size can be drawn as 1"),
     ("val_size_larger_than_train_set", "create", other(mutate("seed = 0", "seed = 0\nval_size = 1497")),
      None, None, "the validation split takes 1497 examples from a training set of 1497"),
     ("zero_max_steps", "create", other(mutate("max_steps = 300", "max_steps = 0")), None, None,

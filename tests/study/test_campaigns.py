@@ -137,3 +137,21 @@ def test_concurrent_creates_make_one_campaign_and_queue_each_point_once(tiny_spe
     assert len({r.campaign_id for r in results}) == 1 and sum(r.created for r in results) == 1
     campaigns, cells, studies = counts(make_engine(url), url)
     assert (campaigns, cells) == (1, 2) and [n for _, n in studies] == [3, 3]
+
+
+@pytest.mark.parametrize("workload,ghost", [
+    ("mnist10k_f1", '{ low = 2, high = 16, scale = "log", integer = true }'),  # 1-D batch norm, from 2
+    ("mnist10k_f1", "{ choices = [2, 8] }"),
+    ("digits_mlp", '{ low = 1, high = 16, scale = "log", integer = true }'),  # no batch norm at all
+])
+def test_a_searched_ghost_batch_size_that_cannot_be_1_is_accepted(tmp_path, workload, ghost):
+    """The refusal of a ghost_batch_size range reaching 1 (test_bad_input) is for models whose
+    batch norm sees one value per channel: a range from 2, or a model without batch norm,
+    is created with its points."""
+    from tests.shared_data import MNIST_T10K
+    text = TINY_SPEC.replace('workload = "digits_mlp"', f'workload = "{workload}"\ndata_dir = "{MNIST_T10K}"')
+    spec = parse_spec(text + f"\n[search_space.all]\nghost_batch_size = {ghost}\n")
+    url = f"sqlite:///{tmp_path / 'ghost.db'}"
+    assert create_campaign(make_engine(url), url, spec).cells == 2
+    _, _, studies = counts(make_engine(url), url)
+    assert [n for _, n in studies] == [3, 3]
