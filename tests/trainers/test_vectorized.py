@@ -296,7 +296,11 @@ def test_compiled_steps_of_many_groups_are_not_capped_by_dynamos_recompile_limit
             torch.compile(build(float(i)), backend="eager", dynamic=False)(torch.ones(2 + i))
         return counters["stats"]["unique_graphs"]
 
-    with dynamo.config.patch(recompile_limit=8, accumulated_recompile_limit=256):
+    # The limits' names before torch 2.6: cache_size_limit, accumulated_cache_size_limit.
+    renamed = hasattr(dynamo.config, "recompile_limit")
+    limits = ({"recompile_limit": 8, "accumulated_recompile_limit": 256} if renamed else
+              {"cache_size_limit": 8, "accumulated_cache_size_limit": 256})
+    with dynamo.config.patch(**limits):
         assert compiled_graphs(12) == 8  # the default: the last 4 ran uncompiled
         allow_recompiles()
         assert compiled_graphs(12) == 12
