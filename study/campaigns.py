@@ -136,8 +136,8 @@ def _check_batch_norm(spec: CampaignSpec, workload, data) -> None:
                                    data.train_size, lambda: example_shape(data))
         except ValueError as exc:
             raise SpecError(spec.source, where,
-                            f"ghost_batch_size can be drawn as 1 (its search space starts below 2), "
-                            f"and every trial that draws it would fail: {exc}") from None
+                            f"ghost_batch_size can be drawn as 1 (a range starting below 2, or 1 "
+                            f"among its choices), and every trial that draws it would fail: {exc}") from None
 
 
 def _can_be_one(param) -> bool:

@@ -63,8 +63,8 @@ CASES = [
      None, None, "ghost_batch_size 1 normalizes each example on its own"),
     ("searched_ghost_batch_size_reaching_1", "create",
      other(F1_SPEC + "\n[search_space.all]\nghost_batch_size = { low = 1, high = 16, scale = \"log\", integer = true }\n"),
-     None, None, "cell (batch size 16, momentum, constant): ghost_batch_size can be drawn as 1 (its "
-     "search space starts below 2), and every trial that draws it would fail: batch-norm layer "
+     None, None, "cell (batch size 16, momentum, constant): ghost_batch_size can be drawn as 1 (a range "
+     "starting below 2, or 1 among its choices), and every trial that draws it would fail: batch-norm layer "
      "'net.2' (GhostBatchNorm1d)"),
     ("ghost_batch_size_choices_with_1", "create",
      other(F1_SPEC + "\n[search_space.all]\nghost_batch_size = { choices = [1, 8] }\n"),
