@@ -58,7 +58,8 @@ else
   TP_LARGE=(--batch-sizes 1024 --ks 8,32 --steps 100 --repeats 1 --sequential-trials 2)
   SE=(--measure-batch-sizes 16,256,4096,16384)
   TESTS=(tests/trainers/test_cuda_graphs.py tests/trainers/test_vectorized.py
-         tests/trainers/test_vectorized_conv.py tests/trainers/test_vectorized_bn.py)
+         tests/trainers/test_vectorized_conv.py tests/trainers/test_vectorized_bn.py
+         tests/trainers/test_loop.py::test_build_model_draws_on_its_device_from_the_seed_alone)
 fi
 
 step env 20 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; $PY -c '
@@ -73,7 +74,9 @@ step gpu_tests 130 env BATCHLAB_COMPILE_TESTS=1 $PY -m pytest -q -rfE -p no:cach
 step worker_auto 90 bash -c "rm -f /tmp/bl-auto.db && $PY -m study.cli campaign create examples/demo_digits.toml \
   --storage sqlite:////tmp/bl-auto.db && $PY -m study.cli worker --campaign demo_digits \
   --storage sqlite:////tmp/bl-auto.db --device $DEVICE --max-trials ${WORKER_TRIALS:-24} \
-  && $PY -m study.cli status --campaign demo_digits --storage sqlite:////tmp/bl-auto.db"
+  && $PY -m study.cli status --campaign demo_digits --storage sqlite:////tmp/bl-auto.db; \
+  $PY -m study.cli worker --campaign demo_digits --storage sqlite:////tmp/bl-auto.db --device cuda:99; \
+  echo \"a device it lacks: exit \$? (2 expected)\""
 step throughput 260 $PY -m bench.trial_throughput --device "$DEVICE" --data-dir "$DATA" \
   --workloads mnist10k_mlp,mnist10k_simple_cnn --no-vmap-rows "${TP[@]}"
 step shallue_estimate 90 $PY -m bench.shallue_estimate --device "$DEVICE" --steps 20 --repeats 1 \
