@@ -28,9 +28,9 @@ Rows "vectorized K" use the default path (trainers.stacked's fast path for these
 when the step is not compiled, i.e. on CPU; on CUDA the compiled step, replayed from CUDA
 graphs up to B = 512); "(vmap path)" rows force the torch.func path (`stacked=False`) for
 comparison. On CUDA, "(no CUDA graphs)" rows run the compiled step without graphs and
-"(eager + CUDA graphs)" rows replay the uncompiled step from graphs (`--no-graph-rows`
-skips both). The CUDA rows compile from the first step (`compile=True`): the steady state.
-A worker's default, tiered compilation, runs a variant like the "(eager + CUDA graphs)"
+"(eager + CUDA graphs)" rows replay the uncompiled step from graphs, "(eager, no CUDA
+graphs)" rows run it as it is (`--no-graph-rows` skips all three). The CUDA rows compile
+from the first step (`compile=True`): the steady state. A worker's default, tiered compilation, runs a variant like the "(eager + CUDA graphs)"
 row until it has spent 40 s, then like the compiled row.
 
 Prints the device, torch version and date, then trials/second per method and its ratio
@@ -188,7 +188,8 @@ def vectorized_variants(args) -> list[tuple[str, dict]]:
         variants.append((" (vmap path)", {**default, "stacked": False}))
     if args.graph_rows and resolve_device(args.device).type == "cuda":
         variants += [(" (no CUDA graphs)", {**default, "cuda_graphs": False}),
-                     (" (eager + CUDA graphs)", {"compile": False, "cuda_graphs": True})]
+                     (" (eager + CUDA graphs)", {"compile": False, "cuda_graphs": True}),
+                     (" (eager, no CUDA graphs)", {"compile": False, "cuda_graphs": False})]
     return variants
 
 
