@@ -85,7 +85,7 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, stack_module_state, vmap
 
 from trainers.config import Measurement, TrialConfig, TrialResult
-from trainers.cuda_graphs import GraphedStep
+from trainers.cuda_graphs import GraphedStep, writing_back
 from trainers.loop import (DataCache, StopState, _memory_format, build_model, check_batch_statistics,
                            decide, example_shape, measurement_extras, resolve_device, run_trial)
 from trainers.optim import validate_hparams
@@ -477,6 +477,10 @@ class _Context:
     # step_fn uncompiled: the epoch's shorter last batch, one step per epoch, is not worth
     # a compilation of its own per stack size (step_fn itself where not compiled)
     eager_step_fn: Callable = field(repr=False)
+    # step_fn and eager_step_fn in the in-place form CUDA graphs replay (writing_back); with
+    # graphs on, the compiled one is compiled with its write-back (fused into the update)
+    step_into_fn: Callable = field(repr=False)
+    eager_step_into_fn: Callable = field(repr=False)
     options: _StepOptions
     # which step variants have been compiled under tiered compilation, shared like graphed
     tiers: _CompileTiers = field(default_factory=_CompileTiers, repr=False)
@@ -615,14 +619,18 @@ def _make_context(workload, device, splits, model, optimizer, options) -> _Conte
     skeleton = copy.deepcopy(model).to("meta")
     grads = _trial_loss_fn(skeleton, workload, options.autocast_dtype, device)
     eager = vmapped = _build_step(vmap(grad_and_value(grads, has_aux=True)), optimizer)
+    eager_into = vmapped_into = writing_back(eager)
     if options.compile:
         allow_recompiles()
         vmapped = torch.compile(eager, dynamic=False)
+        if options.graphs:  # what graphs replay: the step compiled with its write-back
+            vmapped_into = torch.compile(eager_into, dynamic=False)
     # The loop runs eager even where the vmapped step is compiled: on an H200 the eager
     # loop beat the compiled vmapped step (1.35x at B = 4096, K = 9), and compiling K
     # unrolled copies of the model would cost a compilation per stack size.
     looped = _build_step(_looped_grads_fn(skeleton, workload, options.autocast_dtype, device), optimizer)
-    return _Context(workload, device, splits, skeleton, optimizer, vmapped, looped, eager, options)
+    return _Context(workload, device, splits, skeleton, optimizer, vmapped, looped, eager,
+                    vmapped_into, eager_into, options)
 
 
 def _make_stack(configs, indices, models, device, train_size) -> _Stack:
@@ -756,10 +764,11 @@ _CONV_LOOP_MIN_BATCH = {"cuda": 1024, "cpu": 64}
 # CUDA graphs replay the vmapped step of cells up to this batch size: there a step can be
 # a few hundred short kernels whose launches, not their arithmetic, set its time (the
 # MNIST MLP's compiled step, K = 8 or 32: 2.2x to 3.7x faster at B = 16 and 128 on an
-# H200, 2.6x to 3.4x on an H100, and 2.6x at B = 512 with K = 8 on the H100; the simple
-# CNN's, bound by its grouped convolutions: from 8% slower to 18% faster). Larger steps
-# are bound by arithmetic, and a graph would only hold their activations' memory (batch
-# sizes above 512 were not measured).
+# H200, 2.3x to 4.3x on an H100, also at B = 512; the simple CNN's uncompiled step 1.4x
+# to 3.2x at B = 16, where its compiled step lost 8% to 16% to the copy of its new state
+# into the static tensors, which compiling the write-back with the step removes). Larger
+# steps are bound by arithmetic, and a graph would only hold their activations' memory
+# (batch sizes above 512 were not measured).
 _GRAPH_MAX_BATCH = 512
 # Stack sizes whose static state and graphs a context keeps (least recently used freed):
 # a group of 32 compacts to a few smaller sizes, and the next group starts at 32 again.
@@ -785,14 +794,14 @@ def _step_for(context: _Context, batch_size: int, k: int, short: bool = False,
         return context.looped_step_fn
     compiled = context.options.compile and not short and (
         not context.options.tiered or (batch_size, k, masked) in context.tiers.compiled)
-    step = context.step_fn if compiled else context.eager_step_fn
     if context.options.graphs and batch_size <= _GRAPH_MAX_BATCH:
-        graphed = context.graphed.pop(k, None) or GraphedStep(context.step_fn, context.device)
+        step = context.step_into_fn if compiled else context.eager_step_into_fn
+        graphed = context.graphed.pop(k, None) or GraphedStep(context.step_into_fn, context.device)
         context.graphed[k] = graphed  # the most recently used last
         if len(context.graphed) > _GRAPHED_STACK_SIZES:  # free the least recently used
             del context.graphed[next(iter(context.graphed))]
         return graphed if step is graphed.step else functools.partial(graphed, step=step)
-    return step
+    return context.step_fn if compiled else context.eager_step_fn
 
 
 def _loops_trials(skeleton: nn.Module, batch_size: int, device: torch.device) -> bool:

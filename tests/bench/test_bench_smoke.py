@@ -1,9 +1,10 @@
 """Smoke test of the end-to-end benchmarks (bench/study_wall_time.py, bench/overhead.py,
-bench/trial_throughput.py, bench/conv_stacking.py):
+bench/trial_throughput.py, bench/conv_stacking.py, bench/graphed_step.py):
 each runs with its smallest options, as a user runs it, and prints the device header and
 a ratio line that parses. Numbers are not checked (a shared CPU makes them noise)."""
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -90,7 +91,7 @@ def test_conv_stacking_methods_compute_the_same_gradients_and_print_rows():
     looped trials' gradients equal each trial's own (fp32, CPU)."""
     import torch
 
-    from bench.conv_stacking import main, methods
+    from bench.conv_stacking import methods
     found = methods(4, 2, torch.device("cpu"), None)
     vmapped, _ = found["vmap K=2"][0]()  # grads (K, *shape) per parameter name
     looped = found["loop K=2"][0]()  # per model, per parameter
@@ -102,3 +103,12 @@ def test_conv_stacking_methods_compute_the_same_gradients_and_print_rows():
     rows = re.findall(r"^\| 4 \| 2 \| (.+?) \| (\d+\.\d+) \| (\d+\.\d+)x \|$", out, re.M)
     assert [r[0] for r in rows] == ["single", "single, channels_last", "vmap K=2", "loop K=2"], out
     assert all(float(ms) > 0 for _, ms, _ in rows)
+
+
+@pytest.mark.skipif(not os.environ.get("BATCHLAB_COMPILE_TESTS"),
+                    reason="compiles the simple CNN's step twice (~2 min on CPU); set BATCHLAB_COMPILE_TESTS=1")
+def test_graphed_step_times_both_write_backs():
+    out = _run("bench.graphed_step", "--k", "2", "--steps", "2", "--repeats", "1")
+    rows = re.findall(r"^\| (functional \+ copy|compiled in place) \| (\d+\.\d+) \| (\d+\.\d+)x \|$", out, re.M)
+    assert [method for method, _, _ in rows] == ["functional + copy", "compiled in place"], out
+    assert rows[0][2] == "1.00" and all(float(ms) > 0 for _, ms, _ in rows)

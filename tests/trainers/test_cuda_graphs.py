@@ -6,12 +6,13 @@ place, one replay per batch shape and masking variant, a state of another stack 
 On CUDA the captured graphs give the same trials as the step without them."""
 import dataclasses
 import math
+import os
 
 import pytest
 import torch
 
 import trainers.vectorized as vectorized_module
-from trainers.cuda_graphs import GraphedStep
+from trainers.cuda_graphs import GraphedStep, writing_back
 from trainers.loop import DataCache, build_model
 from trainers.vectorized import (_CompileTiers, _Context, _make_context, _make_stack, _Sinks, _StepOptions,
                                  run_trials_vectorized)
@@ -74,7 +75,7 @@ def _cell(seeds, lrs):
 def test_graphed_state_equals_the_plain_step_across_groups_shapes_and_masks():
     first = _cell((1, 2, 3), (0.1, 0.05, 0.02))
     context, stack, splits = _stack(first)
-    graphed = GraphedStep(context.step_fn, CPU)
+    graphed = GraphedStep(writing_back(context.step_fn), CPU)
     want_state, want_losses = _drive(context.step_fn, stack, splits, active_from=5)
     _, stack, _ = _stack(first, context)  # the same trials again, from their initial state
     got_state, got_losses = _drive(graphed, stack, splits, active_from=5)
@@ -101,6 +102,29 @@ def test_graphed_state_equals_the_plain_step_across_groups_shapes_and_masks():
     got = graphed(stack.params, stack.buffers, stack.opt_state, stack.hparams, row, x, y, None)
     _assert_equal_states(want[:3], got[:3])
     assert len(graphed._replays) == 1 and next(iter(graphed.state[0].values())).shape[0] == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() and not os.environ.get("BATCHLAB_COMPILE_TESTS"),
+                    reason="compiling on CPU takes ~1 min; set BATCHLAB_COMPILE_TESTS=1 to run it")
+def test_the_compiled_in_place_step_equals_the_compiled_functional_one():
+    """What graphs replay when compiled (the step with its write-back, compiled as one)
+    trains as the compiled functional step does, and leaves no copy of the state behind."""
+    configs = _cell((1, 2, 3), (0.1, 0.05, 0.02))
+    splits = CACHE.get(WORKLOAD, DataOptions(), CPU)
+    model = build_model(WORKLOAD, configs[0], CPU)
+    context = _make_context(WORKLOAD, CPU, splits, model, "momentum", _StepOptions(True, None, graphs=True))
+    _, stack, _ = _stack(configs, context)
+    want_state, want_losses = _drive(context.step_fn, stack, splits, active_from=5)
+    _, stack, _ = _stack(configs, context)
+    graphed = GraphedStep(context.step_into_fn, CPU)
+    got_state, got_losses = _drive(graphed, stack, splits, active_from=5)
+    for tree_want, tree_got in zip(want_state, got_state, strict=True):
+        flat_want, flat_got = _flat(tree_want), _flat(tree_got)
+        assert flat_want.keys() == flat_got.keys()
+        for name in flat_want:
+            torch.testing.assert_close(flat_got[name], flat_want[name], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.stack(got_losses), torch.stack(want_losses), rtol=1e-5, atol=1e-6)
+    assert got_state[0] is graphed.state[0] and len(graphed._replays) == 3
 
 
 def _run_group(configs, options):
@@ -146,6 +170,7 @@ def test_graphs_are_for_small_vmapped_steps_and_need_cuda():
 def test_the_compiled_step_is_for_full_batches_and_when_tiered_for_long_running_variants():
     eager, _, _ = _stack(_cell((1, 2), (0.1, 0.1)))
     compiled = dataclasses.replace(eager, step_fn=torch.compile(eager.step_fn),  # never called here
+                                   step_into_fn=torch.compile(eager.step_into_fn),
                                    options=_StepOptions(True, None))
     step_for = vectorized_module._step_for
     assert step_for(compiled, 64, 2) is step_for(compiled, 64, 2, masked=True) is compiled.step_fn
@@ -166,8 +191,8 @@ def test_the_compiled_step_is_for_full_batches_and_when_tiered_for_long_running_
     # graphs: one static state per stack size, a variant per step function
     graphed = dataclasses.replace(compiled, options=_StepOptions(True, None, graphs=True))
     full, short = step_for(graphed, 64, 2), step_for(graphed, 64, 2, short=True)
-    assert isinstance(full, GraphedStep) and full.step is compiled.step_fn and short.func is full
-    assert short.keywords == {"step": compiled.eager_step_fn}
+    assert isinstance(full, GraphedStep) and full.step is compiled.step_into_fn and short.func is full
+    assert short.keywords == {"step": compiled.eager_step_into_fn}
 
 
 def _step_choices(monkeypatch) -> list[tuple]:
@@ -223,8 +248,8 @@ def test_a_graphed_step_records_another_step_function_on_the_same_state():
     configs = _cell((1, 2), (0.1, 0.1))
     context, stack, splits = _stack(configs)
     calls = []
-    other = lambda *args: calls.append(tuple(args[5].shape[:2])) or context.step_fn(*args)  # x: (K, b, ...)
-    graphed = GraphedStep(context.step_fn, CPU)
+    other = writing_back(lambda *args: calls.append(tuple(args[5].shape[:2])) or context.step_fn(*args))  # x: (K, b, ...)
+    graphed = GraphedStep(writing_back(context.step_fn), CPU)
     state = (stack.params, stack.buffers, stack.opt_state)
     want = state
     for start, size, step in ((0, 64, None), (64, 36, other), (100, 64, None), (164, 36, other)):
