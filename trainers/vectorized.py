@@ -854,7 +854,11 @@ def _looped_grads_fn(skeleton, workload, autocast_dtype, device):
     running the K trials one after another on plain (ungrouped) layers: the gradient of
     the sum of the trials' mean losses with respect to the stacked parameters is, slice
     by slice, each trial's own gradient (trial k's loss depends on slice k alone).
-    `unbind` hands out the slices, so the backward stacks the K gradients once."""
+    `unbind` hands out the slices, so the backward stacks the K gradients once. Each
+    trial's layers see run_trial's memory layout: on CUDA channels_last inputs and
+    convolution weights (a slice of the stacked weights is laid out NCHW; with an input of
+    one channel, whose layout is ambiguous, cuDNN would then run the whole network NCHW
+    and convert each layer's tensors for its NHWC kernels)."""
     def total_loss(params, buffers, x, y):  # x (K, B, *input), y (K, B)
         buffers = {name: b.clone() for name, b in buffers.items()}  # updated in place, returned
         slices = {name: p.unbind(0) for name, p in params.items()}
@@ -862,7 +866,7 @@ def _looped_grads_fn(skeleton, workload, autocast_dtype, device):
         for k in range(x.shape[0]):
             with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
                                 enabled=autocast_dtype is not None):
-                logits = functional_call(skeleton, ({n: v[k] for n, v in slices.items()},
+                logits = functional_call(skeleton, (_trial_params(slices, k, device),
                                                     {n: b[k] for n, b in buffers.items()}),
                                          (_memory_format(x[k], device),))  # as run_trial feeds it
             loss_sum, count, _ = workload.loss(logits, y[k])
@@ -875,6 +879,12 @@ def _looped_grads_fn(skeleton, workload, autocast_dtype, device):
         grads, (_, aux) = grad_and_value(total_loss, has_aux=True)(params, buffers, x, y)
         return grads, aux
     return grads_fn
+
+
+def _trial_params(stacked: dict, k: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Trial k's parameters from stacked (or unbound) ones, 4-D (convolution) weights
+    channels_last on CUDA, as run_trial's model holds them."""
+    return {name: _memory_format(values[k], device) for name, values in stacked.items()}
 
 
 def _per_trial(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -996,7 +1006,7 @@ def evaluate_stacked(skeleton: nn.Module, workload: Workload, params: dict[str, 
 
     def looped(p, b, inputs):
         inputs = _memory_format(inputs, inputs.device)
-        return torch.stack([functional_call(skeleton, ({n: v[i] for n, v in p.items()},
+        return torch.stack([functional_call(skeleton, (_trial_params(p, i, inputs.device),
                                                        {n: v[i] for n, v in b.items()}), (inputs,))
                             for i in range(k)])
     forward = looped if _loops_trials(skeleton, min(batch_size, len(y)), x.device) else vmapped

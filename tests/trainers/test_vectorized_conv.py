@@ -92,6 +92,28 @@ def test_looped_trials_equal_vmapped_and_sequential(monkeypatch):
     assert_same(sequential, looped)
 
 
+def test_looped_trials_hand_their_convolutions_channels_last_weights_where_run_trial_does(monkeypatch):
+    """On CUDA run_trial's model is channels_last, and the loop gives each trial's
+    convolutions that layout too. Checked here with the CUDA rule applied on the CPU: every
+    convolution of the loop (training and evaluation) gets channels_last weights, and the
+    trials train as they do with the default layout."""
+    configs = [config(0.05, 1), config(0.002, 3)]
+    monkeypatch.setitem(vectorized_module._CONV_LOOP_MIN_BATCH, "cpu", 32)
+    default = runs(configs)
+    layouts = []
+    conv2d = torch.nn.functional.conv2d
+
+    def recording(inputs, weight, *args, **kwargs):
+        layouts.append(weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last))
+        return conv2d(inputs, weight, *args, **kwargs)
+    monkeypatch.setattr(torch.nn.functional, "conv2d", recording)
+    monkeypatch.setattr(vectorized_module, "_memory_format",
+                        lambda t, device: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t)
+    channels_last = runs(configs)
+    assert len(layouts) > 70 and all(layouts)  # 2 x 30 steps, 1 x 10 (one reached), evaluations
+    assert_same(default, channels_last)
+
+
 def test_looped_evaluation_equals_vmapped_and_autocasts(monkeypatch, digits_cnn):
     configs = [config(0.05, seed) for seed in (1, 2, 3)]
     models = [build_model(digits_cnn, c, CPU) for c in configs]
