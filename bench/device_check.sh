@@ -5,10 +5,9 @@
 # graphed step's write-back (bench.graphed_step), and the Shallue MNIST study estimate.
 # Each step has its own time limit, cut to what is left of the script's BUDGET seconds
 # (default 560; a step with under 20 s left is skipped), and writes $OUT/<step>.txt, so a
-# step that runs long costs only itself. The device's image
-# has torch, torchvision, pytest, scikit-learn and PyYAML but not optuna or sqlalchemy, and
-# no registry access: bring those as wheels (device-wheels.sh names every dependency they
-# need there).
+# step that runs long costs only itself. The device's image has torch, torchvision,
+# pytest, scikit-learn and PyYAML but not optuna or sqlalchemy, and no registry access:
+# bring those as wheels (device-wheels.sh names every dependency they need there).
 #
 # Prepare, from the repository root on the development machine:
 #   ../shared/tools/device-wheels.sh

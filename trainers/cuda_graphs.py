@@ -109,9 +109,8 @@ class GraphedStep:
     returned dicts are the static ones; keep passing them. The loss sums are a static
     output too, overwritten by the next call: read them before. `step=` records a variant
     from another in-place step on the same state (the uncompiled step, for an epoch's
-    shorter last batch or a variant not compiled yet). `captured`
-    counts the graphs captured; a variant that cannot be captured runs uncaptured, with a
-    warning."""
+    shorter last batch or a variant not compiled yet). `captured` counts the graphs
+    captured; a variant that cannot be captured runs uncaptured, with a warning."""
 
     def __init__(self, step: Callable, device: torch.device):
         self.step, self.device = step, device
