@@ -261,6 +261,22 @@ def test_a_graphed_step_records_another_step_function_on_the_same_state():
     assert calls == [(2, 36)] * 2 and len(graphed._replays) == 2
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() and not os.environ.get("BATCHLAB_COMPILE_TESTS"),
+                    reason="compiling on CPU takes ~1 min; set BATCHLAB_COMPILE_TESTS=1 to run it")
+def test_tiered_in_place_steps_share_one_static_state_off_cuda_too(monkeypatch):
+    """CUDA's default path without the capture: threshold 0, so each variant's first
+    interval runs the uncompiled in-place step and the rest the compiled one, both on one
+    GraphedStep's static state; the trials are the plain ones."""
+    monkeypatch.setattr(vectorized_module, "_EAGER_SECONDS_BEFORE_COMPILING", 0.0)
+    configs = CELLS["momentum"]
+    plain, _ = _run_group(configs, _StepOptions(False, None))
+    tiered, steps = _run_group(configs, _StepOptions(True, None, graphs=True, tiered=True))
+    assert_same_runs(plain, tiered)
+    context = next(v for v in steps.values() if isinstance(v, _Context))
+    assert context.tiers.compiled and context.step_into_fn is not context.eager_step_into_fn
+    assert any(len({key[-1] for key in g._replays}) == 2 for g in context.graphed.values())
+
+
 def _cuda(configs, **overrides):
     return [dataclasses.replace(c, device="cuda", **overrides) for c in configs]
 
