@@ -57,7 +57,7 @@ else
   TP=(--batch-sizes 16,128 --ks 8,32 --steps 200 --repeats 2 --sequential-trials 2)
   TP_512=(--batch-sizes 512 --ks 8 --steps 100 --repeats 1 --sequential-trials 1)
   TP_LARGE=(--batch-sizes 1024 --ks 8,32 --steps 100 --repeats 1 --sequential-trials 2)
-  SE=(--measure-batch-sizes 16,256,4096,16384)
+  SE=(--measure-batch-sizes 16,256,4096,16384 --profile)
   GS=(--k 32 --batch-size 16 --steps 50 --repeats 3)
   TESTS=(tests/trainers/test_cuda_graphs.py tests/trainers/test_vectorized.py
          tests/trainers/test_vectorized_conv.py tests/trainers/test_vectorized_bn.py

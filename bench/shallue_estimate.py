@@ -44,6 +44,7 @@ and --compile's that of its long-lived ones, without their compilations.
 
     python -m bench.shallue_estimate --device cuda --steps-to-result "16:4000,1024:300"
     python -m bench.shallue_estimate --device cuda --measure-batch-sizes 16,256,4096,16384
+    python -m bench.shallue_estimate --device cuda --measure-batch-sizes 16,4096 --profile
     python -m bench.shallue_estimate --device cuda --from-storage sqlite:///shallue.db
     python -m bench.shallue_estimate --device cuda --data-dir data --run    # + the real study
 """
@@ -234,7 +235,8 @@ def worker_k(spec, batch_size: int, args, cache) -> int:
     return args.k or choose_k(workload, batch_size, device, input_shape=shape)
 
 
-def measure(spec, batch_size: int, args, cache, step_cache: dict) -> Cost:
+def measure(spec, batch_size: int, args, cache, step_cache: dict, runs: dict | None = None) -> Cost:
+    """The batch size's cost; its timed run is kept in `runs` (for --profile)."""
     from bench.trial_throughput import timed
     from trainers.loop import resolve_device, run_trial
     from trainers.vectorized import run_trials_vectorized
@@ -251,6 +253,8 @@ def measure(spec, batch_size: int, args, cache, step_cache: dict) -> Cost:
             run_trials_vectorized(configs, data_cache=cache, chunk_size=k, compile=args.compile,
                                   step_cache=step_cache, on_measurement=sink)
     warm = timed(run, device, 1)
+    if runs is not None:
+        runs[batch_size] = run
     best = None
     for _ in range(args.repeats):
         seen.clear()
@@ -344,6 +348,8 @@ def parse_args(argv=None):
                         help="the campaign in --from-storage")
     parser.add_argument("--data-dir", default=None, help="MNIST files (default: the campaign's)")
     parser.add_argument("--run", action="store_true", help="run the real study (needs --data-dir)")
+    parser.add_argument("--profile", action="store_true",
+                        help="then profile each timed batch size's run: its top kernels (ops on CPU)")
     # load_mnist_splits' sizes: 55,000 train / 5,000 val carved from the 60,000 images
     parser.add_argument("--train-size", type=int, default=55_000, help="synthetic data (smoke tests only)")
     parser.add_argument("--val-size", type=int, default=5_000, help="synthetic data (smoke tests only)")
@@ -390,9 +396,9 @@ def main(argv=None) -> None:
         return ['/'.join(map(str, shown)) or '-', '-' if lower is None else f'{lower / 60:.1f}',
                 f'{upper / 60:.1f}']
 
-    measured = {}
+    measured, runs = {}, {}
     for batch in timed_batches:
-        measured[batch] = cost = measure(spec, batch, args, cache, step_cache)
+        measured[batch] = cost = measure(spec, batch, args, cache, step_cache, runs)
         row(batch, cost, f"{cost.compile_s:.1f}")
     costs = dict(measured)
     if len(timed_batches) < len(args.batch_sizes):
@@ -419,6 +425,12 @@ def main(argv=None) -> None:
         print(f"{TARGET_MINUTES:g} minutes cover S(B) up to {flat:,.0f} steps at every batch size alike "
               f"(lower estimate: every trial stops at S)")
     print("load average at end: " + ", ".join(f"{v:.1f}" for v in os.getloadavg()))
+    if args.profile:
+        from bench.conv_stacking import profile
+        for batch, run in runs.items():
+            print(f"\nprofile: batch {batch}, K {measured[batch].k}: 3 runs of --steps {args.steps} "
+                  f"and one evaluation")
+            profile(run, device, rows=14)
     if args.run or Path(args.data_dir).exists():
         run_study(spec, args, max(c.k for c in costs.values()))
 

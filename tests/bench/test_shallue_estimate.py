@@ -158,6 +158,18 @@ def test_untimed_batch_sizes_are_interpolated(tmp_path, capsys):
         main(["--batch-sizes", "16", "--measure-batch-sizes", "32", "--data-dir", str(tmp_path)])
 
 
+def test_profile_follows_the_table_for_each_timed_batch_size(tmp_path, capsys):
+    main(["--batch-sizes", "16,32,64", "--measure-batch-sizes", "16,64", "--steps", "1", "--trials", "1",
+          "--repeats", "1", "--train-size", "256", "--val-size", "128", "--k", "1", "--profile",
+          "--data-dir", str(tmp_path / "absent")])
+    out = capsys.readouterr().out
+    headers = re.findall(r"^profile: batch (\d+), K 1: 3 runs of --steps 1 and one evaluation", out, re.M)
+    assert headers == ["16", "64"], out
+    profiles = out[out.index("profile: batch 16"):]
+    assert "aten::convolution_backward" in profiles and "Self CPU time total" in profiles
+    assert out.index("30 minutes cover") < out.index("profile: batch 16")  # after the estimate
+
+
 def test_the_s_that_fits_is_capped_by_the_budget(tmp_path, capsys):
     """Where even the upper bound (every trial runs all max_steps) fits the 30 minutes,
     no S above max_steps exists to quote: trials never train past the budget."""
