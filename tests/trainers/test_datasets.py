@@ -42,7 +42,8 @@ def idx_bytes(array: np.ndarray) -> bytes:
 
 def write_idx_dataset(root: Path, folder: str, sizes=(("train", 30), ("t10k", 12)), seed=0):
     """torchvision's layout: ROOT/folder/raw/ with the .gz originals and the unpacked files.
-    Returns ({gz name: md5}, {prefix: (images, labels)})."""
+    Returns ({file name: md5}, {prefix: (images, labels)}), md5s of the archives and of their
+    content, as the loaders' tables hold them."""
     raw = root / folder / "raw"
     raw.mkdir(parents=True)
     rng = np.random.default_rng(seed)
@@ -56,6 +57,7 @@ def write_idx_dataset(root: Path, folder: str, sizes=(("train", 30), ("t10k", 12
             (raw / name).write_bytes(idx_bytes(array))
             (raw / f"{name}.gz").write_bytes(gzip.compress(idx_bytes(array)))
             md5s[f"{name}.gz"] = md5(raw / f"{name}.gz")
+            md5s[name] = md5(raw / name)
     return md5s, arrays
 
 
@@ -133,12 +135,24 @@ def test_fashion_mnist_uses_its_own_folder_and_checksums(tmp_path):
         load_fashion_mnist_splits(tmp_path, val_size=5)
 
 
-def test_raw_files_without_gz_are_read(tmp_path):
-    _, arrays = write_idx_dataset(tmp_path, "MNIST")
+def test_raw_files_without_gz_are_read_and_checked(tmp_path):
+    md5s, arrays = write_idx_dataset(tmp_path, "MNIST")
     for gz in (tmp_path / "MNIST" / "raw").glob("*.gz"):
         gz.unlink()
-    splits = load_mnist_splits(tmp_path, val_size=5)  # no published md5 for unpacked files
+    splits = load_mnist_splits(tmp_path, val_size=5, md5s=md5s)
     np.testing.assert_array_equal(splits.test_y.numpy(), arrays["t10k"][1])
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte: md5 mismatch \(expected content"):
+        load_mnist_splits(tmp_path, val_size=5)  # the originals' md5s by default
+
+
+def test_archive_md5_alone_still_guards_a_gz(tmp_path):
+    md5s, _ = write_idx_dataset(tmp_path, "MNIST")
+    only_archives = {name: value for name, value in md5s.items() if name.endswith(".gz")}
+    gz = tmp_path / "MNIST" / "raw" / "t10k-labels-idx1-ubyte.gz"
+    gz.write_bytes(gzip.compress(gzip.decompress(gz.read_bytes()), compresslevel=1))
+    with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte\.gz: md5 mismatch \(expected "):
+        load_mnist_splits(tmp_path, val_size=5, md5s=only_archives)
+    load_mnist_splits(tmp_path, val_size=5, md5s=md5s)  # its content is the original's
 
 
 def test_truncated_raw_file_names_the_file(tmp_path):
@@ -148,8 +162,10 @@ def test_truncated_raw_file_names_the_file(tmp_path):
         gz.unlink()
     target = raw / "train-images-idx3-ubyte"
     target.write_bytes(target.read_bytes()[:-100])
-    with pytest.raises(DataError, match="train-images-idx3-ubyte: truncated"):
+    with pytest.raises(DataError, match="train-images-idx3-ubyte: md5 mismatch"):
         load_mnist_splits(tmp_path, val_size=5)
+    with pytest.raises(DataError, match="train-images-idx3-ubyte: truncated"):  # no checksums:
+        load_mnist_splits(tmp_path, val_size=5, md5s={})  # the header still tells
 
 
 @pytest.mark.parametrize("load", [load_mnist_splits, load_mnist_t10k_splits, load_fashion_mnist_splits,
@@ -245,6 +261,30 @@ def test_real_t10k_with_one_flipped_byte_raises_naming_the_file(tmp_path):
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
     with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte\.gz: md5 mismatch"):
+        load_mnist_t10k_splits(target)
+
+
+@pytest.mark.parametrize("form", ["unpacked", "recompressed"])
+def test_real_t10k_unpacked_or_recompressed_loads_by_its_content_md5(tmp_path, form):
+    """The official bytes in another container (torchvision's raw/ folder keeps the
+    unpacked files; a distribution may recompress them) load with the default checksums
+    and give the same splits; one flipped pixel byte is refused."""
+    target = _copy_t10k(tmp_path)
+    for gz in list(target.glob("*.gz")):
+        content = gzip.decompress(gz.read_bytes())
+        gz.unlink()
+        if form == "unpacked":
+            gz.with_suffix("").write_bytes(content)
+        else:
+            gz.write_bytes(gzip.compress(content, compresslevel=1, mtime=0))
+    reference = load_mnist_t10k_splits(T10K_DIR)
+    splits = load_mnist_t10k_splits(target)
+    assert torch.equal(splits.train_x, reference.train_x) and torch.equal(splits.val_y, reference.val_y)
+    images = target / ("t10k-images-idx3-ubyte" + ("" if form == "unpacked" else ".gz"))
+    content = bytearray(images.read_bytes() if form == "unpacked" else gzip.decompress(images.read_bytes()))
+    content[-1] ^= 0x01
+    images.write_bytes(bytes(content) if form == "unpacked" else gzip.compress(bytes(content)))
+    with pytest.raises(DataError, match=rf"{images.name}: md5 mismatch \(expected content md5"):
         load_mnist_t10k_splits(target)
 
 

@@ -22,11 +22,15 @@ def md5_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def md5_mismatch(path: Path, detail: str) -> DataError:
+    return DataError(f"{path}: md5 mismatch ({detail}); the file is corrupt, truncated or not "
+                     f"the original: delete it and download it again")
+
+
 def check_md5(path: Path, expected_md5: str | None) -> None:
     """Raise DataError when `path`'s md5 differs from `expected_md5` (None: no check)."""
     if expected_md5 and md5_of(path) != expected_md5:
-        raise DataError(f"{path}: md5 mismatch (expected {expected_md5}); the file is corrupt, "
-                        f"truncated or not the original: delete it and download it again")
+        raise md5_mismatch(path, f"expected {expected_md5}")
 
 
 def _torchvision_download(name: str, root: str | Path, make: Callable[..., object]) -> None:

@@ -14,12 +14,18 @@ from trainers.data.download import download_fashion_mnist
 from trainers.data.mnist import load_idx_splits, maybe_download
 from trainers.data.splits import ArraySplits
 
-# torchvision's file names and md5 sums (torchvision.datasets.FashionMNIST.resources).
+# md5 sums by file name: the .gz archives torchvision downloads
+# (torchvision.datasets.FashionMNIST.resources) and their unpacked content (what Debian's
+# dataset-fashion-mnist package unpacks to, recompressed there under other archive md5s).
 FASHION_MNIST_FILES = {
     "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
     "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
     "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
     "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+    "train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+    "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
+    "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
+    "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
 }
 FASHION_MNIST_VAL_SIZE = 5000
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
