@@ -47,6 +47,9 @@ and --compile's that of its long-lived ones, without their compilations.
     python -m bench.shallue_estimate --device cuda --measure-batch-sizes 16,4096 --profile
     python -m bench.shallue_estimate --device cuda --from-storage sqlite:///shallue.db
     python -m bench.shallue_estimate --device cuda --data-dir data --run    # + the real study
+    python -m bench.shallue_estimate --device cuda --data-dir data --run --run-trials 8 \
+        --max-steps 2000    # a probe: the study's first 8 trials per cell, cut at 2,000 steps,
+                            # whose S(B) feed a second estimate
 """
 from __future__ import annotations
 
@@ -69,6 +72,7 @@ from bench.versions import versions_line
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SPEC = ROOT / "examples" / "shallue2018" / "mnist_simple_cnn.toml"
 TARGET_MINUTES = 30.0
+DEFAULT_BATCH_SIZES = [2 ** e for e in range(4, 15)]  # issue 9's grid
 # Shallue's published optimizer names (as `import-shallue` stores them) -> batchlab's.
 OPTIMIZER_ALIASES = {"nesterov_momentum": "nesterov"}
 
@@ -269,12 +273,22 @@ def measure(spec, batch_size: int, args, cache, step_cache: dict, runs: dict | N
 
 # ----- the real study ------------------------------------------------------------------
 def study_spec_text(spec, args) -> str:
-    """The campaign file with the grid's overrides (validated by parse_spec)."""
+    """The campaign file with the grid's overrides (validated by parse_spec). With
+    --max-steps, trials stop there while every decaying schedule keeps the campaign's
+    budget as its length (`decay_steps` pinned): each trial is the full study's, cut short."""
     from study.spec import parse_spec
-    overrides = {"name": f"{spec.name}_b{args.batch_sizes[0]}-{args.batch_sizes[-1]}_t{args.trials}",
+    from trainers.schedules import SCHEDULES
+    cap = f"_s{args.max_steps}" if args.max_steps else ""
+    trials = args.run_trials or args.trials
+    overrides = {"name": f"{spec.name}_b{args.batch_sizes[0]}-{args.batch_sizes[-1]}_t{trials}{cap}",
                  "batch_sizes": list(args.batch_sizes), "optimizers": list(args.optimizers),
-                 "trials_per_cell": args.trials, "data_dir": str(Path(args.data_dir).resolve()),
+                 "trials_per_cell": trials, "data_dir": str(Path(args.data_dir).resolve()),
                  "download": False}
+    if args.max_steps:
+        if args.max_steps > spec.max_steps:
+            raise SystemExit(f"error: --max-steps {args.max_steps} is over the campaign's budget "
+                             f"of {spec.max_steps} steps")
+        overrides["max_steps"] = args.max_steps
     text = spec.text
     for key, value in overrides.items():
         line = f"{key} = {json.dumps(value)}"
@@ -284,6 +298,14 @@ def study_spec_text(spec, args) -> str:
     for name in set(spec.optimizers) - set(args.optimizers):  # its search space would be an error
         section = rf"^\[search_space\.optimizer\.{re.escape(name)}\]\n(?:(?!\[).*\n?)*"
         text = re.sub(section, "", text, flags=re.M)
+    for name in spec.schedules if args.max_steps else ():
+        if "decay_steps" not in SCHEDULES[name].optional or any(
+                p.name == "decay_steps" for p in spec.cell_space(args.optimizers[0], name)):
+            continue
+        header = f"[search_space.schedule.{name}]\n"
+        pin = f"decay_steps = {spec.max_steps}  # the full study's schedule, cut short\n"
+        text = text.replace(header, header + pin, 1) if header in text else \
+            text.rstrip("\n") + f"\n\n{header}{pin}"
     parse_spec(text, "overridden campaign")
     return text
 
@@ -303,25 +325,34 @@ def study_command(folder: Path, args, k_max: int, on_cuda: bool) -> list[str]:
             "--trials-at-once", at_once]
 
 
-def run_study(spec, args, k_max: int) -> None:
+def run_study(spec, args, k_max: int) -> tuple[str, str] | None:
+    """Run (with --run) or print the real study; returns its (storage URL, campaign name)
+    once it has run."""
+    from study.spec import parse_spec
     from trainers.data.errors import DataError
     from trainers.workloads import DataOptions, get_workload
     try:
         get_workload(spec.workload).load_data(DataOptions(args.data_dir))
     except DataError as exc:
         print(f"\nthe real study needs MNIST's files in --data-dir ({exc}); not run")
-        return
+        return None
     folder = Path(tempfile.mkdtemp(prefix="shallue_study_"))
-    (folder / "study.toml").write_text(study_spec_text(spec, args))
+    text = study_spec_text(spec, args)
+    (folder / "study.toml").write_text(text)
     from trainers.loop import resolve_device
     command = study_command(folder, args, k_max, resolve_device(args.device).type == "cuda")
     print("\nthe real study:\n  batchlab " + shlex.join(command[3:]))
-    if args.run:
-        start = time.perf_counter()
-        done = subprocess.run(command, cwd=ROOT)
-        minutes = (time.perf_counter() - start) / 60
-        print(f"study wall time: {minutes:.1f} min (exit {done.returncode}; target "
-              f"< {TARGET_MINUTES:g} min: {'met' if minutes < TARGET_MINUTES else 'missed'})")
+    if not args.run:
+        return None
+    start = time.perf_counter()
+    done = subprocess.run(command, cwd=ROOT)
+    minutes = (time.perf_counter() - start) / 60
+    full = (not args.max_steps and (args.run_trials or args.trials) == 50 and set(args.optimizers) == set(spec.optimizers)
+            and list(args.batch_sizes) == DEFAULT_BATCH_SIZES)
+    verdict = (f"target < {TARGET_MINUTES:g} min: {'met' if minutes < TARGET_MINUTES else 'missed'}"
+               if full else "a part of the study, so no verdict")
+    print(f"study wall time: {minutes:.1f} min (exit {done.returncode}; {verdict})")
+    return command[command.index("--storage") + 1], parse_spec(text).name
 
 
 # ----- command line ---------------------------------------------------------------------
@@ -329,7 +360,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ints = lambda text: [int(v) for v in text.split(",") if v]
     parser.add_argument("--campaign", default=str(DEFAULT_SPEC), help="campaign TOML")
-    parser.add_argument("--batch-sizes", type=ints, default=[2 ** e for e in range(4, 15)])
+    parser.add_argument("--batch-sizes", type=ints, default=DEFAULT_BATCH_SIZES)
     parser.add_argument("--trials", type=int, default=50, help="trials per cell")
     parser.add_argument("--optimizers", type=lambda t: [v for v in t.split(",") if v], default=None,
                         help="default: the campaign's")
@@ -348,12 +379,40 @@ def parse_args(argv=None):
                         help="the campaign in --from-storage")
     parser.add_argument("--data-dir", default=None, help="MNIST files (default: the campaign's)")
     parser.add_argument("--run", action="store_true", help="run the real study (needs --data-dir)")
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="the real study's trials stop here; schedules keep the campaign's "
+                             "length (a probe of S(B): the study's trials, cut short)")
+    parser.add_argument("--run-trials", type=int, default=None,
+                        help="trials per cell of the real study (default: --trials); the "
+                             "estimate stays at --trials")
     parser.add_argument("--profile", action="store_true",
                         help="then profile each timed batch size's run: its top kernels (ops on CPU)")
     # load_mnist_splits' sizes: 55,000 train / 5,000 val carved from the 60,000 images
     parser.add_argument("--train-size", type=int, default=55_000, help="synthetic data (smoke tests only)")
     parser.add_argument("--val-size", type=int, default=5_000, help="synthetic data (smoke tests only)")
     return parser.parse_args(argv)
+
+
+def print_totals(costs: dict[int, Cost], steps, spec, args) -> None:
+    """The whole study's lower and upper estimate and the S that fits the target."""
+    totals = estimate(costs, steps, trials=args.trials, max_steps=spec.max_steps, eval_every=spec.eval_every)
+    upper = sum(u for _, u in totals.values()) / 60
+    lowers = [l for l, _ in totals.values()]
+    verdict = lambda m: f"{m:.1f} min ({'under' if m < TARGET_MINUTES else 'over'} {TARGET_MINUTES:g})"
+    if None in lowers:
+        print(f"\ntotal: upper {verdict(upper)}; the lower estimate needs S(B) for every cell "
+              f"(--steps-to-result or --from-storage)")
+    else:
+        print(f"\ntotal: lower {verdict(sum(lowers) / 60)}, upper {verdict(upper)} "
+              f"vs the {TARGET_MINUTES:g}-minute target (compilation and storage not included)")
+    flat = flat_steps_within(costs, TARGET_MINUTES, cells_per_batch=len(args.optimizers),
+                             trials=args.trials, eval_every=spec.eval_every, max_steps=spec.max_steps)
+    if flat >= spec.max_steps:
+        print(f"{TARGET_MINUTES:g} minutes cover every S(B) up to the budget of {spec.max_steps:,} steps "
+              f"(the upper estimate, every trial running the whole budget, fits)")
+    else:
+        print(f"{TARGET_MINUTES:g} minutes cover S(B) up to {flat:,.0f} steps at every batch size alike "
+              f"(lower estimate: every trial stops at S)")
 
 
 def main(argv=None) -> None:
@@ -406,24 +465,7 @@ def main(argv=None) -> None:
         for batch in sorted(set(args.batch_sizes) - set(timed_batches)):
             costs[batch] = cost = interpolate_cost(measured, batch, worker_k(spec, batch, args, cache))
             row(batch, cost, "-")
-    totals = estimate(costs, steps, trials=args.trials, max_steps=spec.max_steps, eval_every=spec.eval_every)
-    upper = sum(u for _, u in totals.values()) / 60
-    lowers = [l for l, _ in totals.values()]
-    verdict = lambda m: f"{m:.1f} min ({'under' if m < TARGET_MINUTES else 'over'} {TARGET_MINUTES:g})"
-    if None in lowers:
-        print(f"\ntotal: upper {verdict(upper)}; the lower estimate needs S(B) for every cell "
-              f"(--steps-to-result or --from-storage)")
-    else:
-        print(f"\ntotal: lower {verdict(sum(lowers) / 60)}, upper {verdict(upper)} "
-              f"vs the {TARGET_MINUTES:g}-minute target (compilation and storage not included)")
-    flat = flat_steps_within(costs, TARGET_MINUTES, cells_per_batch=len(args.optimizers),
-                             trials=args.trials, eval_every=spec.eval_every, max_steps=spec.max_steps)
-    if flat >= spec.max_steps:
-        print(f"{TARGET_MINUTES:g} minutes cover every S(B) up to the budget of {spec.max_steps:,} steps "
-              f"(the upper estimate, every trial running the whole budget, fits)")
-    else:
-        print(f"{TARGET_MINUTES:g} minutes cover S(B) up to {flat:,.0f} steps at every batch size alike "
-              f"(lower estimate: every trial stops at S)")
+    print_totals(costs, steps, spec, args)
     print("load average at end: " + ", ".join(f"{v:.1f}" for v in os.getloadavg()))
     if args.profile:
         from bench.conv_stacking import profile
@@ -432,7 +474,19 @@ def main(argv=None) -> None:
                   f"and one evaluation")
             profile(run, device, rows=14)
     if args.run or Path(args.data_dir).exists():
-        run_study(spec, args, max(c.k for c in costs.values()))
+        ran = run_study(spec, args, max(c.k for c in costs.values()))
+        if ran:
+            per_cell = steps_from_storage(*ran)
+            reached = sorted({b for b, _ in per_cell})
+            print("\nS(B) measured by this run, the fewest over its cells: " + (", ".join(
+                f"{b}: {min(v for (cb, _), v in per_cell.items() if cb == b):.0f}" for b in reached)
+                or "none reached the target"))
+            if missing := [b for b in args.batch_sizes if b not in reached]:
+                print(f"no trial reached the target at B = {', '.join(map(str, missing))}: "
+                      f"their S below is interpolated from the others")
+            if per_cell:
+                print_totals(costs, cell_steps(args.batch_sizes, args.optimizers, None, per_cell),
+                             spec, args)
 
 
 if __name__ == "__main__":
