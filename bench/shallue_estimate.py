@@ -48,8 +48,8 @@ and --compile's that of its long-lived ones, without their compilations.
     python -m bench.shallue_estimate --device cuda --from-storage sqlite:///shallue.db
     python -m bench.shallue_estimate --device cuda --data-dir data --run    # + the real study
     python -m bench.shallue_estimate --device cuda --data-dir data --run --run-trials 8 \
-        --max-steps 2000    # a probe: the study's first 8 trials per cell, cut at 2,000 steps,
-                            # whose S(B) feed a second estimate
+        --run-max-steps 2000   # a probe: the study's first 8 trials per cell, cut at 2,000
+                               # steps, whose S(B) feed a second estimate
 """
 from __future__ import annotations
 
@@ -117,9 +117,7 @@ def cell_steps(batch_sizes, optimizers, per_batch: dict[int, float] | None = Non
     else None (unknown)."""
     per_cell = per_cell or {}
     if not per_batch and per_cell:
-        per_batch = {}
-        for (batch, _), steps in per_cell.items():
-            per_batch[batch] = min(steps, per_batch.get(batch, math.inf))
+        per_batch = fewest_per_batch(per_cell)
     return {(b, o): per_cell.get((b, o), interpolate(per_batch, b) if per_batch else None)
             for b in batch_sizes for o in optimizers}
 
@@ -183,6 +181,22 @@ def steps_from_storage(url: str, name: str) -> dict[tuple[int, str], float]:
         if not pd.isna(steps):
             key = (int(batch), OPTIMIZER_ALIASES.get(optimizer, optimizer))
             out[key] = min(float(steps), out.get(key, math.inf))
+    return out
+
+
+def merge_steps(*tables: dict[tuple[int, str], float]) -> dict[tuple[int, str], float]:
+    """Per cell, the fewest steps-to-result over the tables."""
+    out: dict[tuple[int, str], float] = {}
+    for table in tables:
+        for key, steps in table.items():
+            out[key] = min(steps, out.get(key, math.inf))
+    return out
+
+
+def fewest_per_batch(per_cell: dict[tuple[int, str], float]) -> dict[int, float]:
+    out: dict[int, float] = {}
+    for (batch, _), steps in per_cell.items():
+        out[batch] = min(steps, out.get(batch, math.inf))
     return out
 
 
@@ -273,34 +287,34 @@ def measure(spec, batch_size: int, args, cache, step_cache: dict, runs: dict | N
 
 # ----- the real study ------------------------------------------------------------------
 def study_spec_text(spec, args) -> str:
-    """The campaign file with the grid's overrides (validated by parse_spec). With
-    --max-steps, trials stop there while every decaying schedule keeps the campaign's
-    budget as its length (`decay_steps` pinned): each trial is the full study's, cut short."""
+    """The campaign file with the run's grid (--run-*, by default the estimate's),
+    validated by parse_spec. With --run-max-steps, trials stop there while every decaying
+    schedule keeps the campaign's budget as its length (`decay_steps` pinned): each trial
+    is the full study's, cut short."""
     from study.spec import parse_spec
     from trainers.schedules import SCHEDULES
-    cap = f"_s{args.max_steps}" if args.max_steps else ""
-    trials = args.run_trials or args.trials
-    overrides = {"name": f"{spec.name}_b{args.batch_sizes[0]}-{args.batch_sizes[-1]}_t{trials}{cap}",
-                 "batch_sizes": list(args.batch_sizes), "optimizers": list(args.optimizers),
-                 "trials_per_cell": trials, "data_dir": str(Path(args.data_dir).resolve()),
+    run = run_grid(args)
+    overrides = {"name": run_name(spec, run),
+                 "batch_sizes": list(run.batch_sizes), "optimizers": list(run.optimizers),
+                 "trials_per_cell": run.trials, "data_dir": str(Path(args.data_dir).resolve()),
                  "download": False}
-    if args.max_steps:
-        if args.max_steps > spec.max_steps:
-            raise SystemExit(f"error: --max-steps {args.max_steps} is over the campaign's budget "
-                             f"of {spec.max_steps} steps")
-        overrides["max_steps"] = args.max_steps
+    if run.max_steps:
+        if run.max_steps > spec.max_steps:
+            raise SystemExit(f"error: --run-max-steps {run.max_steps} is over the campaign's "
+                             f"budget of {spec.max_steps} steps")
+        overrides["max_steps"] = run.max_steps
     text = spec.text
     for key, value in overrides.items():
         line = f"{key} = {json.dumps(value)}"
         pattern = re.compile(rf"^{key}\s*=.*$", re.M)
         text = pattern.sub(line, text, count=1) if pattern.search(text) else \
             text.replace("[campaign]\n", f"[campaign]\n{line}\n", 1)
-    for name in set(spec.optimizers) - set(args.optimizers):  # its search space would be an error
+    for name in set(spec.optimizers) - set(run.optimizers):  # its search space would be an error
         section = rf"^\[search_space\.optimizer\.{re.escape(name)}\]\n(?:(?!\[).*\n?)*"
         text = re.sub(section, "", text, flags=re.M)
-    for name in spec.schedules if args.max_steps else ():
+    for name in spec.schedules if run.max_steps else ():
         if "decay_steps" not in SCHEDULES[name].optional or any(
-                p.name == "decay_steps" for p in spec.cell_space(args.optimizers[0], name)):
+                p.name == "decay_steps" for p in spec.cell_space(run.optimizers[0], name)):
             continue
         header = f"[search_space.schedule.{name}]\n"
         pin = f"decay_steps = {spec.max_steps}  # the full study's schedule, cut short\n"
@@ -308,6 +322,25 @@ def study_spec_text(spec, args) -> str:
             text.rstrip("\n") + f"\n\n{header}{pin}"
     parse_spec(text, "overridden campaign")
     return text
+
+
+@dataclasses.dataclass(frozen=True)
+class RunGrid:
+    batch_sizes: list[int]
+    optimizers: list[str]
+    trials: int
+    max_steps: int | None
+
+
+def run_grid(args) -> RunGrid:
+    """The real run's grid: the --run-* options, each defaulting to the estimate's."""
+    return RunGrid(args.run_batch_sizes or args.batch_sizes, args.run_optimizers or args.optimizers,
+                   args.run_trials or args.trials, args.run_max_steps)
+
+
+def run_name(spec, run: RunGrid) -> str:
+    cap = f"_s{run.max_steps}" if run.max_steps else ""
+    return f"{spec.name}_b{run.batch_sizes[0]}-{run.batch_sizes[-1]}_t{run.trials}{cap}"
 
 
 def study_command(folder: Path, args, k_max: int, on_cuda: bool) -> list[str]:
@@ -321,7 +354,7 @@ def study_command(folder: Path, args, k_max: int, on_cuda: bool) -> list[str]:
     `choose_k`; groups above a cell's `choose_k` are split to it, as timed)."""
     at_once = "auto" if on_cuda and not args.k else str(k_max)
     return [sys.executable, "-m", "study.cli", "run", str(folder / "study.toml"), "--workers", "1",
-            "--device", args.device, "--storage", f"sqlite:///{folder / 'study.db'}",
+            "--device", args.device, "--storage", args.run_storage or f"sqlite:///{folder / 'study.db'}",
             "--trials-at-once", at_once]
 
 
@@ -347,8 +380,9 @@ def run_study(spec, args, k_max: int) -> tuple[str, str] | None:
     start = time.perf_counter()
     done = subprocess.run(command, cwd=ROOT)
     minutes = (time.perf_counter() - start) / 60
-    full = (not args.max_steps and (args.run_trials or args.trials) == 50 and set(args.optimizers) == set(spec.optimizers)
-            and list(args.batch_sizes) == DEFAULT_BATCH_SIZES)
+    run = run_grid(args)
+    full = (not run.max_steps and run.trials == 50 and set(run.optimizers) == set(spec.optimizers)
+            and list(run.batch_sizes) == DEFAULT_BATCH_SIZES)
     verdict = (f"target < {TARGET_MINUTES:g} min: {'met' if minutes < TARGET_MINUTES else 'missed'}"
                if full else "a part of the study, so no verdict")
     print(f"study wall time: {minutes:.1f} min (exit {done.returncode}; {verdict})")
@@ -376,15 +410,20 @@ def parse_args(argv=None):
                         help='S per batch size, "16:4000,32:2000,..."')
     parser.add_argument("--from-storage", default=None, help="storage URL holding a campaign's S")
     parser.add_argument("--campaign-name", default="shallue/mnist/simple_cnn",
-                        help="the campaign in --from-storage")
+                        help="the campaign(s) in --from-storage, comma-separated: the fewest S per cell")
     parser.add_argument("--data-dir", default=None, help="MNIST files (default: the campaign's)")
     parser.add_argument("--run", action="store_true", help="run the real study (needs --data-dir)")
-    parser.add_argument("--max-steps", type=int, default=None,
-                        help="the real study's trials stop here; schedules keep the campaign's "
-                             "length (a probe of S(B): the study's trials, cut short)")
+    parser.add_argument("--run-batch-sizes", type=ints, default=None,
+                        help="the real run's batch sizes (default: --batch-sizes)")
+    parser.add_argument("--run-optimizers", type=lambda t: [v for v in t.split(",") if v], default=None,
+                        help="the real run's optimizers (default: --optimizers)")
     parser.add_argument("--run-trials", type=int, default=None,
-                        help="trials per cell of the real study (default: --trials); the "
-                             "estimate stays at --trials")
+                        help="the real run's trials per cell (default: --trials)")
+    parser.add_argument("--run-max-steps", type=int, default=None,
+                        help="the real run's trials stop here; schedules keep the campaign's "
+                             "length (a probe of S(B): the study's trials, cut short)")
+    parser.add_argument("--run-storage", default=None,
+                        help="the real run's storage URL (default: a new SQLite file)")
     parser.add_argument("--profile", action="store_true",
                         help="then profile each timed batch size's run: its top kernels (ops on CPU)")
     # load_mnist_splits' sizes: 55,000 train / 5,000 val carved from the 60,000 images
@@ -435,7 +474,8 @@ def main(argv=None) -> None:
           f"trials, max_steps {spec.max_steps}, eval_every {spec.eval_every}, target {spec.target}; "
           f"synthetic data {args.train_size} train / {args.val_size} val; timed: {args.steps} steps "
           f"of {args.optimizers[0]}, best of {args.repeats}\n", flush=True)
-    per_cell = steps_from_storage(args.from_storage, args.campaign_name) if args.from_storage else None
+    per_cell = merge_steps(*(steps_from_storage(args.from_storage, name)
+                             for name in args.campaign_name.split(","))) if args.from_storage else None
     steps = cell_steps(args.batch_sizes, args.optimizers, args.steps_to_result, per_cell)
     cache, step_cache = synthetic_cache(args.train_size, args.val_size), {}
     timed_batches = [b for b in args.batch_sizes if b in (args.measure_batch_sizes or args.batch_sizes)]
@@ -476,18 +516,17 @@ def main(argv=None) -> None:
     if args.run or Path(args.data_dir).exists():
         ran = run_study(spec, args, max(c.k for c in costs.values()))
         if ran:
-            per_cell = steps_from_storage(*ran)
-            reached = sorted({b for b, _ in per_cell})
+            measured_s = steps_from_storage(*ran)
             print("\nS(B) measured by this run, the fewest over its cells: " + (", ".join(
-                f"{b}: {min(v for (cb, _), v in per_cell.items() if cb == b):.0f}" for b in reached)
+                f"{b}: {s:.0f}" for b, s in sorted(fewest_per_batch(measured_s).items()))
                 or "none reached the target"))
-            if missing := [b for b in args.batch_sizes if b not in reached]:
-                print(f"no trial reached the target at B = {', '.join(map(str, missing))}: "
-                      f"their S below is interpolated from the others")
+            per_cell = merge_steps(per_cell or {}, measured_s)
+            if missing := [b for b in args.batch_sizes if b not in fewest_per_batch(per_cell)]:
+                print(f"no S at B = {', '.join(map(str, missing))} (no trial reached the target): "
+                      f"interpolated from the others below")
             if per_cell:
                 print_totals(costs, cell_steps(args.batch_sizes, args.optimizers, None, per_cell),
                              spec, args)
-
 
 if __name__ == "__main__":
     main()

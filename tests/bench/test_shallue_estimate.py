@@ -211,20 +211,23 @@ def test_the_real_study_sizes_its_groups_as_the_worker_default_does_on_cuda(tmp_
 
 
 def test_a_probe_runs_the_full_study_s_trials_cut_short(tmp_path):
-    """--max-steps caps the real study's trials but keeps every decaying schedule at the
-    campaign's length, and --run-trials asks fewer trials: the same search space (the
+    """--run-max-steps caps the real run's trials but keeps every decaying schedule at the
+    campaign's length, and --run-* pick a part of the grid: the same search space (the
     quasi-random sampler's points) and the same learning rates, step for step."""
     from study.spec import parse_spec
     from study.tuning import distributions
     from trainers.schedules import SCHEDULES
-    args = parse_args(["--batch-sizes", "16,32", "--run-trials", "8", "--max-steps", "2000",
+    args = parse_args(["--batch-sizes", "16,32,64", "--run-batch-sizes", "32,64", "--run-trials", "8",
+                       "--run-optimizers", "nesterov,sgd", "--run-max-steps", "2000",
                        "--data-dir", str(tmp_path)])
     spec = load_spec(args.campaign)
     args.optimizers = list(spec.optimizers)
     probe = parse_spec(study_spec_text(spec, args), "probe")
     assert (probe.max_steps, probe.trials_per_cell, args.trials) == (2000, 8, 50)
-    assert probe.name.endswith("_t8_s2000") and probe.schedules == spec.schedules == ("linear_decay",)
-    for optimizer in spec.optimizers:
+    assert (probe.batch_sizes, probe.optimizers) == ((32, 64), ("nesterov", "sgd"))
+    assert probe.name == spec.name + "_b32-64_t8_s2000"
+    assert probe.schedules == spec.schedules == ("linear_decay",)
+    for optimizer in probe.optimizers:
         ours, theirs = probe.cell_space(optimizer, "linear_decay"), spec.cell_space(optimizer, "linear_decay")
         assert distributions(ours) == distributions(theirs)
         assert {p.name: p.value for p in ours if p.is_fixed} == {"decay_steps": spec.max_steps}
@@ -232,35 +235,48 @@ def test_a_probe_runs_the_full_study_s_trials_cut_short(tmp_path):
     cut = SCHEDULES["linear_decay"].build({"end_factor": 0.01, "decay_steps": spec.max_steps}, max_steps=2000)
     assert [cut(t, 0.0) for t in (0, 1000, 1999)] == [full(t, 0.0) for t in (0, 1000, 1999)]
     assert full(1999, 0.0) < 1  # it does decay
-    args.max_steps = spec.max_steps + 1
+    args.run_max_steps = spec.max_steps + 1
     with pytest.raises(SystemExit, match="over the campaign's budget"):
         study_spec_text(spec, args)
 
 
-def test_a_probe_on_real_data_reports_its_s_and_the_estimate_from_it(tmp_path, capsys):
-    """End to end on CPU with the real MNIST-10k files: the probe runs through `batchlab
-    run`, and its steps-to-result feed a second estimate."""
+def test_a_probe_on_real_data_reports_its_s_and_the_estimate_with_the_stored_s(tmp_path, capsys):
+    """End to end on CPU with the real MNIST-10k files: the probe runs at B = 64 through
+    `batchlab run` into --run-storage; the S stored for B = 128 (an imported campaign, as
+    an earlier probe's would be) completes the grid of the second estimate."""
+    import pandas as pd
     from tests.shared_data import MNIST_T10K
+    root = tmp_path / "published"
+    write_study(root, "mnist/simple_cnn", "nesterov_momentum", 128, {
+        1: ("COMPLETE", pd.DataFrame(_rows((40, 0.2), (80, 0.005))), {"learning_rate": 0.1, "momentum": 0.9})})
+    stored = f"sqlite:///{tmp_path / 'stored.db'}"
+    assert batchlab(["import-shallue", str(root), "--storage", stored]) == 0
     text = (load_spec(parse_args([]).campaign).text
             .replace('workload = "mnist_simple_cnn"', 'workload = "mnist10k_simple_cnn"')
             .replace("threshold = 0.01", "threshold = 0.5").replace("eval_every = 20", "eval_every = 10")
             .replace("learning_rate = { low = 1e-4, high = 10.0", "learning_rate = { low = 0.02, high = 0.1"))
     campaign = tmp_path / "probe.toml"
     campaign.write_text(text)
-    main(["--campaign", str(campaign), "--batch-sizes", "64", "--optimizers", "nesterov",
+    probe_db = tmp_path / "probe.db"
+    capsys.readouterr()
+    main(["--campaign", str(campaign), "--batch-sizes", "64,128", "--optimizers", "nesterov",
           "--steps", "2", "--repeats", "1", "--k", "1", "--train-size", "256", "--val-size", "64",
-          "--data-dir", str(MNIST_T10K), "--run", "--run-trials", "2", "--max-steps", "60"])
+          "--from-storage", stored, "--data-dir", str(MNIST_T10K), "--run", "--run-batch-sizes", "64",
+          "--run-trials", "2", "--run-max-steps", "60", "--run-storage", f"sqlite:///{probe_db}"])
     out = capsys.readouterr().out
-    assert re.search(r"--trials-at-once 1$", out, re.M), out
+    assert re.search(rf"--storage sqlite:///{re.escape(str(probe_db))} --trials-at-once 1$", out, re.M), out
     assert "study wall time" in out and "a part of the study, so no verdict" in out, out
     measured = re.search(r"^S\(B\) measured by this run, the fewest over its cells: 64: (\d+)$", out, re.M)
     assert measured, out
     s = int(measured[1])
     assert 10 <= s <= 60 and s % 10 == 0  # an evaluation step within the cap
+    assert "no S at" not in out
     totals = re.findall(r"^total: lower ([\d.]+) min", out, re.M)
-    assert len(totals) == 1, out  # no S before the run, one estimate from the run's S
-    row = re.search(r"^\| 64 \| 1 \| ([\d.]+) \| ([\d.]+) \|", out, re.M)
-    step_ms, eval_ms = float(row[1]), float(row[2])
-    setup = float(re.search(r"^\| 64 \| 1 \| [\d.]+ \| [\d.]+ \| ([\d.]+) \|", out, re.M)[1])
-    lower = (50 * s * step_ms + 50 * math.ceil(s / 10) * eval_ms) / 1000 + 50 * setup  # one cell
-    assert float(totals[0]) == pytest.approx(lower / 60, abs=0.06)
+    assert len(totals) == 2, out  # before the run (B = 64 from B = 128's S) and after it
+
+    def cell_minutes(batch: int, steps: int) -> float:
+        step_ms, eval_ms, setup = map(float, re.search(
+            rf"^\| {batch} \| 1 \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|", out, re.M).groups())
+        return ((50 * steps * step_ms + 50 * math.ceil(steps / 10) * eval_ms) / 1000 + 50 * setup) / 60
+    assert float(totals[0]) == pytest.approx(cell_minutes(64, 80) + cell_minutes(128, 80), abs=0.11)
+    assert float(totals[1]) == pytest.approx(cell_minutes(64, s) + cell_minutes(128, 80), abs=0.11)
