@@ -13,10 +13,16 @@
 #   ../shared/tools/device-wheels.sh
 #   mkdir -p .devdata/datasets && cp -r ../shared/datasets/mnist-t10k .devdata/datasets/
 #   grep -qx '/.devdata/' .git/info/exclude || echo '/.devdata/' >> .git/info/exclude
+#   .venv/bin/python -m bench.fetch_mnist .devdata/datasets/mnist   # full MNIST, for MODE=probe
 # Run with the device tool:  command "bash bench/device_check.sh", carry [".whl", ".devdata"],
 # timeout_s 600 (BUDGET 560 leaves the last step's kill margin). Read the results from the
-# files it brings back. A dry run of the wiring here, on the CPU with small sizes:
-#   DEVICE=cpu SMALL=1 bash bench/device_check.sh
+# files it brings back. ONLY="graphed_step throughput" runs just the steps named.
+# MODE=probe runs, instead of the checks, the data for the Shallue study's verdict: two
+# probes of the study on the full MNIST (its first 8 nesterov trials per cell, cut at
+# 10,000 steps for B = 16..512 and 1,500 for B = 1024..16384), whose steps-to-result feed
+# the estimate; the trials come back in $OUT/probe.db.
+# A dry run of the wiring here, on the CPU with small sizes:
+#   DEVICE=cpu SMALL=1 bash bench/device_check.sh;  DEVICE=cpu SMALL=1 MODE=probe bash bench/device_check.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/batchlab-device-check}
 mkdir -p "$OUT"
@@ -36,6 +42,7 @@ DEADLINE=${BUDGET:-560}  # seconds from the script's start (bash's SECONDS)
 step() {  # step NAME SECONDS COMMAND...: run it under a limit, keep its output, show its tail
   local name=$1 limit=$2 left=$((DEADLINE - SECONDS))
   shift 2
+  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
   if [ "$left" -lt 20 ]; then echo "== $name skipped: ${left}s left"; return; fi
   [ "$limit" -gt "$left" ] && limit=$left
   echo "== $name (limit ${limit}s, at ${SECONDS}s)"
@@ -64,10 +71,35 @@ else
          tests/trainers/test_loop.py::test_build_model_draws_on_its_device_from_the_seed_alone)
 fi
 
+FULL=.devdata/datasets/mnist  # bench.fetch_mnist's copy of the full MNIST
+PROBE=(--device "$DEVICE" --steps 20 --repeats 1 --data-dir "$FULL" --run --run-optimizers nesterov
+       --run-trials 8 --run-storage "sqlite:///$OUT/probe.db")
+if [ -n "${SMALL:-}" ]; then
+  PROBE_SMALL=(--batch-sizes 256,512 --measure-batch-sizes 256 --run-batch-sizes 256 --run-trials 1
+               --run-max-steps 20 --k 1)
+  PROBE_LARGE=(--batch-sizes 256,512 --measure-batch-sizes 512 --run-batch-sizes 512 --run-trials 1
+               --run-max-steps 20 --k 1)
+  SMALL_NAME=shallue2018_mnist_simple_cnn_b256-256_t1_s20
+else
+  PROBE_SMALL=(--measure-batch-sizes 16,512 --run-batch-sizes 16,32,64,128,256,512 --run-max-steps 10000)
+  PROBE_LARGE=(--measure-batch-sizes 16,256,4096,16384 --run-batch-sizes 1024,2048,4096,8192,16384
+               --run-max-steps 1500)
+  SMALL_NAME=shallue2018_mnist_simple_cnn_b16-512_t8_s10000
+fi
+
 step env 20 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; $PY -c '
 import torch, torchvision, optuna, sqlalchemy
 print(torch.__version__, torchvision.__version__, optuna.__version__, sqlalchemy.__version__)
 print(torch.cuda.is_available() and torch.cuda.get_device_name())'"
+if [ "${MODE:-checks}" = probe ]; then
+  rm -f "$OUT/probe.db"
+  step probe_small 240 $PY -m bench.shallue_estimate "${PROBE[@]}" "${PROBE_SMALL[@]}"
+  # The second estimate has every batch size's S: the first probe's from its database.
+  step probe_large 300 $PY -m bench.shallue_estimate "${PROBE[@]}" "${PROBE_LARGE[@]}" \
+    --from-storage "sqlite:///$OUT/probe.db" --campaign-name "$SMALL_NAME"
+  ls -l "$OUT"
+  exit 0
+fi
 # Correctness first: a fast number from a broken compiled path means nothing. No -x: one
 # call should report every failure.
 step gpu_tests 130 env BATCHLAB_COMPILE_TESTS=1 $PY -m pytest -q -rfE -p no:cacheprovider "${TESTS[@]}"

@@ -521,7 +521,8 @@ def main(argv=None) -> None:
                 f"{b}: {s:.0f}" for b, s in sorted(fewest_per_batch(measured_s).items()))
                 or "none reached the target"))
             per_cell = merge_steps(per_cell or {}, measured_s)
-            if missing := [b for b in args.batch_sizes if b not in fewest_per_batch(per_cell)]:
+            missing = [b for b in args.batch_sizes if b not in fewest_per_batch(per_cell)]
+            if per_cell and missing:
                 print(f"no S at B = {', '.join(map(str, missing))} (no trial reached the target): "
                       f"interpolated from the others below")
             if per_cell:
