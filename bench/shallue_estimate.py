@@ -20,7 +20,11 @@ wall time is per-group setup (building K models, stacking them):
 The model (per cell = batch size x optimizer, T trials, budget M steps, evaluation every E):
     lower = T x min(S, M) trial-steps and T x ceil(min(S, M) / E) evaluations: every trial
             stops exactly at S, the cell's steps-to-result (the best case of batchlab's
-            pruning; trials that diverge sooner would make it lower still);
+            pruning; trials that diverge sooner would make it lower still). Pruning needs a
+            result to prune against: in the study, the trials that run before their cell's
+            first success stop only at their own result, divergence or M. A probe (--run
+            with --run-trials / --run-max-steps) runs the study's first trials and shows
+            how long those take;
     upper = T x M trial-steps and T x ceil(M / E) evaluations: nothing stops early;
     time  = trial-steps x ms/trial-step + evaluations x ms/evaluation + ceil(T / K) x setup.
 S (steps-to-result) needs the data: give it per batch size (--steps-to-result, interpolated
