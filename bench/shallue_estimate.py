@@ -365,7 +365,6 @@ def study_command(folder: Path, args, k_max: int, on_cuda: bool) -> list[str]:
 def run_study(spec, args, k_max: int) -> tuple[str, str] | None:
     """Run (with --run) or print the real study; returns its (storage URL, campaign name)
     once it has run."""
-    from study.spec import parse_spec
     from trainers.data.errors import DataError
     from trainers.workloads import DataOptions, get_workload
     try:
@@ -374,8 +373,7 @@ def run_study(spec, args, k_max: int) -> tuple[str, str] | None:
         print(f"\nthe real study needs MNIST's files in --data-dir ({exc}); not run")
         return None
     folder = Path(tempfile.mkdtemp(prefix="shallue_study_"))
-    text = study_spec_text(spec, args)
-    (folder / "study.toml").write_text(text)
+    (folder / "study.toml").write_text(study_spec_text(spec, args))
     from trainers.loop import resolve_device
     command = study_command(folder, args, k_max, resolve_device(args.device).type == "cuda")
     print("\nthe real study:\n  batchlab " + shlex.join(command[3:]))
@@ -390,7 +388,7 @@ def run_study(spec, args, k_max: int) -> tuple[str, str] | None:
     verdict = (f"target < {TARGET_MINUTES:g} min: {'met' if minutes < TARGET_MINUTES else 'missed'}"
                if full else "a part of the study, so no verdict")
     print(f"study wall time: {minutes:.1f} min (exit {done.returncode}; {verdict})")
-    return command[command.index("--storage") + 1], parse_spec(text).name
+    return command[command.index("--storage") + 1], run_name(spec, run)
 
 
 # ----- command line ---------------------------------------------------------------------
