@@ -87,8 +87,8 @@ CASES = [
     ("unknown_storage_driver", "create", other(TINY_SPEC),
      f"postgresql+nodriver://nobody:{PASSWORD}@127.0.0.1/x", None, "driver"),
     ("missing_data_dir", "create", other(MNIST_SPEC), None, "missing", "file not found"),
-    ("corrupt_data_file", "create", other(MNIST_SPEC), None, "corrupt", "not an IDX file"),
-    ("truncated_data_file", "create", other(MNIST_SPEC), None, "truncated", "truncated"),
+    ("corrupt_data_file", "create", other(MNIST_SPEC), None, "corrupt", "md5 mismatch (expected content"),
+    ("truncated_data_file", "create", other(MNIST_SPEC), None, "truncated", "md5 mismatch (expected content"),
     ("checksum_mismatch", "create", other(MNIST_SPEC), None, "checksum", "md5"),
     ("unknown_device_on_run", "run --device bogus", other(TINY_SPEC), None, None,
      "--device 'bogus': not a device"),
@@ -166,7 +166,7 @@ def prepare_data(kind: str | None, folder: Path) -> Path | None:
         raw[-100] ^= 0xFF
         (data / f"{images}.gz").write_bytes(bytes(raw))
         return data
-    # Unpacked files carry no md5: the reader checks their header and length.
+    # Unpacked files are checked by their content's md5.
     raw = gzip.decompress((MNIST_T10K / f"{images}.gz").read_bytes())
     if kind == "corrupt":
         raw = b"\x00\x00\x99\x99" + raw[4:]

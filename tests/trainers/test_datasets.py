@@ -166,6 +166,9 @@ def test_truncated_raw_file_names_the_file(tmp_path):
         load_mnist_splits(tmp_path, val_size=5)
     with pytest.raises(DataError, match="train-images-idx3-ubyte: truncated"):  # no checksums:
         load_mnist_splits(tmp_path, val_size=5, md5s={})  # the header still tells
+    target.write_bytes(b"\x00\x00\x99\x99" + target.read_bytes()[4:])
+    with pytest.raises(DataError, match="train-images-idx3-ubyte: not an IDX file"):
+        load_mnist_splits(tmp_path, val_size=5, md5s={})
 
 
 @pytest.mark.parametrize("load", [load_mnist_splits, load_mnist_t10k_splits, load_fashion_mnist_splits,
