@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Issue 9's GPU checks as one script for a session that is lent a device (15 minutes of
 # device time in all, a machine start included, 10 minutes per command): the GPU trainer
-# tests with compilation, trial throughput of the MNIST MLP and simple CNN on CUDA, the
-# graphed step's write-back (bench.graphed_step), and the Shallue MNIST study estimate.
+# tests with compilation, the graphed step's write-back (bench.graphed_step), the
+# large-batch step compiled or not (bench.conv_stacking), the Shallue MNIST study
+# estimate, the worker's default K, and trial throughput of the MNIST MLP and simple CNN.
 # Each step has its own time limit, cut to what is left of the script's BUDGET seconds
 # (default 560; a step with under 20 s left is skipped), and writes $OUT/<step>.txt, so a
 # step that runs long costs only itself. The device's image has torch, torchvision,
@@ -60,12 +61,14 @@ if [ -n "${SMALL:-}" ]; then  # the dry run: every command, tiny
   SE=(--batch-sizes 16,32,64 --measure-batch-sizes 16,64 --trials 2 --train-size 512 --val-size 256)
   TESTS=(tests/trainers/test_cuda_graphs.py)
   GS=(--k 2 --steps 2 --repeats 1)
+  CS=(--cells 64:1 --compile-cells 64:1 --iters 2 --repeats 1)
 else
   TP=(--batch-sizes 16,128 --ks 8,32 --steps 200 --repeats 2 --sequential-trials 2)
   TP_512=(--batch-sizes 512 --ks 8 --steps 100 --repeats 1 --sequential-trials 1)
   TP_LARGE=(--batch-sizes 1024 --ks 8,32 --steps 100 --repeats 1 --sequential-trials 2)
   SE=(--measure-batch-sizes 16,256,4096,16384 --profile)
   GS=(--k 32 --batch-size 16 --steps 50 --repeats 3)
+  CS=(--cells 4096:1,16384:1 --compile-cells 4096:1,16384:1 --iters 10 --repeats 2)
   TESTS=(tests/trainers/test_cuda_graphs.py tests/trainers/test_vectorized.py
          tests/trainers/test_vectorized_conv.py tests/trainers/test_vectorized_bn.py
          tests/trainers/test_loop.py::test_build_model_draws_on_its_device_from_the_seed_alone)
@@ -103,6 +106,13 @@ fi
 # Correctness first: a fast number from a broken compiled path means nothing. No -x: one
 # call should report every failure.
 step gpu_tests 130 env BATCHLAB_COMPILE_TESTS=1 $PY -m pytest -q -rfE -p no:cacheprovider "${TESTS[@]}"
+# The compiled step CUDA graphs replay, its write-back copied after it or compiled into it.
+step graphed_step 90 $PY -m bench.graphed_step --device "$DEVICE" "${GS[@]}"
+# The large-batch step, a study's most expensive cells (one trial at a time there, eager):
+# what torch.compile of the plain model's step would gain, never measured yet.
+step conv_compiled 120 $PY -m bench.conv_stacking --device "$DEVICE" "${CS[@]}"
+step shallue_estimate 90 $PY -m bench.shallue_estimate --device "$DEVICE" --steps 20 --repeats 1 \
+  --data-dir /nonexistent "${SE[@]}"
 # The worker's default on CUDA (--trials-at-once auto): the K it picks per cell (its log's
 # first lines) and a few groups trained through SQLite end to end.
 step worker_auto 90 bash -c "rm -f /tmp/bl-auto.db && $PY -m study.cli campaign create examples/demo_digits.toml \
@@ -113,10 +123,6 @@ step worker_auto 90 bash -c "rm -f /tmp/bl-auto.db && $PY -m study.cli campaign 
   echo \"a device it lacks: exit \$? (2 expected)\""
 step throughput 260 $PY -m bench.trial_throughput --device "$DEVICE" --data-dir "$DATA" \
   --workloads mnist10k_mlp,mnist10k_simple_cnn --no-vmap-rows "${TP[@]}"
-# The compiled step CUDA graphs replay, its write-back copied after it or compiled into it.
-step graphed_step 90 $PY -m bench.graphed_step --device "$DEVICE" "${GS[@]}"
-step shallue_estimate 90 $PY -m bench.shallue_estimate --device "$DEVICE" --steps 20 --repeats 1 \
-  --data-dir /nonexistent "${SE[@]}"
 # The largest batch CUDA graphs replay (_GRAPH_MAX_BATCH), with and without them.
 step throughput_512 80 $PY -m bench.trial_throughput --device "$DEVICE" --data-dir "$DATA" \
   --workloads mnist10k_mlp,mnist10k_simple_cnn --no-vmap-rows "${TP_512[@]}"
