@@ -280,3 +280,22 @@ def test_a_probe_on_real_data_reports_its_s_and_the_estimate_with_the_stored_s(t
         return ((50 * steps * step_ms + 50 * math.ceil(steps / 10) * eval_ms) / 1000 + 50 * setup) / 60
     assert float(totals[0]) == pytest.approx(cell_minutes(64, 80) + cell_minutes(128, 80), abs=0.11)
     assert float(totals[1]) == pytest.approx(cell_minutes(64, s) + cell_minutes(128, 80), abs=0.11)
+
+
+def test_the_fixed_configuration_campaign_is_the_study_s_schedule_at_sqrt_scaled_rates():
+    """bench/shallue_mnist_fixed.toml: one trial per batch size whose learning rate is
+    0.03 x sqrt(B / 128) and whose linear decay is the study's (100,000 steps)."""
+    from pathlib import Path
+    from study.resolve import resolve_trial_config
+    from study.tuning import hparams_from_optuna
+    fixed = load_spec(Path(__file__).resolve().parents[2] / "bench" / "shallue_mnist_fixed.toml")
+    study = load_spec(parse_args([]).campaign)
+    assert (fixed.workload, fixed.target, fixed.eval_every) == (study.workload, study.target, study.eval_every)
+    rates = {}
+    for batch in fixed.batch_sizes:
+        fixed_values = hparams_from_optuna(fixed.cell_space("nesterov", "linear_decay"), {})
+        config = resolve_trial_config(fixed, batch_size=batch, optimizer="nesterov", schedule="linear_decay",
+                                      seed=0, device="cpu", hparams=fixed_values)
+        assert config.hparams["decay_steps"] == study.max_steps and config.hparams["momentum"] == 0.9
+        rates[batch] = config.hparams["learning_rate"]
+    assert rates == pytest.approx({16: 0.03 / math.sqrt(8), 128: 0.03, 1024: 0.03 * math.sqrt(8)})
