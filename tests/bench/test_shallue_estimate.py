@@ -284,7 +284,7 @@ def test_a_probe_on_real_data_reports_its_s_and_the_estimate_with_the_stored_s(t
 
 def test_the_fixed_configuration_campaign_is_the_study_s_schedule_at_sqrt_scaled_rates():
     """bench/shallue_mnist_fixed.toml: one trial per batch size whose learning rate is
-    0.03 x sqrt(B / 128) and whose linear decay is the study's (100,000 steps)."""
+    0.0175 x sqrt(B / 128) and whose linear decay is the study's (100,000 steps)."""
     from pathlib import Path
     from study.resolve import resolve_trial_config
     from study.tuning import hparams_from_optuna
@@ -298,4 +298,4 @@ def test_the_fixed_configuration_campaign_is_the_study_s_schedule_at_sqrt_scaled
                                       seed=0, device="cpu", hparams=fixed_values)
         assert config.hparams["decay_steps"] == study.max_steps and config.hparams["momentum"] == 0.9
         rates[batch] = config.hparams["learning_rate"]
-    assert rates == pytest.approx({16: 0.03 / math.sqrt(8), 128: 0.03, 1024: 0.03 * math.sqrt(8)})
+    assert rates == pytest.approx({16: 0.0175 / math.sqrt(8), 128: 0.0175, 1024: 0.0175 * math.sqrt(8)})
