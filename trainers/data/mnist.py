@@ -66,7 +66,7 @@ def read_idx(path: Path, md5s: Mapping[str, str]) -> np.ndarray:
         with (gzip.open if gzipped else open)(path, "rb") as handle:
             raw = handle.read()
     except (OSError, EOFError, zlib.error) as exc:
-        if content_md5:  # a damaged archive of a known file
+        if gzipped and content_md5:  # a damaged archive of a known file
             raise md5_mismatch(path, f"cannot be unpacked: {exc}") from exc
         raise DataError(f"{path}: cannot be read ({exc}); delete it and download it again") from exc
     if content_md5 and not verified and hashlib.md5(raw).hexdigest() != content_md5:
