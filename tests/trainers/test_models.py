@@ -70,6 +70,36 @@ def test_forward_backward_tiny_batch(build, shape, classes):
     assert sum(g.abs().sum() for g in grads) > 0
 
 
+def test_simple_cnn_pooling_before_relu_is_exactly_relu_before_pooling():
+    """SimpleCNN pools before each ReLU; the textbook order (conv, ReLU, pool) with the
+    same weights gives the same logits and gradients bit for bit, ties included (a ReLU
+    zeroes many inputs of a pooling window; integer-valued weights make equal maxima)."""
+    torch.manual_seed(0)
+    model = SimpleCNN(channels=(4, 6), hidden=16)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randint(-2, 3, p.shape))  # integers: many exactly equal activations
+    conv1, pool1, relu1, conv2, pool2, relu2 = model.features
+    assert (type(pool1), type(relu1)) == (nn.MaxPool2d, nn.ReLU)
+    textbook = nn.Sequential(nn.Sequential(conv1, relu1, pool1, conv2, relu2, pool2), model.classifier)
+    x = torch.randint(-3, 4, (8, 1, 28, 28)).float()
+    y = torch.arange(8) % 10
+    results = []
+    for net in (model, textbook):
+        net.zero_grad()
+        logits = net(x)
+        nn.functional.cross_entropy(logits, y).backward()
+        results.append([logits.detach()] + [p.grad.clone() for p in model.parameters()])
+    with torch.no_grad():
+        windows = conv1(x).unfold(2, 2, 2).unfold(3, 2, 2).flatten(-2)  # (B, C, 14, 14, 4)
+        top = windows.max(-1, keepdim=True).values
+        tied = ((windows == top).sum(-1) > 1) & (top.squeeze(-1) > 0)
+        assert tied.any() and (top <= 0).any()  # positive maxima tied, and all-negative windows
+    for ours, theirs in zip(*results):
+        assert torch.equal(ours, theirs)
+    assert any(g.abs().sum() > 0 for g in results[0][1:])
+
+
 @pytest.mark.parametrize("build", [
     lambda g: KeskarF1(ghost_batch_size=g), lambda g: KeskarC1(ghost_batch_size=g),
     lambda g: CifarResNet(20, ghost_batch_size=g), lambda g: WideResNet(16, 4, ghost_batch_size=g),

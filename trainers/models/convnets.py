@@ -17,6 +17,11 @@ class SimpleCNN(nn.Module):
     linear output. Base widths 32 and 64 filters, 1024 hidden units (Shallue also vary
     them, hence the arguments); no batch norm, no dropout. 3,274,634 parameters at the
     base widths on 28x28x1 inputs.
+
+    Each block pools before its ReLU: max-pooling and ReLU commute exactly (both take
+    maxima, ties included), so the outputs and the gradients are bit for bit those of
+    conv -> ReLU -> pool, with the ReLU's forward and backward passes on a quarter of the
+    elements (at B = 16,384 the first block's activation is 822 MB in bf16).
     """
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28,
@@ -24,10 +29,10 @@ class SimpleCNN(nn.Module):
         super().__init__()
         first, second = channels
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, first, 5, padding=2), nn.ReLU(),  # (B, 32, 28, 28)
-            nn.MaxPool2d(2, 2),  # (B, 32, 14, 14)
-            nn.Conv2d(first, second, 5, padding=2), nn.ReLU(),  # (B, 64, 14, 14)
-            nn.MaxPool2d(2, 2),  # (B, 64, 7, 7)
+            nn.Conv2d(in_channels, first, 5, padding=2),  # (B, 32, 28, 28)
+            nn.MaxPool2d(2, 2), nn.ReLU(),  # (B, 32, 14, 14)
+            nn.Conv2d(first, second, 5, padding=2),  # (B, 64, 14, 14)
+            nn.MaxPool2d(2, 2), nn.ReLU(),  # (B, 64, 7, 7)
         )
         pooled = image_size // 4
         self.classifier = nn.Sequential(
