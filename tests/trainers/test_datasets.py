@@ -206,6 +206,35 @@ def test_download_true_goes_through_torchvision(tmp_path, monkeypatch):
     assert calls == [(str(tmp_path), True, True), (str(tmp_path), False, True)]
 
 
+def test_download_true_skips_files_that_load(tmp_path, monkeypatch):
+    """With download on, data already in place (any layout the loader reads) is loaded,
+    not fetched again: offline that fetch would fail, online it would overwrite the files.
+    Only what is missing or fails the checks is fetched, and then loaded again."""
+    import torchvision.datasets as tvd
+
+    calls = []
+
+    def fake(root, train=True, download=False):
+        calls.append((root, train))
+        if not (Path(root) / "MNIST" / "raw").exists():
+            write_idx_dataset(Path(root), "MNIST")  # what a download leaves
+
+    monkeypatch.setattr(tvd, "MNIST", fake)
+    md5s, arrays = write_idx_dataset(tmp_path / "there", "MNIST")
+    splits = load_mnist_splits(tmp_path / "there", download=True, val_size=5, md5s=md5s)
+    assert calls == [] and splits.test_x.shape == (12, 1, 28, 28)
+    flat = tmp_path / "flat"  # the MNIST-10k layout: the t10k pair directly in data_dir
+    flat.mkdir()
+    for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        shutil.copy(tmp_path / "there" / "MNIST" / "raw" / name, flat / name)
+    load_mnist_t10k_splits(flat, download=True, val_size=2, md5s=md5s)
+    assert calls == [] and not (flat / "MNIST").exists()
+    fetched = load_mnist_splits(tmp_path / "empty", download=True, val_size=5,
+                                md5s=write_idx_dataset(tmp_path / "same", "MNIST")[0])
+    assert calls == [(str(tmp_path / "empty"), True), (str(tmp_path / "empty"), False)]
+    assert torch.equal(fetched.test_x[:, 0], torch.from_numpy(arrays["t10k"][0]))
+
+
 def test_download_failure_is_one_data_error_line(tmp_path, monkeypatch):
     import torchvision.datasets as tvd
 
@@ -404,6 +433,10 @@ def test_imagenet_missing_and_download_errors(tmp_path):
         load_imagenet_splits(tmp_path, val_size=1)
     with pytest.raises(DataError, match="cannot be downloaded automatically"):
         load_imagenet_splits(tmp_path, val_size=1, download=True)
+    present = tmp_path / "present"  # in place already: download = true loads it
+    write_image_folder(present, {"train": 2, "val": 1})
+    assert load_imagenet_splits(present, resolution=4, val_size=1, num_workers=1,
+                                download=True).test_x.shape == (3, 3, 4, 4)
     write_image_folder(tmp_path, {"train": 2})
     (tmp_path / "val").mkdir()
     shutil.copytree(tmp_path / "train" / "n01", tmp_path / "val" / "n09")

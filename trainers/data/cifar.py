@@ -16,9 +16,8 @@ from typing import Mapping
 
 import numpy as np
 
-from trainers.data.download import check_md5, download_cifar10, download_cifar100
+from trainers.data.download import check_md5, download_cifar10, download_cifar100, load_or_download
 from trainers.data.errors import DataError
-from trainers.data.mnist import maybe_download
 from trainers.data.splits import ArraySplits, as_tensors, carve_validation
 
 CIFAR10_FOLDER = "cifar-10-batches-py"
@@ -89,15 +88,13 @@ def load_cifar10_splits(data_dir: str | Path, *, split_seed: int = 0, val_size: 
                         test_md5s: Mapping[str, str | None] = CIFAR10_TEST_FILES) -> ArraySplits:
     """CIFAR-10: 45,000 train / 5,000 validation / 10,000 test, uint8 (N, 3, 32, 32).
     `train_md5s`/`test_md5s` name the batch files and their md5 (torchvision's by default)."""
-    maybe_download(download, data_dir, download_cifar10)
-    return _load_cifar(Path(data_dir), CIFAR10_FOLDER, train_md5s, test_md5s, "labels", 10,
-                       split_seed, val_size)
+    return load_or_download(download, data_dir, download_cifar10, lambda: _load_cifar(
+        Path(data_dir), CIFAR10_FOLDER, train_md5s, test_md5s, "labels", 10, split_seed, val_size))
 
 
 def load_cifar100_splits(data_dir: str | Path, *, split_seed: int = 0, val_size: int = CIFAR_VAL_SIZE,
                          download: bool = False, train_md5s: Mapping[str, str | None] = CIFAR100_TRAIN_FILES,
                          test_md5s: Mapping[str, str | None] = CIFAR100_TEST_FILES) -> ArraySplits:
     """CIFAR-100 (fine labels): 45,000 train / 5,000 validation / 10,000 test."""
-    maybe_download(download, data_dir, download_cifar100)
-    return _load_cifar(Path(data_dir), CIFAR100_FOLDER, train_md5s, test_md5s, "fine_labels", 100,
-                       split_seed, val_size)
+    return load_or_download(download, data_dir, download_cifar100, lambda: _load_cifar(
+        Path(data_dir), CIFAR100_FOLDER, train_md5s, test_md5s, "fine_labels", 100, split_seed, val_size))

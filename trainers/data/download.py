@@ -9,9 +9,26 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 from trainers.data.errors import DataError
+
+T = TypeVar("T")
+
+
+def load_or_download(download: bool, data_dir: str | Path, fetch: Callable[[Path], None],
+                     load: Callable[[], T]) -> T:
+    """`load()`; with `download` on, files that are missing or fail the loader's checks
+    are fetched (`fetch(data_dir)`) and loaded again. Files already there that load are
+    never downloaded again, so `download = true` works offline once the data is in place,
+    in any layout and compression the loader accepts."""
+    if not download:
+        return load()
+    try:
+        return load()
+    except DataError:
+        fetch(Path(data_dir))
+    return load()
 
 
 def md5_of(path: Path) -> str:

@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping
 
-from trainers.data.download import download_fashion_mnist
-from trainers.data.mnist import load_idx_splits, maybe_download
+from trainers.data.download import download_fashion_mnist, load_or_download
+from trainers.data.mnist import load_idx_splits
 from trainers.data.splits import ArraySplits
 
 # md5 sums by file name: the .gz archives torchvision downloads
@@ -36,5 +36,5 @@ def load_fashion_mnist_splits(data_dir: str | Path, *, split_seed: int = 0,
                               val_size: int = FASHION_MNIST_VAL_SIZE, download: bool = False,
                               md5s: Mapping[str, str] = FASHION_MNIST_FILES) -> ArraySplits:
     """55,000 train / 5,000 validation / 10,000 test, uint8 (N, 1, 28, 28)."""
-    maybe_download(download, data_dir, download_fashion_mnist)
-    return load_idx_splits(data_dir, "FashionMNIST", md5s, split_seed=split_seed, val_size=val_size)
+    return load_or_download(download, data_dir, download_fashion_mnist, lambda: load_idx_splits(
+        data_dir, "FashionMNIST", md5s, split_seed=split_seed, val_size=val_size))

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainers.data.download import download_imagenet
+from trainers.data.download import download_imagenet, load_or_download
 from trainers.data.errors import DataError
 from trainers.data.splits import ArraySplits, carve_validation
 from trainers.data.subsets import choose_classes, class_subset_indices, example_subset_indices
@@ -131,9 +131,8 @@ def load_imagenet_splits(data_dir: str | Path, *, resolution: int = 64, split_se
     validation, and the official val images as test. `num_classes` keeps that many classes
     (drawn with `subset_seed`, labels re-indexed); `train_fraction` keeps a stratified
     fraction of the training images. Memory: N * 3 * R * R bytes (R=64: 12 KiB an image)."""
-    if download:
-        download_imagenet(data_dir)
-    train, test = _subset_lists(*_scan_splits(Path(data_dir)), num_classes, train_fraction, subset_seed)
+    scanned = load_or_download(download, data_dir, download_imagenet, lambda: _scan_splits(Path(data_dir)))
+    train, test = _subset_lists(*scanned, num_classes, train_fraction, subset_seed)
     index = np.arange(len(train.paths))
     train_idx, _, val_idx, _ = carve_validation(index, train.labels, val_size, split_seed)
     parts = [train.take(train_idx), train.take(val_idx), test]

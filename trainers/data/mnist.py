@@ -18,11 +18,11 @@ import gzip
 import hashlib
 import zlib
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Mapping
 
 import numpy as np
 
-from trainers.data.download import download_mnist, md5_mismatch, md5_of
+from trainers.data.download import download_mnist, load_or_download, md5_mismatch, md5_of
 from trainers.data.errors import DataError
 from trainers.data.splits import ArraySplits, as_tensors, carve_validation
 
@@ -112,18 +112,13 @@ def load_idx_splits(data_dir: str | Path, folder: str, md5s: Mapping[str, str], 
     return ArraySplits(*as_tensors(train_x, train_y, val_x, val_y, test_x, test_y), num_classes=10)
 
 
-def maybe_download(download: bool, data_dir: str | Path, fetch: Callable[[Path], None]) -> None:
-    if download:
-        fetch(Path(data_dir))
-
-
 def load_mnist_t10k_splits(data_dir: str | Path, *, split_seed: int = 0,
                            val_size: int = MNIST_T10K_VAL_SIZE, download: bool = False,
                            md5s: Mapping[str, str] = MNIST_FILES) -> ArraySplits:
     """The 10,000 official test images only: (10,000 - val_size) train / val_size
     validation by a fixed-seed permutation; the validation split doubles as test."""
-    maybe_download(download, data_dir, download_mnist)
-    images, labels = read_idx_pair(Path(data_dir), "t10k", "MNIST", md5s)
+    images, labels = load_or_download(download, data_dir, download_mnist,
+                                      lambda: read_idx_pair(Path(data_dir), "t10k", "MNIST", md5s))
     train_x, train_y, val_x, val_y = carve_validation(images, labels, val_size, split_seed)
     return ArraySplits(*as_tensors(train_x, train_y, val_x, val_y, val_x, val_y), num_classes=10)
 
@@ -134,5 +129,5 @@ def load_mnist_splits(data_dir: str | Path, *, split_seed: int = 0,
     """MNIST as in Shallue et al.: 55,000 train / 5,000 validation / 10,000 test.
     `md5s` maps file names (.gz archives and unpacked) to their md5 (the originals' by
     default)."""
-    maybe_download(download, data_dir, download_mnist)
-    return load_idx_splits(data_dir, "MNIST", md5s, split_seed=split_seed, val_size=val_size)
+    return load_or_download(download, data_dir, download_mnist, lambda: load_idx_splits(
+        data_dir, "MNIST", md5s, split_seed=split_seed, val_size=val_size))
