@@ -113,8 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="create SPEC's campaign and run N local workers to the end")
     run.add_argument("spec")
-    run.add_argument("--workers", type=int, default=1)
-    run.add_argument("--device", default="auto")
+    run.add_argument("--workers", type=int, default=1, help="local worker processes (default 1)")
+    run.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N, for every worker (default: auto)")
     run.add_argument("--figure", default=None, help="write the scaling figure here (.png or .svg)")
     run.add_argument("--threads", type=int, default=None,
                      help="CPU threads for each worker's torch (default: cores / workers)")
@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     _storage_arg(run)
     run.set_defaults(handler=cmd_run)
 
-    status = commands.add_parser("status", help="progress per cell")
+    status = commands.add_parser("status", help="progress per cell (first abandons and re-queues trials whose worker is silent)")
     status.add_argument("--campaign", default=None)
     status.add_argument("--grace", type=float, default=60.0, help=(
         "abandon (and re-queue) running trials silent for this many seconds (default 60)"))
@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     dashboard = commands.add_parser("dashboard", help="open the Streamlit dashboard on the storage")
     dashboard.add_argument("--address", default="localhost",
                            help="bind address (default localhost; the app has no login)")
-    dashboard.add_argument("--port", type=int, default=8501)
+    dashboard.add_argument("--port", type=int, default=8501, help="default 8501")
     _storage_arg(dashboard)
     dashboard.set_defaults(handler=cmd_dashboard)
 
@@ -318,6 +318,7 @@ def cmd_run(args) -> int:
     if any(codes):
         print(f"error: worker exit codes {codes}", file=sys.stderr)
         return codes[0] if codes[0] else 1
+    print()
     _print_results(engine, spec.name, "table")
     if args.figure:
         path = _write_figure(engine, spec.name, args.figure, "steps_to_result")
@@ -357,7 +358,7 @@ def _print_results(engine, name: str, fmt: str) -> None:
     info = _info(engine, name)
     table = cell_table(engine, info)
     if fmt == "table":
-        print(f"\n{info.name}: {info.workload}, target {info.target_text}, "
+        print(f"{info.name}: {info.workload}, target {info.target_text}, "
               f"evaluated every {info.eval_every} steps")
     print(format_table(table, fmt))
 

@@ -45,8 +45,8 @@ def scaling_frame(table: pd.DataFrame, y: str = "steps_to_result") -> pd.DataFra
 def scaling_chart(table: pd.DataFrame, *, workload: str, target: str, eval_every: int,
                   y: str = "steps_to_result", width: int = 520, height: int = 360) -> alt.Chart:
     frame = scaling_frame(table, y)
-    x = alt.X("batch_size:Q", title="Batch size",
-              scale=alt.Scale(type="log", base=2), axis=alt.Axis(tickCount=12))
+    x = alt.X("batch_size:Q", title="Batch size", axis=_batch_axis(frame["batch_size"]),
+              scale=alt.Scale(type="log", base=2, domain=_log2_domain(frame["batch_size"]), nice=False))
     y_enc = alt.Y(f"{y}:Q", title=Y_AXES[y], scale=alt.Scale(type="log", base=2))
     color = alt.Color("series:N", title="optimizer / schedule")
     lines = alt.Chart(frame).mark_line(point=True).encode(

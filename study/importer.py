@@ -300,7 +300,8 @@ class ShallueImporter:
             self.stats.studies += 1
             self._import_study(folder, study)
             self._progress(reader)
-        self._progress(reader, force=True)
+        if self.stats.studies:  # else the caller reports that there was nothing to import
+            self._progress(reader, force=True)
         return self.stats
 
     def _warn(self, text: str) -> None:

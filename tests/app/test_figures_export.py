@@ -97,6 +97,17 @@ def test_existing_scaling_chart_still_exports(campaign, tmp_path):
     assert figures.save_chart(chart, tmp_path / "s.png").read_bytes()[:8] == PNG_SIGNATURE
 
 
+def test_scaling_chart_ticks_at_powers_of_two_even_for_two_batch_sizes():
+    """`batchlab figure`'s x axis: ticks at the powers of two the batch sizes span (with
+    two batch sizes a plain log axis ticked at 40, 50, ..., 120)."""
+    import pandas as pd
+    table = pd.DataFrame({"batch_size": [32, 128], "optimizer": "sgd", "schedule": "constant",
+                          "steps_to_result": [400, 150]})
+    x = figures.scaling_chart(table, **CONTEXT).to_dict()["layer"][1]["encoding"]["x"]
+    assert x["axis"]["values"] == [32, 64, 128]
+    assert x["scale"]["domain"] == pytest.approx([32 / 2 ** 0.5, 128 * 2 ** 0.5])
+
+
 def test_perfect_scaling_reference_keeps_examples_constant():
     """Perfect scaling halves the steps when B doubles, so the examples (steps x B) stay
     what they were at the smallest batch size: the dashed line is flat on the examples

@@ -32,6 +32,13 @@ def test_status_prints_whole_steps_and_a_dash_where_no_result(known_db, capsys):
     assert ".0" not in "\n".join(lines[1:])
 
 
+def test_results_table_starts_with_its_title(known_db, capsys):
+    """`results` prints the campaign line first (`| head -1` shows it), then the table."""
+    assert main(["results", "--campaign", CAMPAIGN, "--storage", known_db]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"{CAMPAIGN}: ") and "steps_to_result" in lines[1]
+
+
 @pytest.mark.parametrize("command", [["results"], ["status", *NO_REAPING]])
 def test_unknown_campaign_lists_the_known_ones(known_db, capsys, command):
     assert main([*command, "--campaign", "nope", "--storage", known_db]) == 2

@@ -166,13 +166,14 @@ def test_a_source_without_studies_is_a_one_line_error_and_writes_nothing(archive
     (empty / "README.txt").write_text("no study here")
     database = tmp_path / "none.db"
     url = f"sqlite:///{database}"
-    code, _, err = run(capsys, "import-shallue", str(empty), "--storage", url)
+    code, out, err = run(capsys, "import-shallue", str(empty), "--storage", url)
     assert code == 2 and err.strip().splitlines() == [
         f"error: {empty}: no published studies found (folders dataset/model/optimizer/batch_size "
         f"holding study.json); nothing imported"]
-    code, _, err = run(capsys, "import-shallue", str(archive[1]), "--prefix", "cifar_10/",
-                       "--storage", url)
-    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "imported" not in out  # no "0 cells imported" beside the error
+    code, out, err = run(capsys, "import-shallue", str(archive[1]), "--prefix", "cifar_10/",
+                         "--storage", url)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "imported" not in out
     assert "no published studies found under --prefix cifar_10/" in err
     assert not database.exists()  # not even an empty schema
 

@@ -118,3 +118,11 @@ def test_bad_spec_on_a_fresh_storage_creates_no_database(tmp_path):
     database = tmp_path / "never.db"
     result = batchlab("campaign", "create", str(bad), "--storage", f"sqlite:///{database}")
     assert result.returncode == 2 and not database.exists()
+
+
+def test_readme_campaign_file_is_a_valid_spec():
+    """The campaign file README.md shows (its first toml block) is one users copy."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    text = readme.split("```toml\n", 1)[1].split("```", 1)[0]
+    spec = parse_spec(text, "README.md")
+    assert (spec.name, spec.workload, spec.optimizers) == ("my_digits", "digits_mlp", ("sgd", "momentum"))
