@@ -182,14 +182,19 @@ _USER_ATTRS = optuna_models.TrialUserAttributeModel.__table__
 
 # pop_queued's statements, built once (parameters: study_name, count, datetime_start; ids).
 _WAITING = _TRIALS.alias()  # not correlated with the updated table
+# The first `count` WAITING trials, chosen once: MATERIALIZED, because PostgreSQL may
+# otherwise plan the IN below as a nested-loop semi-join that runs the LIMIT ... SKIP
+# LOCKED subquery again for each outer row, each run skipping the rows already updated,
+# so that one pop took every WAITING trial (seen with statistics that counted none).
+_CANDIDATES = (select(_WAITING.c.trial_id)
+               .where(_WAITING.c.study_id == select(_STUDIES.c.study_id)
+                      .where(_STUDIES.c.study_name == bindparam("study_name")).scalar_subquery(),
+                      _WAITING.c.state == TrialState.WAITING)
+               .order_by(_WAITING.c.number).limit(bindparam("count")).with_for_update(skip_locked=True)
+               .cte("candidates").prefix_with("MATERIALIZED", dialect="postgresql"))
 _POP = (update(_TRIALS)
-        .where(_TRIALS.c.trial_id.in_(
-            select(_WAITING.c.trial_id)
-            .where(_WAITING.c.study_id == select(_STUDIES.c.study_id)
-                   .where(_STUDIES.c.study_name == bindparam("study_name")).scalar_subquery(),
-                   _WAITING.c.state == TrialState.WAITING)
-            .order_by(_WAITING.c.number).limit(bindparam("count")).with_for_update(skip_locked=True)),
-            _TRIALS.c.state == TrialState.WAITING)
+        .where(_TRIALS.c.trial_id.in_(select(_CANDIDATES.c.trial_id)),
+               _TRIALS.c.state == TrialState.WAITING)
         .values(state=TrialState.RUNNING)
         .returning(_TRIALS.c.number, _TRIALS.c.trial_id))
 _FIXED_PARAMS = select(_SYSTEM_ATTRS.c.trial_id, _SYSTEM_ATTRS.c.value_json).where(

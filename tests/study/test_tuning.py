@@ -89,6 +89,30 @@ def test_concurrent_pops_take_every_point_exactly_once(url):
     assert all(params == POINTS[number] for _, number, params in taken)
 
 
+def test_a_pop_takes_at_most_count_whatever_plan_postgresql_picks(request):
+    """With statistics that say no trial is WAITING (e.g. ANALYZEd after earlier campaigns
+    finished), PostgreSQL ran the LIMIT ... SKIP LOCKED subquery once per outer row of a
+    nested-loop semi-join, each run skipping the rows already updated: a pop of 1 took
+    every WAITING trial, and the worker dropped the extras (their points were lost, and
+    drawn points trained in their place). The candidates are now materialised once."""
+    from sqlalchemy import text
+    url = request.getfixturevalue("local_postgres").create_database(f"tuning_{uuid.uuid4().hex[:8]}")
+    storage = optuna_storage(url)
+    study = optuna.create_study(study_name="stats", storage=storage)
+    for i in range(300):
+        study.enqueue_trial({"learning_rate": 1e-3 * (1 + i % 900)})
+    with storage.engine.begin() as connection:
+        connection.execute(text("UPDATE trials SET state = 'COMPLETE'"))
+        connection.execute(text("ANALYZE trials"))
+        connection.execute(text("UPDATE trials SET state = 'WAITING' WHERE number < 3"))
+    dists = {"learning_rate": DISTS["learning_rate"]}
+    assert [a.number for a in pop_queued(storage, "stats", dists, 1)] == [0]
+    assert [a.number for a in pop_queued(storage, "stats", dists, 1)] == [1]
+    with storage.engine.connect() as connection:
+        states = connection.execute(text("SELECT number, state FROM trials WHERE number < 3 ORDER BY number")).all()
+    assert [str(state).rsplit(".", 1)[-1] for _, state in states] == ["RUNNING", "RUNNING", "WAITING"]
+
+
 def test_a_point_lacking_a_parameter_is_refused(tmp_path):
     storage = optuna_storage(f"sqlite:///{tmp_path / 'tuning.db'}")
     study = optuna.create_study(study_name="hand", storage=storage)
