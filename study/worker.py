@@ -295,11 +295,13 @@ class CampaignWorker:
         self.heartbeat.start()
         self.pipeline = StoragePipeline(self.worker_id)
         previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM,)}
+        interrupted = False
         try:
             try:
                 self._loop()
                 self._drain()
             except (Interrupted, KeyboardInterrupt) as exc:
+                interrupted = True  # SIGTERM, or Ctrl-C (which stop_requested does not see)
                 self._stop_all()
                 if not isinstance(exc, Interrupted):
                     raise
@@ -310,7 +312,7 @@ class CampaignWorker:
             self.heartbeat.stop()
             if self.ranks is not None:
                 announce(None)  # the other ranks exit with this one
-            self._retry(lambda: self._set_status("stopped" if self.stop_requested else "finished"),
+            self._retry(lambda: self._set_status("stopped" if interrupted or self.stop_requested else "finished"),
                         "recording the worker's status")
         return self._done
 

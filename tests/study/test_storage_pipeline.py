@@ -212,6 +212,27 @@ def test_a_failed_measurement_write_stops_the_worker(tmp_path, monkeypatch):
     assert queries.workers(engine, campaign_info(engine, "fixed").id)["status"].tolist() == ["finished"]
 
 
+def test_ctrl_c_mid_trial_records_the_worker_stopped(tmp_path):
+    """Ctrl-C (KeyboardInterrupt) abandons the trials as SIGTERM does and propagates; the
+    worker's row says `stopped`, as docs/sql.md promises, not `finished`."""
+    url, engine = campaign(tmp_path, spec_text("ctrlc", batch_sizes=(16,), trials_per_cell=2,
+                                               max_steps=60, eval_every=10), "ctrlc")
+    info = campaign_info(engine, "ctrlc")
+    worker = CampaignWorker(engine, url, "ctrlc", device="cpu", log=lambda line: None)
+    buffer_measurement = worker._buffer_measurement
+
+    def ctrl_c_at_the_second_evaluation(row_id, m):
+        buffer_measurement(row_id, m)
+        if m.step == 20:
+            raise KeyboardInterrupt
+    worker._buffer_measurement = ctrl_c_at_the_second_evaluation
+    with pytest.raises(KeyboardInterrupt):
+        worker.run()
+    assert not worker.stop_requested
+    assert queries.workers(engine, info.id)["status"].tolist() == ["stopped"]
+    assert trial_rows(engine, info.id)["outcome"].tolist()[0] == "abandoned"
+
+
 def test_a_stop_mid_trial_abandons_it_and_gives_the_prefetched_slot_back(tmp_path):
     url, engine = campaign(tmp_path, spec_text("stop", batch_sizes=(16,), trials_per_cell=3,
                                                max_steps=60, eval_every=10), "stop")
