@@ -142,3 +142,20 @@ def test_example_queries_in_the_sql_docs_run(finished_campaign):
         for block in blocks:
             rows = connection.execute(text(block.replace("'demo_digits'", "'tiny'"))).all()
             assert rows, block
+
+
+def test_postgresql_queries_in_the_sql_docs_run(local_postgres):
+    """The ```postgresql blocks of docs/sql.md (PostgreSQL's forms of SQLite-only queries)
+    run on batchlab's schema in PostgreSQL."""
+    import re
+    from pathlib import Path
+    from db.schema import ensure_schema
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "sql.md").read_text()
+    blocks = re.findall(r"```postgresql\n(.*?)```", docs, flags=re.S)
+    assert blocks
+    import uuid
+    engine = make_engine(local_postgres.create_database(f"sqldocs_{uuid.uuid4().hex[:8]}"))
+    ensure_schema(engine)
+    with engine.connect() as connection:
+        for block in blocks:
+            connection.execute(text(block)).all()  # parses, and the types fit the schema
