@@ -1,6 +1,8 @@
 """The papers' models: parameter counts (known answers), shapes, gradients, ghost BN wiring."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -70,34 +72,63 @@ def test_forward_backward_tiny_batch(build, shape, classes):
     assert sum(g.abs().sum() for g in grads) > 0
 
 
-def test_simple_cnn_pooling_before_relu_is_exactly_relu_before_pooling():
-    """SimpleCNN pools before each ReLU; the textbook order (conv, ReLU, pool) with the
-    same weights gives the same logits and gradients bit for bit, ties included (a ReLU
-    zeroes many inputs of a pooling window; integer-valued weights make equal maxima)."""
+def test_simple_cnn_pooling_before_bias_and_relu_is_exactly_the_textbook_order():
+    """SimpleCNN pools before each bias and ReLU; the textbook order (conv with bias, ReLU,
+    pool) with the same weights gives the same logits and gradients bit for bit, ties
+    included (a ReLU zeroes many inputs of a pooling window; integer-valued weights make
+    equal maxima, and exact sums, whichever way a convolution adds its bias)."""
     torch.manual_seed(0)
     model = SimpleCNN(channels=(4, 6), hidden=16)
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randint(-2, 3, p.shape))  # integers: many exactly equal activations
-    conv1, pool1, relu1, conv2, pool2, relu2 = model.features
-    assert (type(pool1), type(relu1)) == (nn.MaxPool2d, nn.ReLU)
-    textbook = nn.Sequential(nn.Sequential(conv1, relu1, pool1, conv2, relu2, pool2), model.classifier)
+    conv1, _, _, conv2, _, _ = model.features
+    textbook_convs = [nn.Conv2d(c.in_channels, c.out_channels, 5, padding=2) for c in (conv1, conv2)]
+    for ours, theirs in zip((conv1, conv2), textbook_convs):
+        theirs.load_state_dict(ours.state_dict())
+    textbook = nn.Sequential(textbook_convs[0], nn.ReLU(), nn.MaxPool2d(2, 2),
+                             textbook_convs[1], nn.ReLU(), nn.MaxPool2d(2, 2),
+                             *copy.deepcopy(model.classifier))
     x = torch.randint(-3, 4, (8, 1, 28, 28)).float()
     y = torch.arange(8) % 10
     results = []
     for net in (model, textbook):
-        net.zero_grad()
         logits = net(x)
         nn.functional.cross_entropy(logits, y).backward()
-        results.append([logits.detach()] + [p.grad.clone() for p in model.parameters()])
+        results.append([logits.detach()] + [p.grad for p in net.parameters()])
     with torch.no_grad():
-        windows = conv1(x).unfold(2, 2, 2).unfold(3, 2, 2).flatten(-2)  # (B, C, 14, 14, 4)
+        windows = textbook_convs[0](x).unfold(2, 2, 2).unfold(3, 2, 2).flatten(-2)  # (B, C, 14, 14, 4)
         top = windows.max(-1, keepdim=True).values
         tied = ((windows == top).sum(-1) > 1) & (top.squeeze(-1) > 0)
         assert tied.any() and (top <= 0).any()  # positive maxima tied, and all-negative windows
+    assert len(results[0]) == len(results[1]) == 1 + 8
     for ours, theirs in zip(*results):
         assert torch.equal(ours, theirs)
     assert any(g.abs().sum() > 0 for g in results[0][1:])
+    assert [k for k in model.state_dict() if k.startswith("features")] == [
+        "features.0.weight", "features.0.bias", "features.3.weight", "features.3.bias"]
+
+
+def test_simple_cnn_matches_the_textbook_order_bit_for_bit_under_bf16_autocast():
+    """With real-valued weights and bf16 autocast (as on CUDA), the logits are bit for bit
+    those of conv, then its bias added as an operation of its own (as cuDNN adds it), ReLU,
+    pool: rounding is monotone, so the bias commutes with the maximum; and the bias joins
+    in bf16, as autocast casts it inside a convolution."""
+    torch.manual_seed(0)
+    model = SimpleCNN(channels=(8, 16), hidden=32)
+    conv1, _, _, conv2, _, _ = model.features
+
+    def textbook(x):
+        for conv in (conv1, conv2):
+            x = nn.functional.conv2d(x, conv.weight, None, padding=2) + conv.bias.to(torch.bfloat16)[:, None, None]
+            x = nn.functional.max_pool2d(torch.relu(x), 2, 2)
+        return model.classifier(x)
+
+    x = torch.rand(16, 1, 28, 28)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, theirs = model(x), textbook(x)
+    assert ours.dtype == torch.bfloat16
+    assert torch.equal(ours, theirs)
 
 
 @pytest.mark.parametrize("build", [

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from trainers.models.ghost_bn import batch_norm_1d, batch_norm_2d
 
@@ -18,21 +19,27 @@ class SimpleCNN(nn.Module):
     them, hence the arguments); no batch norm, no dropout. 3,274,634 parameters at the
     base widths on 28x28x1 inputs.
 
-    Each block pools before its ReLU: max-pooling and ReLU commute exactly (both take
-    maxima, ties included), so the outputs and the gradients are bit for bit those of
-    conv -> ReLU -> pool, with the ReLU's forward and backward passes on a quarter of the
-    elements (at B = 16,384 the first block's activation is 822 MB in bf16).
+    Each block pools before it adds the convolution's bias and applies its ReLU, so that
+    these two and their backward passes touch a quarter of the elements (at B = 16,384
+    the first block's activation is 822 MB in bf16, and cuDNN adds a bias in a pass of its
+    own). That is exactly conv -> + bias -> ReLU -> pool: max-pooling commutes with ReLU
+    (both take maxima, ties included) and with adding a per-channel constant (rounding is
+    monotone). The outputs are bit for bit those of that order with the bias added after
+    the convolution has rounded, as cuDNN adds it (a CPU convolution that accumulates its
+    bias rounds once less), and so are the gradients, except where rounding `x + bias`
+    tied two values of a window: the gradient then goes to the larger `x`, the window's
+    maximum in exact arithmetic.
     """
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28,
                  channels: tuple[int, int] = (32, 64), hidden: int = 1024):
         super().__init__()
         first, second = channels
+        conv1 = _BiasAfterPoolConv2d(in_channels, first, 5, padding=2)  # (B, 32, 28, 28)
+        conv2 = _BiasAfterPoolConv2d(first, second, 5, padding=2)  # (B, 64, 14, 14)
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, first, 5, padding=2),  # (B, 32, 28, 28)
-            nn.MaxPool2d(2, 2), nn.ReLU(),  # (B, 32, 14, 14)
-            nn.Conv2d(first, second, 5, padding=2),  # (B, 64, 14, 14)
-            nn.MaxPool2d(2, 2), nn.ReLU(),  # (B, 64, 7, 7)
+            conv1, nn.MaxPool2d(2, 2), _BiasReLU(conv1),  # (B, 32, 14, 14)
+            conv2, nn.MaxPool2d(2, 2), _BiasReLU(conv2),  # (B, 64, 7, 7)
         )
         pooled = image_size // 4
         self.classifier = nn.Sequential(
@@ -43,6 +50,27 @@ class SimpleCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
+
+
+class _BiasAfterPoolConv2d(nn.Conv2d):
+    """A convolution that leaves its bias to the `_BiasReLU` after its pooling."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight, None, self.stride, self.padding, self.dilation, self.groups)
+
+
+class _BiasReLU(nn.Module):
+    """ReLU(x + the bias of `conv`, per channel). The conv is not a submodule: its bias
+    stays its own parameter, under its own state-dict key, and is read at each call (so
+    `torch.func.functional_call`'s substitutes are used)."""
+
+    def __init__(self, conv: _BiasAfterPoolConv2d):
+        super().__init__()
+        self._conv = (conv,)  # a tuple: not registered as a submodule
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self._conv[0].bias.to(x.dtype)  # bf16 under autocast, as inside a convolution
+        return torch.relu(x + bias[:, None, None])
 
 
 class KeskarF1(nn.Module):
