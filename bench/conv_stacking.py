@@ -6,7 +6,10 @@ trial-step of MNIST's simple CNN (forward + backward, bf16 autocast on CUDA) fou
 each (batch size, K):
 
 - single: one model, plain autograd (the per-trial floor of any stacking);
-- single, channels_last: the same in channels_last memory format;
+- single, channels_last: the same in channels_last memory format (as the trainer runs
+  one trial on CUDA);
+- single, channels_last, textbook order: the same weights in the order SimpleCNN computed
+  before it pooled first (conv with bias -> ReLU -> pool), what a0d2c50 and 0eb186a save;
 - vmap: K stacked trials as batchlab's vectorized step computes them, eager
   (`vmap(grad_and_value(functional_call))`);
 - loop: K models in a Python loop, losses summed, one backward.
@@ -20,11 +23,13 @@ Prints ms per trial-step per method (best of --repeats timings of --iters steps)
 from __future__ import annotations
 
 import argparse
+import copy
 import platform
 import time
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.func import functional_call, grad_and_value, stack_module_state, vmap
 
 from bench.versions import versions_line
@@ -65,10 +70,23 @@ def methods(batch: int, k: int, device: torch.device, dtype):
         return torch.autograd.grad(loss, [p for m in models for p in m.parameters()])
 
     channels_last = SimpleCNN().to(device).to(memory_format=torch.channels_last)
+    x_last = x[0].contiguous(memory_format=torch.channels_last)
     return {"single": (single(models[0], x[0]), 1),
-            "single, channels_last": (single(channels_last, x[0].contiguous(memory_format=torch.channels_last)), 1),
+            "single, channels_last": (single(channels_last, x_last), 1),
+            "single, channels_last, textbook order": (single(textbook_order(channels_last), x_last), 1),
             f"vmap K={k}": (lambda: stacked(params, buffers, x, y), k),
             f"loop K={k}": (loop, k)}
+
+
+def textbook_order(model: SimpleCNN) -> nn.Module:
+    """`model`'s weights in the usual order, conv (bias included) -> ReLU -> pool per block."""
+    conv1, _, _, conv2, _, _ = model.features
+    convs = [nn.Conv2d(c.in_channels, c.out_channels, c.kernel_size, padding=c.padding) for c in (conv1, conv2)]
+    for ours, theirs in zip((conv1, conv2), convs):
+        theirs.load_state_dict(ours.state_dict())
+    return nn.Sequential(convs[0], nn.ReLU(), nn.MaxPool2d(2, 2), convs[1], nn.ReLU(), nn.MaxPool2d(2, 2),
+                         *copy.deepcopy(model.classifier)).to(conv1.weight.device,
+                                                              memory_format=torch.channels_last)
 
 
 def timed(step, device: torch.device, iters: int, repeats: int) -> float:

@@ -2,8 +2,9 @@
 # Issue 9's GPU checks as one script for a session that is lent a device (15 minutes of
 # device time in all, a machine start included, 10 minutes per command): the GPU trainer
 # tests with compilation, the graphed step's write-back (bench.graphed_step), the
-# large-batch step compiled or not (bench.conv_stacking), the Shallue MNIST study
-# estimate, the worker's default K, and trial throughput of the MNIST MLP and simple CNN.
+# large-batch step compiled or not and in the textbook layer order (bench.conv_stacking),
+# the Shallue MNIST study estimate, the worker's default K, and trial throughput of the
+# MNIST MLP and simple CNN.
 # Each step has its own time limit, cut to what is left of the script's BUDGET seconds
 # (default 560; a step with under 20 s left is skipped), and writes $OUT/<step>.txt, so a
 # step that runs long costs only itself. The device's image has torch, torchvision,
@@ -109,7 +110,8 @@ step gpu_tests 130 env BATCHLAB_COMPILE_TESTS=1 $PY -m pytest -q -rfE -p no:cach
 # The compiled step CUDA graphs replay, its write-back copied after it or compiled into it.
 step graphed_step 90 $PY -m bench.graphed_step --device "$DEVICE" "${GS[@]}"
 # The large-batch step, a study's most expensive cells (one trial at a time there, eager):
-# what torch.compile of the plain model's step would gain, never measured yet.
+# what torch.compile of the plain model's step would gain, never measured yet, and what
+# pooling before the bias and ReLU (a0d2c50, 0eb186a) saved against the textbook order.
 step conv_compiled 120 $PY -m bench.conv_stacking --device "$DEVICE" "${CS[@]}"
 step shallue_estimate 90 $PY -m bench.shallue_estimate --device "$DEVICE" --steps 20 --repeats 1 \
   --data-dir /nonexistent "${SE[@]}"

@@ -88,7 +88,8 @@ def test_trial_throughput_smallest_run_prints_both_baselines():
 
 def test_conv_stacking_methods_compute_the_same_gradients_and_print_rows():
     """Every way bench/conv_stacking.py times is the same computation: the vmapped and
-    looped trials' gradients equal each trial's own (fp32, CPU)."""
+    looped trials' gradients equal each trial's own, and the textbook order's those of
+    SimpleCNN's own order (fp32, CPU)."""
     import torch
 
     from bench.conv_stacking import methods
@@ -99,9 +100,14 @@ def test_conv_stacking_methods_compute_the_same_gradients_and_print_rows():
     for k in range(2):
         for i, name in enumerate(names):
             torch.testing.assert_close(vmapped[name][k], looped[k * len(names) + i], rtol=1e-4, atol=1e-6)
+    ours, textbook = (found[name][0]() for name in ("single, channels_last", "single, channels_last, textbook order"))
+    assert len(ours) == len(textbook) == 8
+    for a, b in zip(ours, textbook):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     out = _run("bench.conv_stacking", "--cells", "4:2", "--iters", "1", "--repeats", "1")
     rows = re.findall(r"^\| 4 \| 2 \| (.+?) \| (\d+\.\d+) \| (\d+\.\d+)x \|$", out, re.M)
-    assert [r[0] for r in rows] == ["single", "single, channels_last", "vmap K=2", "loop K=2"], out
+    assert [r[0] for r in rows] == ["single", "single, channels_last", "single, channels_last, textbook order",
+                                    "vmap K=2", "loop K=2"], out
     assert all(float(ms) > 0 for _, ms, _ in rows)
 
 
