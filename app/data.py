@@ -25,6 +25,7 @@ from study.results import FINISHED, CampaignInfo, campaign_info
 # The campaign analysis lives in study.report (shared with `batchlab analyze`); these
 # names are re-exported so the pages keep calling data.<name>.
 from db import queries  # noqa: F401
+from db.engine import snapshot
 from db.queries import data_version  # noqa: F401
 from study.analysis import search_space_scatter, winning_hparams
 from study.report import _as_dict, _parse_extras  # the loader's JSON parsing
@@ -177,7 +178,7 @@ def campaign_version(engine: Engine, name: str, state: "IncrementalState") -> tu
     with state.versions_lock:
         held = state.versions.get(cid)  # (ReadMark, marker)
         newest_before, writers = _before_snapshot(engine)
-        with queries.snapshot(engine) as connection:
+        with snapshot(engine) as connection:
             newest = queries.max_measurement_id(connection)
             base = held[0] if held is not None and newest >= held[0].newest else None
             found = present_ids(connection, base)
@@ -779,7 +780,7 @@ def folded(state: IncrementalState, key, engine: Engine, campaign_id: int, full,
     with state.lock:
         entry = state.entries.get(key)
         newest_before, writers = _before_snapshot(engine)
-        with queries.snapshot(engine) as connection:
+        with snapshot(engine) as connection:
             newest = queries.max_measurement_id(connection)
             if entry is not None and newest < entry.mark.newest:
                 entry = None  # rows deleted at the top (or another database): start afresh
@@ -1033,16 +1034,16 @@ def campaign_trials(engine: Engine, campaign_id: int,
     PostgreSQL transaction draws its ids before it commits)."""
     key = ("trials", int(campaign_id))
     with state.lock:
-        snapshot = state.entries.get(key)
+        last = state.entries.get(key)
         frame = None
-        if snapshot is not None:
-            with queries.snapshot(engine) as connection:
+        if last is not None:
+            with snapshot(engine) as connection:
                 changed = queries.trials_fast(connection, campaign_id,
-                                              after_id=snapshot.max_id, ids=snapshot.running)
+                                              after_id=last.max_id, ids=last.running)
                 count = queries.trial_count(connection, campaign_id)
             changed["hparams"] = changed["hparams"].map(_as_dict)
-            frame = snapshot.frame
-            gone = set(snapshot.running) - set(changed["trial_id"].astype(int))
+            frame = last.frame
+            gone = set(last.running) - set(changed["trial_id"].astype(int))
             if gone:
                 frame = frame.loc[~frame["trial_id"].isin(gone)].reset_index(drop=True)
             frame = _merged_trials(frame, changed) if len(changed) else frame

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import URL, Connection, Engine, create_engine, event
@@ -66,6 +67,19 @@ def check_connection(engine: Engine) -> None:
     command ends with one line before it starts its work."""
     with connect(engine):
         pass
+
+
+@contextmanager
+def snapshot(engine: Engine):
+    """A connection whose statements all see one snapshot of the database: a REPEATABLE
+    READ transaction on PostgreSQL; on SQLite a read transaction (the read-only engine's
+    BEGIN), which keeps the snapshot of its first read until it ends. Rolled back."""
+    options = {"isolation_level": "REPEATABLE READ"} if engine.dialect.name == "postgresql" else {}
+    with engine.connect().execution_options(**options) as connection:
+        try:
+            yield connection
+        finally:
+            connection.rollback()
 
 
 def _sqlite_engine(parsed, read_only: bool) -> Engine:

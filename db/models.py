@@ -13,6 +13,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 # Bump together with a new step in db/migrations (ensure_schema applies the missing ones).
 SCHEMA_VERSION = 4
+# Campaign.sampler of a campaign of imported published data (study.importer): no trials to run.
+IMPORTED_SAMPLER = "imported"
 
 
 def utcnow() -> datetime:

@@ -223,19 +223,6 @@ def connected(bind: Engine | Connection):
             yield connection
 
 
-@contextmanager
-def snapshot(engine: Engine):
-    """A connection whose statements all see one snapshot of the database: a REPEATABLE
-    READ transaction on PostgreSQL; on SQLite a read transaction (the read-only engine's
-    BEGIN), which keeps the snapshot of its first read until it ends. Rolled back."""
-    options = {"isolation_level": "REPEATABLE READ"} if engine.dialect.name == "postgresql" else {}
-    with engine.connect().execution_options(**options) as connection:
-        try:
-            yield connection
-        finally:
-            connection.rollback()
-
-
 def max_measurement_id(bind: Engine | Connection) -> int:
     """The newest measurement id in the database (a primary-key lookup); 0 when none."""
     with connected(bind) as connection:

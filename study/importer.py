@@ -47,7 +47,7 @@ import pandas as pd
 from sqlalchemy import Engine, insert, select, update
 from sqlalchemy.orm import Session
 
-from db.models import Campaign, Cell, Measurement, Trial, utcnow
+from db.models import IMPORTED_SAMPLER, Campaign, Cell, Measurement, Trial, utcnow
 from db.schema import ensure_schema
 from study.analysis.steps import beats
 from study.shallue import (MEASUREMENTS_FILE, METADATA_FILE, STUDY_FILE, Goal, _measurement_frame,
@@ -67,7 +67,6 @@ FIGURE1_GOALS: dict[str, Goal] = {
 }
 COLUMNS = ("train_loss", "val_loss", "val_error")  # bl_measurements' own metric columns
 SCHEDULE = "published"
-IMPORTED_SAMPLER = "imported"
 MAX_WARNINGS_SHOWN = 20
 
 

@@ -15,7 +15,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 
 INTERPOLATION_BATCH_NORM = ("batch_stats", "interpolate_running", "reestimate")
 
@@ -87,6 +86,7 @@ class Winner:
 def winners(engine, campaign_id: int, cells=None, batch_sizes=None, log=print) -> list[Winner]:
     """Each selected cell's winner (fewest steps to result) that has a checkpoint, batch
     size ascending; cells without a winner or a checkpoint are reported via `log`."""
+    import pandas as pd
     from db import queries
     results = queries.cell_results(engine, campaign_id)
     trials = queries.trial_checkpoints(engine, campaign_id).set_index("trial_id")
@@ -273,15 +273,20 @@ def _campaign(args):
     return engine, info, found
 
 
+def _print_table(data) -> None:
+    """Rows (dicts) or columns (a dict of lists) as an aligned table, 4 significant digits."""
+    import pandas as pd  # half a second to import: not on every batchlab command's start
+    print(pd.DataFrame(data).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+
+
 def cmd_sharpness(args) -> int:
     engine, info, found = _campaign(args)
     rows = [row for winner in found for row in sharpness_rows(winner, args)]
     store(engine, info.id, rows)
-    table = pd.DataFrame([{"cell": r["cell_id"], "batch_size": r["result"]["batch_size"],
-                           "trial": r["trial_id"], "space": r["params"]["space"],
-                           "epsilon": r["params"]["epsilon"], "sharpness": r["result"]["sharpness"],
-                           "train_loss": r["result"]["loss"]} for r in rows])
-    print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    _print_table([{"cell": r["cell_id"], "batch_size": r["result"]["batch_size"],
+                   "trial": r["trial_id"], "space": r["params"]["space"],
+                   "epsilon": r["params"]["epsilon"], "sharpness": r["result"]["sharpness"],
+                   "train_loss": r["result"]["loss"]} for r in rows])
     return 0
 
 
@@ -289,11 +294,10 @@ def cmd_hessian(args) -> int:
     engine, info, found = _campaign(args)
     rows = [row for winner in found for row in hessian_rows(winner, args)]
     store(engine, info.id, rows)
-    table = pd.DataFrame([{"cell": r["cell_id"], "batch_size": r["result"]["batch_size"],
-                           "trial": r["trial_id"], "top_eigenvalue": r["result"]["top_eigenvalue"],
-                           "converged": r["result"]["converged"], "trace": r["result"]["trace"]}
-                          for r in rows])
-    print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    _print_table([{"cell": r["cell_id"], "batch_size": r["result"]["batch_size"],
+                   "trial": r["trial_id"], "top_eigenvalue": r["result"]["top_eigenvalue"],
+                   "converged": r["result"]["converged"], "trace": r["result"]["trace"]}
+                  for r in rows])
     return 0
 
 
@@ -306,10 +310,9 @@ def cmd_interpolate(args) -> int:
     row = interpolation_row(small, large, args)
     store(engine, info.id, [row])
     result = row["result"]
-    table = pd.DataFrame({k: result[k] for k in ("alphas", "train_loss", "train_accuracy",
-                                                 "test_loss", "test_accuracy")})
     print(f"alpha 0: {small.label}; alpha 1: {large.label}; batch norm: {args.batch_norm}")
-    print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    _print_table({k: result[k] for k in ("alphas", "train_loss", "train_accuracy", "test_loss",
+                                         "test_accuracy")})
     if args.figure:
         from study.figures import interpolation_chart, interpolation_frame, save_chart
         curves = {k: v for k, v in result.items() if k != "alphas"}

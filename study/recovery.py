@@ -33,7 +33,7 @@ from optuna.trial import TrialState
 from sqlalchemy import DateTime, Engine, bindparam, case, func, select, text, update
 from sqlalchemy.orm import Session
 
-from db import queries
+from db.engine import snapshot
 from db.models import Cell, Trial, Worker
 from study.retry import call_with_retry
 
@@ -302,7 +302,7 @@ def _unsettled(engine: Engine, campaign_id: int, grace_seconds: float):
     is the asking machine's local time, which says nothing to a reaper elsewhere.) A row
     finished or abandoned within the grace period is left to its own worker (or reaper),
     which tells Optuna in its next step."""
-    with queries.snapshot(engine) as connection:
+    with snapshot(engine) as connection:
         now = database_now(connection)
         cutoff = now - timedelta(seconds=grace_seconds)
         rows = connection.execute(_RUNNING_OPTUNA_TRIALS, {"campaign_id": campaign_id,

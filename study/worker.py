@@ -33,12 +33,12 @@ import optuna
 from sqlalchemy import Engine, Row, bindparam, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
-from db.models import Campaign, Cell, Measurement as MeasurementRow, Trial, Worker, utcnow
+from db.models import (IMPORTED_SAMPLER, Campaign, Cell, Measurement as MeasurementRow, Trial, Worker,
+                       utcnow)
 from db.schema import ensure_schema
 from study.errors import CampaignNotFound
 from study import provenance
 from study.distributed import announce, launched_ranks
-from study.importer import IMPORTED_SAMPLER
 from study.pipeline import CellBest, MeasurementBuffer, StorageJobError, StoragePipeline
 from study.recovery import (ATTEMPT_ATTR, ATTEMPT_OF_ATTR, DEFAULT_GRACE_SECONDS,
                             DEFAULT_HEARTBEAT_SECONDS, SEED_ATTR, Heartbeat, abandon_trial,

@@ -96,6 +96,26 @@ def write_image_folder(root: Path, per_class: dict[str, int]) -> None:
                 Image.new("RGB", size, colour).save(root / split / wnid / f"{i}.JPEG", quality=95)
 
 
+# --- scikit-learn's digits ------------------------------------------------------------------
+
+def test_digits_read_from_the_shipped_csv_equal_load_digits(monkeypatch):
+    """The direct reader (no scikit-learn import) and `load_digits` give the same arrays,
+    and so does the fallback taken where the file is not found."""
+    import importlib.util
+    from sklearn.datasets import load_digits
+    from trainers.data import digits
+
+    bunch = load_digits()
+    direct = digits.digits_arrays()
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    fallback = digits.digits_arrays()
+    for images, labels in (direct, fallback):
+        assert images.shape == (1797, 8, 8) and images.max() == 16
+        np.testing.assert_array_equal(images, bunch.images)
+        np.testing.assert_array_equal(labels, bunch.target)
+        assert labels.dtype.kind == "i"
+
+
 # --- MNIST / Fashion-MNIST ------------------------------------------------------------------
 
 def test_mnist_fixture_loads_in_torchvision_layout(tmp_path):

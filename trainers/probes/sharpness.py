@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Callable, Literal, Sequence
 
 import numpy as np
-import scipy.optimize
 import torch
 from torch import nn
 from torch.func import functional_call
@@ -75,6 +74,7 @@ def keskar_sharpness(loss_and_grad: FlatLoss, x: np.ndarray, *, epsilon: float =
 
     `subspace`: None for A = I, else A of shape (n, p) (see `random_subspace`).
     """
+    import scipy.optimize  # half a second to import: not in every trainer process (the package's)
     x = np.asarray(x, dtype=np.float64)
     loss = float(loss_and_grad(x)[0])
     half = box_half_widths(x, epsilon, subspace)
